@@ -1,0 +1,1 @@
+"""The ``peft-export`` command line (installed as the ``peft_export_cli`` package)."""

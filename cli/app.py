@@ -1,0 +1,112 @@
+"""``peft-export``: the Typer application. Every command of the chain is registered here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import typer
+from peft_export_cli import common
+from peft_export_cli.commands import (
+    benchmark,
+    build_engine,
+    evaluate,
+    export,
+    finetune,
+    info,
+    merge,
+    predict,
+)
+
+from peft_export import __version__
+from peft_export.errors import PeftExportError
+
+HELP = """\
+[bold]peft-export[/]: finetune SAM on microscopy images with parameter-efficient methods, fold the adapters
+into plain SAM weights, export to ONNX / TensorRT, and run the result without PyTorch.
+
+The chain: [cyan]finetune[/] → [cyan]merge[/] → [cyan]export[/] (or [cyan]merge-and-export[/]) → \
+[cyan]build-engine[/] → [cyan]predict[/] / [cyan]evaluate[/];
+[cyan]benchmark[/] measures cost and speed; [cyan]info[/] shows versions, devices and the bundled sample data.
+
+Try it on the bundled real data (LiteMedSAM weights, DSB2018 nuclei): [bold]peft-export evaluate[/]
+"""
+
+app = typer.Typer(
+    name="peft-export",
+    help=HELP,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"peft-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages."),
+):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[_RichWarnings()])
+
+
+class _RichWarnings(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith("peft_export"):
+            return
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            common.warn(msg)
+        else:
+            common.err.print(msg, highlight=False, style="dim")
+
+
+for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, info):
+    module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: user errors become one red line and a non-zero exit code."""
+    from peft_export._malloc import tune_malloc
+
+    tune_malloc()
+    try:
+        app(args=argv, prog_name="peft-export", standalone_mode=False)
+    except PeftExportError as exc:
+        common.err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        common.err.print("[bold red]interrupted[/]")
+        return 130
+    except Exception as exc:  # a bug: still one line, unless debugging
+        if os.environ.get("PEFT_EXPORT_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        common.err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} "
+                         "(set PEFT_EXPORT_DEBUG=1 for the traceback and please report it)", highlight=False)
+        return 1
+    return 0
+
+
+def run() -> None:  # pragma: no cover - thin wrapper for the console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,1 @@
+"""Real sample data and folder datasets (torch-free)."""

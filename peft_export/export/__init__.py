@@ -1,0 +1,1 @@
+"""ONNX export of merged SAM models, with a parity gate; TensorRT engines."""

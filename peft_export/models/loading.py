@@ -1,0 +1,80 @@
+"""Build a ready-to-run model from what a user names: a zoo name (+ weights) or a checkpoint file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segment_anything.modeling import Sam
+
+from peft_export.errors import CheckpointError, UsageError
+from peft_export.models.checkpoint import Checkpoint, load_state_dict_into, read_checkpoint
+from peft_export.models.registry import MODELS, ModelSpec, get_spec
+
+
+@dataclass
+class LoadedModel:
+    model: Sam
+    spec: ModelSpec
+    checkpoint: Checkpoint | None = None
+    peft: dict | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def default_weights(name: str) -> Path | None:
+    """Weights that ship with the tool for a zoo entry (LiteMedSAM only)."""
+    if name == "lite_medsam":
+        from peft_export.data.samples import lite_medsam_checkpoint
+
+        return lite_medsam_checkpoint()
+    return None
+
+
+def load_model(model: str, checkpoint: str | Path | None = None, *, require_weights: bool = True,
+               peft_from: dict | None = None) -> LoadedModel:
+    """Resolve ``model`` (zoo name or checkpoint path) and ``checkpoint`` into a model in eval mode.
+
+    - ``model`` a zoo name: weights from ``checkpoint`` or the bundled default (LiteMedSAM); with
+      ``require_weights`` a model without weights is refused (random weights give meaningless results).
+    - ``model`` a file: a peft-export checkpoint (model name and PEFT config read from it), or a plain SAM
+      state dict when ``checkpoint`` is None and its architecture can be recognised.
+    - ``peft_from``: PEFT settings for a micro-sam checkpoint, which does not store them.
+    """
+    path = None
+    if model in MODELS:
+        spec = get_spec(model)
+        path = Path(checkpoint) if checkpoint is not None else default_weights(model)
+        if path is None and require_weights:
+            raise UsageError(f"no weights for {model}: pass --checkpoint PATH (SAM weights are not bundled)")
+    else:
+        p = Path(model)
+        if not p.exists():
+            raise UsageError(f"{model!r} is neither a model name ({', '.join(MODELS)}) nor an existing file")
+        if checkpoint is not None:
+            raise UsageError("give either a checkpoint file as MODEL or a model name with --checkpoint, not both")
+        path, spec = p, None
+    ckpt = read_checkpoint(path) if path is not None else None
+    if spec is None:
+        name = ckpt.model
+        if name is None:
+            from peft_export.models.checkpoint import guess_model
+
+            name = guess_model(ckpt.state_dict)
+            if name is None:
+                raise CheckpointError(f"{path}: cannot tell which model this is; name it, e.g. "
+                                      f"vit_b --checkpoint {path}")
+        spec = get_spec(name)
+    elif ckpt is not None and ckpt.model is not None and ckpt.model != spec.name:
+        raise CheckpointError(f"{path} holds a {ckpt.model} model, not {spec.name}")
+    sam = spec.build()
+    peft_cfg = None
+    if ckpt is not None:
+        peft_cfg = ckpt.peft if ckpt.kind == "peft-export" else peft_from
+        if peft_cfg and not ckpt.merged:
+            from peft_export.peft import apply_peft_config
+
+            apply_peft_config(sam, peft_cfg, spec.name, state_dict_layout=ckpt.kind)
+        load_state_dict_into(sam, ckpt.state_dict, spec.name, source=str(path))
+    sam.eval()
+    return LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)

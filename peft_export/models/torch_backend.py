@@ -1,0 +1,45 @@
+"""PyTorch implementation of the :class:`peft_export.runtime.backend.Backend` protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from peft_export.imaging import PreprocessSpec
+from peft_export.models.prompt_decoder import PromptDecoder
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Sam, preprocess: PreprocessSpec, device: str | torch.device = "cpu",
+                 multimask: bool = True):
+        self.model = model.eval().to(device)
+        self.multimask = multimask
+        self.device = torch.device(device)
+        self.preprocess = preprocess
+        self.decoder = PromptDecoder(self.model)
+        c, h, w = model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size
+        self.embedding_shape = (1, c, h, w)
+        self.mask_input_size = (4 * h, 4 * w)
+
+    @torch.inference_mode()
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
+        return self.model.image_encoder(t).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, embedding, coords, labels, mask_input=None):
+        emb = torch.from_numpy(np.ascontiguousarray(embedding, np.float32)).to(self.device)
+        c = torch.from_numpy(np.ascontiguousarray(coords, np.float32)).to(self.device)
+        lab = torch.from_numpy(np.ascontiguousarray(labels, np.float32)).to(self.device)
+        b = c.shape[0]
+        if mask_input is None:
+            m = torch.zeros((b, 1, *self.mask_input_size), device=self.device)
+            has = torch.zeros(b, device=self.device)
+        else:
+            m = torch.from_numpy(np.ascontiguousarray(mask_input, np.float32)).to(self.device)
+            has = torch.ones(b, device=self.device)
+        masks, iou = self.decoder(emb, c, lab, m, has)
+        return masks.float().cpu().numpy(), iou.float().cpu().numpy()

@@ -1,0 +1,1 @@
+"""PEFT methods for SAM image encoders, block placement, and exact merge into plain weights."""

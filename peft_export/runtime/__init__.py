@@ -1,0 +1,1 @@
+"""Torch-free inference: ONNX Runtime / TensorRT backends, evaluation, automatic segmentation."""

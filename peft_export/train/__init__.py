@@ -1,0 +1,1 @@
+"""Interactive SAM finetuning (the study's recipe)."""
