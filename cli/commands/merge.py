@@ -1,10 +1,110 @@
-"""`peft-export merge`."""
+"""``peft-export merge``: fold PEFT adapters into plain SAM weights, verified."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
-from peft_export_cli.commands._notbuilt import register_placeholder
+from peft_export_cli import common
+from peft_export_cli import peft_options as po
+from rich.table import Table
+
+from peft_export.errors import UsageError
+
+SOURCES = ("auto", "peft-export", "micro-sam")
+
+
+def load_for_merge(checkpoint: str, source: str, model: str | None, peft: str | None, blocks: str | None,
+                   **options):
+    """Load a training checkpoint with its PEFT modules (ours: from the file; micro-sam: from the options)."""
+    from peft_export.models.checkpoint import read_checkpoint
+    from peft_export.models.loading import load_model
+
+    if source not in SOURCES:
+        raise UsageError(f"--from must be one of {', '.join(SOURCES)}")
+    if not Path(checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {checkpoint}")
+    kind = read_checkpoint(checkpoint).kind if source == "auto" else source
+    if kind == "peft-export":
+        if peft is not None:
+            common.warn("this checkpoint records its own PEFT settings; --peft and its options are ignored")
+        return load_model(checkpoint, None)
+    if model is None:
+        raise UsageError("--model is required for checkpoints that do not record it (micro-sam, plain SAM), "
+                         "e.g. --model vit_b")
+    peft_from = None
+    if peft is not None:
+        peft_from = po.build_config(peft, blocks, **options).to_dict()
+    elif kind == "micro-sam":
+        common.warn("no --peft given: loading as a plain (non-PEFT) micro-sam checkpoint")
+    return load_model(model, checkpoint, peft_from=peft_from)
 
 
 def register(app: typer.Typer) -> None:
-    register_placeholder(app, "merge", "Fold PEFT adapters into plain SAM weights.", 3)
+    @app.command("merge")
+    def merge_cmd(
+        checkpoint: str = typer.Argument(..., help="Training checkpoint: peft-export's own, or micro-sam's."),
+        output: Path = typer.Option(..., "--output", "-o", help="Merged weights (.pt): a plain SAM state dict."),
+        source: str = typer.Option("auto", "--from", help="Checkpoint kind: auto, peft-export or micro-sam."),
+        model: str = typer.Option(None, "--model", help="Model name for checkpoints that do not record it."),
+        peft: str = po.PEFT, blocks: str = po.BLOCKS, rank: int = po.RANK, alpha: float = po.ALPHA,
+        targets: str = po.TARGETS, dropout: float = po.DROPOUT, bottleneck: int = po.BOTTLENECK,
+        adapter_alpha: str = po.ADAPTER_ALPHA, variant: str = po.VARIANT, ssf_patch_embed: bool = po.SSF_PATCH,
+        atol: float = typer.Option(1e-4, help="Absolute tolerance of the merge check."),
+        rtol: float = typer.Option(1e-4, help="Tolerance relative to the output's largest magnitude."),
+        force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    ):
+        """Fold LoRA / FacT / SSF / selective-method weights into plain SAM weights, and prove it.
+
+        The merged model is compared with the unmerged one on a sample input (image embedding and masks for a
+        few prompts); the max difference is printed and a failure is an error (nothing is written).
+        The output is a plain state dict: for ViT models it loads strictly into segment_anything's
+        [bold]sam_model_registry[type](checkpoint=...)[/]; provenance goes to OUTPUT.json beside it.
+        AdaptFormer cannot be folded (nonlinear branch): merge says so and writes a peft-export checkpoint that
+        keeps the adapter modules (export handles it).
+
+        micro-sam checkpoints do not store their PEFT settings; give them, e.g.
+        [bold]peft-export merge best.pt --from micro-sam --model vit_b --peft lora --rank 32 --blocks 6-11
+        -o merged.pt[/]
+        """
+        from peft_export.models.checkpoint import save_checkpoint
+        from peft_export.peft import is_mergeable, peft_state
+        from peft_export.peft.merge import merge_and_verify, save_merged, sidecar_path
+
+        common.refuse_overwrite(output, force, "output")
+        if sidecar_path(output).exists() and not force:
+            raise UsageError(f"{sidecar_path(output)} already exists; pass --force to overwrite it")
+        loaded = load_for_merge(checkpoint, source, model, peft, blocks, rank=rank, alpha=alpha, targets=targets,
+                                dropout=dropout, bottleneck=bottleneck, adapter_alpha=adapter_alpha,
+                                variant=variant, ssf_patch_embed=ssf_patch_embed)
+        state = peft_state(loaded.model)
+        src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
+               "peft": state.config.to_dict() if state else None}
+        if not is_mergeable(loaded.model):
+            save_checkpoint(output, model_name=loaded.spec.name, state_dict=loaded.model.state_dict(),
+                            peft=state.config.to_dict(), merged=False, extra={"source": src})
+            msg = (f"{state.config.method} cannot be folded into plain SAM weights (nonlinear adapter branch); "
+                   f"wrote {output} as a peft-export checkpoint that keeps the adapter modules")
+            if json_out:
+                common.print_json({"output": str(output), "merged": False, "reason": msg, "model": loaded.spec.name})
+            else:
+                common.warn(msg)
+            return
+        merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
+        save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
+        result = {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True,
+                  "model": loaded.spec.name, "verification": report.to_dict()}
+        if json_out:
+            common.print_json(result)
+            return
+        table = Table(title=f"merge check ({report.sample})", show_header=True)
+        for col in ("output", "max |diff|", "largest value", "tolerance"):
+            table.add_column(col, justify="right" if col != "output" else "left")
+        table.add_row("image embedding", f"{report.embedding_max_abs_diff:.2e}", f"{report.embedding_scale:.2f}",
+                      f"{atol + rtol * report.embedding_scale:.1e}")
+        table.add_row("mask logits", f"{report.masks_max_abs_diff:.2e}", f"{report.masks_scale:.2f}",
+                      f"{atol + rtol * report.masks_scale:.1e}")
+        common.out.print(table)
+        how = state.config.describe() if state else "no PEFT method (weights copied)"
+        common.out.print(f"[green]merged[/] {loaded.spec.name} with {how} -> {output}")

@@ -56,7 +56,7 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
         path, spec = p, None
     ckpt = read_checkpoint(path) if path is not None else None
     if spec is None:
-        name = ckpt.model
+        name = ckpt.model or _sidecar_model(path)
         if name is None:
             from peft_export.models.checkpoint import guess_model
 
@@ -70,7 +70,7 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
     sam = spec.build()
     peft_cfg = None
     if ckpt is not None:
-        peft_cfg = ckpt.peft if ckpt.kind == "peft-export" else peft_from
+        peft_cfg = ckpt.peft if ckpt.kind == "peft-export" else _adapt_foreign_peft(peft_from, ckpt)
         if peft_cfg and not ckpt.merged:
             from peft_export.peft import apply_peft_config
 
@@ -78,3 +78,26 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
         load_state_dict_into(sam, ckpt.state_dict, spec.name, source=str(path))
     sam.eval()
     return LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)
+
+
+def _sidecar_model(path: Path) -> str | None:
+    """The model name recorded next to a merged plain state dict (``merged.pt.json``), if any."""
+    import json
+
+    side = path.with_name(path.name + ".json")
+    try:
+        name = json.loads(side.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in MODELS else None
+
+
+def _adapt_foreign_peft(peft: dict | None, ckpt: Checkpoint) -> dict | None:
+    """micro-sam's SSF never wraps the patch embedding: follow what the file holds unless told otherwise."""
+    if not peft:
+        return peft
+    peft = {**peft, "options": dict(peft.get("options") or {})}
+    if peft["method"] == "ssf" and "patch_embed" not in peft["options"]:
+        peft["options"]["patch_embed"] = any(k.startswith("image_encoder.patch_embed.") and k.endswith(".scale")
+                                             for k in ckpt.state_dict)
+    return peft

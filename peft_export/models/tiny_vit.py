@@ -173,7 +173,7 @@ def qkv_index(num_heads: int, dim: int) -> dict[str, torch.Tensor]:
     out = {}
     for j, name in enumerate("qkv"):
         rows = [h * 3 * kd + j * kd + i for h in range(num_heads) for i in range(kd)]
-        out[name] = torch.tensor(rows, dtype=torch.long)
+        out[name] = torch.tensor(rows, dtype=torch.long, device="cpu")
     return out
 
 

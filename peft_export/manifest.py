@@ -1,0 +1,112 @@
+"""The export folder's ``manifest.json``: what the runtime needs to run an export, and proof of what it is.
+
+Torch-free: written by ``peft_export.export`` and read by ``peft_export.runtime`` (and ``build-engine``).
+
+Layout of an export folder::
+
+    encoder.onnx          image (1, 3, S, S) float32 -> image_embeddings (1, C, h, w)
+                          (with baked preprocessing: image (h', w', 3) uint8, already resized)
+    decoder.onnx          Meta's SamOnnxModel signature (existing SAM ONNX clients work unchanged)
+    decoder_lowres.onnx   TensorRT-friendly: no orig_im_size; all four low-res masks and IoUs
+    *.onnx.data           external weights where a graph exceeds 2 GB (vit_h)
+    manifest.json         this file
+
+``files`` maps a role (``encoder``, ``decoder``, ``decoder_lowres``, and any extra file such as external
+data) to ``{"path", "sha256", "bytes"}`` plus, for graphs, ``inputs``/``outputs`` (name, shape, dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft_export.data.io import atomic_write
+from peft_export.data.samples import sha256_file
+from peft_export.errors import DataError, VerificationError
+from peft_export.imaging import PreprocessSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "peft-export-onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    model: str
+    preprocess: dict  # PreprocessSpec.to_dict()
+    embedding: list[int]  # [C, h, w]
+    mask_input_size: list[int]  # [4h, 4w]
+    multimask: bool  # whether SAM's three multimask outputs are trained (False for LiteMedSAM)
+    precision: str  # fp32 | fp16 | int8
+    opset: int
+    files: dict[str, dict[str, Any]]
+    baked_preprocessing: bool = False
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, kind, peft config, merged
+    parity: dict[str, Any] = field(default_factory=dict)  # figures measured at export
+    verified: bool = True  # False only with --no-verify
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+    def path_of(self, out_dir: str | os.PathLike, role: str) -> Path:
+        if role not in self.files:
+            raise DataError(f"{out_dir}: the manifest lists no {role!r} file")
+        return Path(out_dir) / self.files[role]["path"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def file_entry(path: Path, **extra) -> dict[str, Any]:
+    return {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
+    return atomic_write(Path(out_dir) / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
+
+
+def read_manifest(out_dir: str | os.PathLike, *, verify_files: bool = True) -> Manifest:
+    """Read and check ``OUT_DIR/manifest.json``; with ``verify_files`` every listed file's sha256 is checked."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise DataError(f"export folder not found: {out_dir}")
+    mpath = out_dir / MANIFEST_NAME
+    if not mpath.is_file():
+        raise DataError(f"{out_dir} has no {MANIFEST_NAME}: not a peft-export export folder")
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{mpath} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DataError(f"{mpath} is not a peft-export manifest")
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise DataError(f"{mpath} was written by a newer peft-export (format {data['format_version']}); upgrade")
+    known = set(Manifest.__dataclass_fields__)
+    try:
+        manifest = Manifest(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise DataError(f"{mpath} is incomplete: {exc}") from None
+    if verify_files:
+        verify_manifest_files(out_dir, manifest)
+    return manifest
+
+
+def verify_manifest_files(out_dir: Path, manifest: Manifest) -> None:
+    for role, entry in manifest.files.items():
+        p = Path(out_dir) / entry["path"]
+        if not p.is_file():
+            raise DataError(f"{out_dir}: {entry['path']} ({role}) listed in the manifest is missing")
+        digest = sha256_file(p)
+        if digest != entry.get("sha256"):
+            raise VerificationError(f"{p} does not match its sha256 in the manifest (modified or corrupt); "
+                                    "re-export it")
