@@ -8,6 +8,9 @@ import sys
 
 import click
 import typer
+
+from peft_export import __version__
+from peft_export.errors import PeftExportError
 from peft_export_cli import common
 from peft_export_cli.commands import (
     benchmark,
@@ -19,9 +22,6 @@ from peft_export_cli.commands import (
     merge,
     predict,
 )
-
-from peft_export import __version__
-from peft_export.errors import PeftExportError
 
 HELP = """\
 [bold]peft-export[/]: finetune SAM on microscopy images with parameter-efficient methods, fold the adapters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from peft_export_cli import common
 
 METHOD_HELP = ("PEFT method: lora, fact, ssf, adaptformer, attention, bias, layernorm, late_ft, frozen, full.")

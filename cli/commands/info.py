@@ -6,11 +6,11 @@ import importlib.metadata as md
 import platform
 
 import typer
-from peft_export_cli import common
 from rich.markup import escape
 from rich.table import Table
 
 from peft_export import __version__
+from peft_export_cli import common
 
 
 def _version(dist: str) -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from peft_export_cli import common
-from peft_export_cli import peft_options as po
 from rich.table import Table
 
 from peft_export.errors import UsageError
+from peft_export_cli import common
+from peft_export_cli import peft_options as po
 
 SOURCES = ("auto", "peft-export", "micro-sam")
 

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from peft_export.imaging import PreprocessSpec
+from peft_export.imaging import Prepared, PreprocessSpec, normalize_and_pad, resize_for_model, to_uint8_scale
 
 
 class Backend(Protocol):
@@ -36,3 +36,22 @@ def select_masks(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple
     best = 1 + np.argmax(iou[:, 1:], axis=1)
     idx = np.arange(low_res.shape[0])
     return low_res[idx, best], iou[idx, best]
+
+
+def prepare_input(backend: Backend, image: np.ndarray, *, name: str = "image") -> tuple[np.ndarray, Prepared]:
+    """What ``backend.embed`` takes for ``image``, and the geometry to map prompts and masks.
+
+    Normally the fully preprocessed (1, 3, S, S) float32 tensor. For an export with preprocessing baked into the
+    encoder graph: the resized image as uint8 (h', w', 3) on a 0-255 scale (the graph normalises and pads).
+    """
+    spec = backend.preprocess
+    h, w = np.asarray(image).shape[:2]
+    if getattr(backend, "baked", False):
+        scaled = to_uint8_scale(image)  # uint8 as is, other types min-max scaled to 0-255
+        as_u8 = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+        resized = resize_for_model(as_u8, PreprocessSpec(spec.img_size, "sam"), name=name)
+        x = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+    else:
+        resized = resize_for_model(image, spec, name=name)
+        x = normalize_and_pad(resized, spec)
+    return x, Prepared(x, (int(h), int(w)), resized.shape[:2], spec.img_size)

@@ -8,7 +8,8 @@ numpy (one implementation for all backends) and thresholded at logit 0.
 
 Reported per prompt type: mean IoU over all objects, and mSA (mean segmentation accuracy over IoU thresholds
 0.5…0.95) of the instance segmentation painted from the per-object masks (higher predicted IoU wins overlaps),
-averaged over images.
+averaged over images. ``auto`` (segment everything, no prompts from the labels): mean IoU is each true
+object's best IoU with any predicted instance.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from peft_export.data.objects import objects_from_labels
-from peft_export.imaging import Prepared, preprocess, upscale_masks
-from peft_export.metrics import mask_iou, masks_to_labels, mean_segmentation_accuracy
+from peft_export.imaging import Prepared, upscale_masks
+from peft_export.metrics import iou_matrix, mask_iou, masks_to_labels, mean_segmentation_accuracy
 from peft_export.runtime.backend import Backend, select_masks
 
 PROMPT_TYPES = ("box", "point")
+ALL_PROMPT_TYPES = (*PROMPT_TYPES, "auto")
 
 
 @dataclass
@@ -72,18 +74,21 @@ def predict_objects(backend: Backend, embedding: np.ndarray, prepared: Prepared,
 
 
 def evaluate(backend: Backend, samples: Sequence, prompts: Sequence[str] = PROMPT_TYPES, *,
-             min_area: int = 1, progress: Callable[[int], None] | None = None,
-             extra_prompts: dict[str, Callable] | None = None) -> dict:
+             min_area: int = 1, progress: Callable[[int], None] | None = None, auto_config=None) -> dict:
     """Evaluate ``backend`` on ``samples`` (objects with ``.image`` and ``.labels``). Returns a JSON-able dict."""
+    from peft_export.runtime.segmenter import Segmenter
+
     results = {p: PromptResult() for p in prompts}
+    seg = Segmenter(backend=backend)
     for sample in samples:
-        prepared = preprocess(sample.image, backend.preprocess, name=getattr(sample, "name", "image"))
-        embedding = backend.embed(prepared.tensor)
+        seg.set_image(sample.image, name=getattr(sample, "name", "image"))
+        prepared, embedding = seg.prepared, seg.embedding
         objects = objects_from_labels(sample.labels, min_area=min_area)
         for kind in prompts:
-            if extra_prompts and kind in extra_prompts:
-                pred_labels, ious = extra_prompts[kind](backend, embedding, prepared, sample)
-                results[kind].ious.extend(ious)
+            if kind == "auto":
+                pred_labels = seg.segment_everything(config=auto_config)
+                iou = iou_matrix(pred_labels, sample.labels)
+                results[kind].ious.extend((iou.max(axis=0) if iou.shape[0] else np.zeros(iou.shape[1])).tolist())
                 results[kind].msa.append(mean_segmentation_accuracy(pred_labels, sample.labels))
                 continue
             if len(objects) == 0:

@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: runs an export folder's encoder and TensorRT-friendly decoder (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from peft_export.errors import DataError, MissingDependencyError, UsageError
+from peft_export.imaging import PreprocessSpec
+from peft_export.manifest import Manifest, read_manifest
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
+                                     "(or onnxruntime-gpu on Linux/Windows x86_64)") from None
+    return ort
+
+
+def default_providers(ort) -> list[str]:
+    """CUDA first when this onnxruntime build can use it, CPU always (TensorRT EP only when asked for)."""
+    available = ort.get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available and _cuda_usable()]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _cuda_usable() -> bool:
+    """onnxruntime-gpu lists CUDA even without a GPU; only offer it when a device node exists."""
+    return Path("/dev/nvidia0").exists() or (os.name == "nt" and bool(os.environ.get("CUDA_PATH")))
+
+
+class OnnxBackend:
+    """Implements :class:`peft_export.runtime.backend.Backend` over ``encoder.onnx`` + ``decoder_lowres.onnx``."""
+
+    name = "onnxruntime"
+
+    def __init__(self, out_dir: str | os.PathLike, providers: list[str] | None = None, *,
+                 manifest: Manifest | None = None, threads: int | None = None):
+        ort = _import_ort()
+        self.out_dir = Path(out_dir)
+        self.manifest = manifest or read_manifest(self.out_dir)
+        m = self.manifest
+        self.preprocess: PreprocessSpec = m.preprocess_spec
+        self.multimask = bool(m.multimask)
+        self.baked = bool(m.baked_preprocessing)
+        self.embedding_shape = (1, *m.embedding)
+        self.mask_input_size = tuple(m.mask_input_size)
+        available = ort.get_available_providers()
+        providers = providers or default_providers(ort)
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise UsageError(f"onnxruntime provider {missing[0]} is not available here (available: "
+                             f"{', '.join(available)})")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.providers = providers
+        try:
+            self.encoder = ort.InferenceSession(str(m.path_of(self.out_dir, "encoder")), opts, providers=providers)
+            self.decoder = ort.InferenceSession(str(m.path_of(self.out_dir, "decoder_lowres")), opts,
+                                                providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for broken graphs
+            raise DataError(f"{self.out_dir}: onnxruntime cannot load the export: {str(exc).splitlines()[0]}") from None
+        self._enc_input = self.encoder.get_inputs()[0].name
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """``x``: the preprocessed (1, 3, S, S) float32 tensor, or for a baked graph the resized uint8 image."""
+        feed = np.ascontiguousarray(x, np.uint8 if self.baked else np.float32)
+        return self.encoder.run(None, {self._enc_input: feed})[0]
+
+    def decode(self, embedding, coords, labels, mask_input=None):
+        coords = np.ascontiguousarray(coords, np.float32)
+        labels = np.ascontiguousarray(labels, np.float32)
+        b = coords.shape[0]
+        if mask_input is None:
+            mask_input = np.zeros((b, 1, *self.mask_input_size), np.float32)
+            has = np.zeros(b, np.float32)
+        else:
+            mask_input = np.ascontiguousarray(mask_input, np.float32)
+            has = np.ones(b, np.float32)
+        low, iou = self.decoder.run(["low_res_masks", "iou_predictions"], {
+            "image_embeddings": np.ascontiguousarray(embedding, np.float32), "point_coords": coords,
+            "point_labels": labels, "mask_input": mask_input, "has_mask_input": has})
+        return low, iou
