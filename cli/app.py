@@ -8,6 +8,7 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 
 from peft_export import __version__
 from peft_export.errors import PeftExportError
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="peft-export", standalone_mode=False)
     except PeftExportError as exc:
-        common.err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escape: messages are plain text ("pip install 'peft-export[tensorrt]'" must not lose its brackets)
+        common.err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PEFT_EXPORT_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        common.err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} "
+        common.err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} "
                          "(set PEFT_EXPORT_DEBUG=1 for the traceback and please report it)", highlight=False)
         return 1
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,19 +53,23 @@ def info(msg: str, *, quiet: bool = False) -> None:
 
 
 def warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None, *, enabled: bool = True, extra_fields: str = ""):
-    """A rich progress bar on stderr (a no-op object when disabled, e.g. with --json or --quiet)."""
+def progress_bar(description: str, total: int | None, *, enabled: bool = True, extra_fields: str = "",
+                 **fields: Any):
+    """A rich progress bar on stderr (a no-op object when disabled, e.g. with --json or --quiet).
+
+    ``extra_fields`` is a column template such as ``"{task.fields[case]}"``; ``fields`` give their start values.
+    """
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     if extra_fields:
         columns.append(TextColumn(extra_fields))
     prog = Progress(*columns, console=err, disable=not enabled, transient=False)
     with prog:
-        task = prog.add_task(description, total=total)
+        task = prog.add_task(description, total=total, **fields)
 
         class _Handle:
             def advance(self, n: int = 1, **fields):
