@@ -1,0 +1,260 @@
+"""Export a SAM model to an ONNX folder (encoder + two decoders + manifest), gated by parity with PyTorch.
+
+    from peft_export.export import ExportOptions, export_model, prepare_for_export
+    prepared = prepare_for_export(load_model("run/best.pt"))        # merges PEFT adapters (verified)
+    result = export_model(prepared, "export_dir", ExportOptions(precision="fp16"))
+
+The folder is built in a temporary sibling and renamed into place only when everything (export, conversion,
+parity gate, manifest) succeeded, so a failure never leaves a partial ``OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from peft_export.errors import UsageError, VerificationError
+from peft_export.export import graphs, onnx_export, precision
+from peft_export.export.parity import ParityReport, Thresholds, run_parity
+from peft_export.manifest import Manifest, file_entry, write_manifest
+
+EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
+ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres": "decoder_lowres.onnx"}
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "fp32"
+    opset: int = onnx_export.DEFAULT_OPSET
+    bake_preprocessing: bool = False
+    single_mask: bool = False  # decoder.onnx returns one mask per prompt (Meta's return_single_mask)
+    simplify: bool = False
+    verify: bool = True
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in precision.PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(precision.PRECISIONS)}")
+        if self.opset < onnx_export.MIN_OPSET:
+            raise UsageError(f"--opset {self.opset} is too old: the exporter (dynamo=True) needs >= "
+                             f"{onnx_export.MIN_OPSET}")
+        if self.opset > 23:
+            raise UsageError(f"--opset {self.opset} is newer than this onnx/onnxruntime supports (max 23)")
+        t = self.thresholds
+        if t.atol < 0 or t.rtol < 0:
+            raise UsageError("--atol and --rtol must be >= 0")
+        for name, v in (("--fp16-iou", t.fp16_iou), ("--int8-iou", t.int8_iou)):
+            if not 0 <= v <= 1:
+                raise UsageError(f"{name} must be between 0 and 1")
+
+
+@dataclass
+class Prepared:
+    """A model ready to export (PEFT merged where possible) and where it came from."""
+
+    model: Any  # segment_anything Sam, eval, fp32
+    spec: Any  # ModelSpec
+    source: dict
+    merge_report: Any = None
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: Manifest
+    report: ParityReport | None
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "model": self.manifest.model, "precision": self.manifest.precision,
+                "verified": self.manifest.verified, "passed": self.report.passed if self.report else None,
+                "parity": self.manifest.parity, "files": self.manifest.files, "source": self.manifest.source,
+                "seconds": self.seconds}
+
+
+def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> Prepared:
+    """Merge a loaded model's PEFT adapters (verified); AdaptFormer keeps its adapter modules."""
+    from peft_export.peft import is_mergeable, peft_state
+    from peft_export.peft.merge import merge_and_verify
+
+    model = loaded.model.eval().float()
+    state = peft_state(model)
+    ckpt = loaded.checkpoint
+    source = {"checkpoint": str(Path(ckpt.path).resolve()) if ckpt is not None and ckpt.path else None,
+              "kind": ckpt.kind if ckpt is not None else "zoo", "peft": state.config.to_dict() if state else
+              (loaded.peft if ckpt is not None and ckpt.merged else None),
+              "merged": bool(ckpt is not None and ckpt.merged)}
+    report = None
+    if state is not None and is_mergeable(model):
+        model, report = merge_and_verify(model, loaded.spec.preprocess, atol=merge_atol, rtol=merge_rtol)
+        source["merged"] = True
+        source["merge_check"] = report.to_dict()
+    elif state is not None:
+        source["merged"] = False
+        source["note"] = f"{state.config.method} is not mergeable: exported with its adapter modules"
+    return Prepared(model.eval(), loaded.spec, source, report)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save a graph; with a .data side file when its weights would exceed the 2 GB protobuf limit."""
+    weight_bytes = sum(len(i.raw_data) for i in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data = path.with_name(path.name + ".data")
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                        size_threshold=1024)
+        return [path, data]
+    onnx.save_model(model, path)
+    return [path]
+
+
+def _opset_of(model: onnx.ModelProto) -> int:
+    return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def _make_tmp(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old.rmdir()
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an existing OUT_DIR (file, or non-empty folder) without --force."""
+    if out_dir.exists() and not force and (out_dir.is_file() or any(out_dir.iterdir())):
+        raise UsageError(f"output {out_dir} already exists; pass --force to overwrite it")
+
+
+def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
+                 progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Trace, convert, compose, save, verify and write the manifest; see the module docstring."""
+    options = options or ExportOptions()
+    options.validate()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, options.force)
+    sam, spec = prepared.model.eval(), prepared.spec
+    say = progress or (lambda msg: None)
+    seconds: dict[str, float] = {}
+    reused: dict[str, bool] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    say("tracing the image encoder (torch.onnx, dynamo)")
+    enc = timed("trace_encoder", lambda: onnx_export.trace_encoder(sam, options.opset))
+    reused["encoder"] = enc.reused
+    say("tracing the prompt decoder")
+    dec = timed("trace_decoder", lambda: onnx_export.trace_decoder_lowres(sam, options.opset))
+    reused["decoder"] = dec.reused
+    say("optimising the graphs")
+    enc_m = timed("optimize_encoder", lambda: onnx_export.optimize(enc.model))
+    dec_m = timed("optimize_decoder", lambda: onnx_export.optimize(dec.model))
+    if options.precision == "fp16":
+        say("converting to fp16 (normalisations and softmax kept in fp32)")
+        enc_m = timed("fp16_encoder", lambda: precision.to_fp16(enc_m))
+        dec_m = timed("fp16_decoder", lambda: precision.to_fp16(dec_m))
+    elif options.precision == "int8":
+        say("quantizing to int8 (onnxruntime dynamic quantization)")
+        big = sum(len(i.raw_data) for i in enc_m.graph.initializer) > EXTERNAL_DATA_BYTES
+        enc_m = timed("int8_encoder", lambda: precision.to_int8(enc_m, external_data=big))
+        dec_m = timed("int8_decoder", lambda: precision.to_int8(dec_m))
+    if options.bake_preprocessing:
+        enc_m = graphs.bake_preprocessing(enc_m, spec.preprocess)
+    meta_m = graphs.attach_meta_postprocessing(dec_m, spec.img_size, single_mask=options.single_mask,
+                                               multimask=spec.multimask)
+    models = {"encoder": enc_m, "decoder": meta_m, "decoder_lowres": dec_m}
+    if options.simplify:
+        say("simplifying (onnxslim)")
+        models = {k: timed(f"simplify_{k}", lambda m=m: precision.simplify(m)) for k, m in models.items()}
+
+    tmp = _make_tmp(out_dir)
+    try:
+        say("writing the graphs")
+        written: dict[str, list[Path]] = {}
+        for role, model in models.items():
+            written[role] = timed(f"save_{role}", lambda r=role, m=model: _save(m, tmp / ROLES[r]))
+        report = None
+        if options.verify:
+            report = timed("parity", lambda: run_parity(
+                sam, spec.preprocess, tmp, precision=options.precision, baked=options.bake_preprocessing,
+                single_mask=options.single_mask, multimask=spec.multimask, thresholds=options.thresholds,
+                progress=say))
+            if not report.passed:
+                bad = report.failures()[0]
+                op = "<=" if bad.kind == "max" else ">="
+                raise ExportParityError(
+                    f"export parity check failed: {bad.name} = {bad.value:.3g} (must be {op} {bad.limit:.3g}); "
+                    f"nothing written", report)
+        files = {}
+        for role, paths in written.items():
+            ins, outs = graphs.describe_io(models[role])
+            files[role] = file_entry(paths[0], inputs=ins, outputs=outs)
+            if len(paths) > 1:
+                files[f"{role}_data"] = file_entry(paths[1])
+        c = int(sam.prompt_encoder.embed_dim)
+        h, w = (int(v) for v in sam.prompt_encoder.image_embedding_size)
+        from peft_export.models.checkpoint import versions
+
+        manifest = Manifest(
+            model=spec.name, preprocess=spec.preprocess.to_dict(), embedding=[c, h, w], mask_input_size=[4 * h, 4 * w],
+            multimask=bool(spec.multimask), precision=options.precision, opset=_opset_of(models["encoder"]),
+            files=files, baked_preprocessing=bool(options.bake_preprocessing), source=prepared.source,
+            parity=report.to_dict() if report else {"verified": False, "reason": "exported with --no-verify"},
+            verified=report is not None, versions={**versions(), **onnx_export.torch_versions()},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra={
+                "exporter": "torch.onnx.export(dynamo=True), onnxscript optimizer",
+                "decoder": {"single_mask": bool(options.single_mask),
+                            "single_mask_rule": ("meta" if spec.multimask else "mask 0")
+                            if options.single_mask else None},
+                "simplified": bool(options.simplify),
+                "reused_trace": reused,
+                "fp32_ops_in_fp16": list(precision.FP16_FP32_OPS) if options.precision == "fp16" else None,
+                "int8": {"method": "onnxruntime.quantization.quantize_dynamic", "ops": list(precision.INT8_OPS),
+                         "weight_type": "QInt8", "per_channel": True} if options.precision == "int8" else None,
+                "seconds": seconds,
+            },
+        )
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, manifest, report, seconds)
+
+
+class ExportParityError(VerificationError):
+    """The parity gate failed; ``report`` has every figure."""
+
+    def __init__(self, message: str, report: ParityReport):
+        super().__init__(message)
+        self.report = report

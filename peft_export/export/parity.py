@@ -1,0 +1,311 @@
+"""The parity gate: run the exported graphs with ONNX Runtime and compare them with the PyTorch model.
+
+Sample: the real DSB2018 validation tile when the sample data is installed (else a fixed random image, as
+:func:`peft_export.peft.merge.sample_input` does), the merge check's prompts (three boxes, two points) plus two
+box+point prompts (N = 3 points, so a second point count is exercised), once without and once with a previous
+mask as ``mask_input``. ``decoder.onnx`` (Meta's signature) runs every prompt at two original image sizes of
+different aspect ratios.
+
+fp32: max |diff| of the image embedding, the low-res mask logits and IoUs of ``decoder_lowres.onnx``, and the
+upscaled masks of ``decoder.onnx`` (decoders fed the PyTorch embedding, so each graph is checked on its own),
+each against ``atol + rtol * max|reference|``.
+fp16 / int8: mask IoU (logits > 0) of the whole ONNX chain (encoder -> decoder, masks at the original size) vs
+the fp32 PyTorch model, mean over prompts >= the threshold (0.99 fp16, 0.95 int8); Meta's decoder likewise.
+All figures are recorded in the manifest; a failed check is an error and the export is discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peft_export.errors import PeftExportError
+from peft_export.imaging import (
+    PreprocessSpec,
+    normalize_and_pad,
+    preprocess,
+    resize_for_model,
+    resized_shape,
+    upscale_masks,
+)
+from peft_export.models.prompt_decoder import PromptDecoder
+
+
+@dataclass
+class Thresholds:
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    fp16_iou: float = 0.99
+    int8_iou: float = 0.95
+
+    def iou_for(self, precision: str) -> float | None:
+        return {"fp16": self.fp16_iou, "int8": self.int8_iou}.get(precision)
+
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    limit: float
+    kind: str  # "max" (value <= limit passes) or "min" (value >= limit passes)
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "value": float(self.value), "limit": float(self.limit), "kind": self.kind,
+                "passed": self.passed, "note": self.note}
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    sample: str
+    checks: list[Check] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "sample": self.sample, "passed": self.passed,
+                "checks": [c.to_dict() for c in self.checks], **self.figures}
+
+
+# ---- sample ------------------------------------------------------------------------------------------
+
+def sample_image(spec: PreprocessSpec, seed: int = 0) -> tuple[np.ndarray, str]:
+    """The raw sample image: the DSB2018 val tile if installed, else the fixed random image of sample_input."""
+    try:
+        from peft_export.data.dataset import dsb2018_tiles
+
+        tile = dsb2018_tiles("val")[0]
+        return tile.image, tile.name
+    except PeftExportError:
+        rng = np.random.default_rng(seed)
+        return (rng.integers(0, 255, (spec.img_size, spec.img_size), dtype=np.uint8),
+                "random image (sample data not installed)")
+
+
+def baked_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """What a baked-preprocessing encoder takes: the resized image, rounded to uint8 (H', W', 3)."""
+    return np.clip(np.round(resize_for_model(image, spec)), 0, 255).astype(np.uint8)
+
+
+def sample_prompts(resized_hw: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Prompt groups (coords (B, N, 2), labels (B, N)) in model-input pixels; and the prompt count."""
+    from peft_export.peft.merge import sample_prompts as merge_prompts
+
+    c, lab = merge_prompts(resized_hw)
+    h, w = resized_hw
+    box_pt = np.array([[[0.15 * w, 0.15 * h], [0.55 * w, 0.5 * h], [0.3 * w, 0.3 * h]],
+                       [[0.45 * w, 0.4 * h], [0.95 * w, 0.9 * h], [0.6 * w, 0.7 * h]]], np.float32)
+    box_lab = np.array([[2.0, 3.0, 1.0], [2.0, 3.0, 0.0]], np.float32)
+    groups = [(c.numpy().astype(np.float32), lab.numpy().astype(np.float32)), (box_pt, box_lab)]
+    return groups, sum(len(g[0]) for g in groups)
+
+
+def meta_sizes(original_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """The sample's size and a second size of a different aspect ratio, for Meta's decoder."""
+    h, w = original_hw
+    return [(h, w), (h + h // 2 + 1, max(w // 2 + 3, 2))]
+
+
+# ---- PyTorch references ------------------------------------------------------------------------------
+
+def select_single(masks: torch.Tensor, iou: torch.Tensor, num_points: int, multimask: bool):
+    """Meta's single-mask choice (mask 0 for more than one point incl. padding, else the best of 1..3);
+    mask 0 always for models whose multimask outputs were not trained."""
+    if not multimask:
+        return masks[:, :1], iou[:, :1]
+    weight = torch.tensor([[1000.0] + [0.0] * (iou.shape[1] - 1)])
+    best = torch.argmax(iou + (num_points - 2.5) * weight, dim=1)
+    idx = torch.arange(masks.shape[0])
+    return masks[idx, best].unsqueeze(1), iou[idx, best].unsqueeze(1)
+
+
+def postprocess_torch(low_res: torch.Tensor, img_size: int, original_hw: tuple[int, int]) -> torch.Tensor:
+    """segment_anything's ``Sam.postprocess_masks`` (bilinear to S, crop, bilinear to the original size)."""
+    rh, rw = resized_shape(original_hw[0], original_hw[1], img_size)
+    up = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)[..., :rh, :rw]
+    return F.interpolate(up, tuple(original_hw), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def meta_reference(sam, emb, coords, labels, mask_input, has_mask_input, original_hw, *, single_mask: bool,
+                   multimask: bool):
+    """What ``decoder.onnx`` must compute, in PyTorch: (masks, iou_predictions, low_res_masks)."""
+    dec = PromptDecoder(sam)
+    t = [torch.as_tensor(np.asarray(a, np.float32)) for a in (emb, coords, labels, mask_input, has_mask_input)]
+    lr, iou = dec(*t)
+    if single_mask:
+        lr, iou = select_single(lr, iou, t[1].shape[1], multimask)
+    return postprocess_torch(lr, int(dec.img_size), original_hw).numpy(), iou.numpy(), lr.numpy()
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    d = np.abs(a - b)
+    return float(d.max()) if d.size else 0.0
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of (logits > 0) per leading index; 1.0 where both masks are empty."""
+    a = np.asarray(a).reshape(len(a), -1) > 0
+    b = np.asarray(b).reshape(len(b), -1) > 0
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def _pick(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> np.ndarray:
+    from peft_export.runtime.backend import select_masks
+
+    return select_masks(low_res, iou, multimask)[0]
+
+
+# ---- the gate ----------------------------------------------------------------------------------------
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision: str, baked: bool,
+               single_mask: bool, multimask: bool, thresholds: Thresholds, progress=None) -> ParityReport:
+    """Compare ``folder``'s encoder.onnx, decoder_lowres.onnx and decoder.onnx with ``sam`` (fp32 PyTorch)."""
+    sam = sam.eval()
+    spec = preprocess_spec
+    s = int(spec.img_size)
+    image, sample = sample_image(spec)
+    original_hw = tuple(int(v) for v in np.asarray(image).shape[:2])
+    if baked:
+        u8 = baked_input(image, spec)
+        x = normalize_and_pad(u8.astype(np.float32), spec)
+        resized_hw = u8.shape[:2]
+        feed_image = u8
+    else:
+        prep = preprocess(image, spec)
+        x, resized_hw, feed_image = prep.tensor, prep.resized_hw, prep.tensor
+    groups, n_prompts = sample_prompts(resized_hw)
+    h4, w4 = (4 * v for v in sam.prompt_encoder.image_embedding_size)
+    dec = PromptDecoder(sam)
+    report = ParityReport(precision, sample)
+    fig = report.figures
+    fig.update({"reference": "PyTorch fp32", "prompts": n_prompts * 2, "baked_preprocessing": baked})
+
+    def step(msg):
+        if progress is not None:
+            progress(msg)
+
+    # encoder
+    step("parity: encoder")
+    emb_t = sam.image_encoder(torch.from_numpy(x)).numpy()
+    enc = _session(folder / "encoder.onnx")
+    emb_o = enc.run(None, {"image": feed_image})[0]
+    escale = float(np.abs(emb_t).max())
+    fig["embedding_max_abs_diff"] = max_abs(emb_o, emb_t)
+    fig["embedding_scale"] = escale
+
+    # low-res decoder, fed the PyTorch embedding; twice per group (without and with a previous mask)
+    step("parity: decoder_lowres")
+    low = _session(folder / "decoder_lowres.onnx")
+    lr_diff = iou_diff = 0.0
+    mscale = 0.0
+    ious_e2e: list[np.ndarray] = []
+    refs = []  # (coords, labels, mask_in, has, lr_t, iou_t) for Meta's decoder
+    for coords, labels in groups:
+        b = len(coords)
+        mask_in = np.zeros((b, 1, h4, w4), np.float32)
+        has = np.zeros(b, np.float32)
+        for _rep in range(2):
+            lr_t, iou_t = (t.numpy() for t in dec(*(torch.from_numpy(a) for a in
+                                                   (emb_t, coords, labels, mask_in, has))))
+            feed = {"image_embeddings": emb_t, "point_coords": coords, "point_labels": labels,
+                    "mask_input": mask_in, "has_mask_input": has}
+            lr_o, iou_o = low.run(None, feed)
+            lr_diff = max(lr_diff, max_abs(lr_o, lr_t))
+            iou_diff = max(iou_diff, max_abs(iou_o, iou_t))
+            mscale = max(mscale, float(np.abs(lr_t).max()))
+            # whole ONNX chain: ONNX embedding -> ONNX decoder -> chosen mask at the original size
+            lr_e, iou_e = low.run(None, {**feed, "image_embeddings": emb_o})
+            pick_o = upscale_masks(_pick(lr_e, iou_e, multimask), s, resized_hw, original_hw)
+            pick_t = upscale_masks(_pick(lr_t, iou_t, multimask), s, resized_hw, original_hw)
+            ious_e2e.append(mask_ious(pick_o, pick_t))
+            refs.append((coords, labels, mask_in.copy(), has.copy(), lr_t, iou_t))
+            mask_in = lr_t[:, :1].copy()  # second round: the previous single-mask logits as mask input
+            has = np.ones(b, np.float32)
+    fig["low_res_masks_max_abs_diff"] = lr_diff
+    fig["iou_predictions_max_abs_diff"] = iou_diff
+    fig["masks_scale"] = mscale
+    e2e = np.concatenate(ious_e2e)
+    fig["mask_iou_mean"] = float(e2e.mean())
+    fig["mask_iou_min"] = float(e2e.min())
+
+    # Meta's decoder, one prompt at a time (its clients' batch size), at two aspect ratios
+    step("parity: decoder (Meta signature)")
+    meta = _session(folder / "decoder.onnx")
+    sizes = meta_sizes(original_hw)
+    fig["meta_sizes"] = [list(v) for v in sizes]
+    meta_diff = 0.0
+    meta_scale = 0.0
+    meta_ious = []
+    for coords, labels, mask_in, has, lr_t, iou_t in refs:
+        for i in range(len(coords)):
+            one = (coords[i:i + 1], labels[i:i + 1], mask_in[i:i + 1], has[i:i + 1])
+            lr1, iou1 = torch.from_numpy(lr_t[i:i + 1]), torch.from_numpy(iou_t[i:i + 1])
+            if single_mask:
+                lr1, iou1 = select_single(lr1, iou1, coords.shape[1], multimask)
+            for hw in sizes:
+                m_t, i_t, l_t = postprocess_torch(lr1, s, hw).numpy(), iou1.numpy(), lr1.numpy()
+                feed = {"image_embeddings": emb_t, "point_coords": one[0], "point_labels": one[1],
+                        "mask_input": one[2], "has_mask_input": one[3],
+                        "orig_im_size": np.array(hw, np.float32)}
+                m_o, i_o, l_o = meta.run(None, feed)
+                meta_diff = max(meta_diff, max_abs(m_o, m_t), max_abs(i_o, i_t), max_abs(l_o, l_t))
+                meta_scale = max(meta_scale, float(np.abs(m_t).max()))
+                if precision != "fp32":
+                    m_e = meta.run(None, {**feed, "image_embeddings": emb_o})[0]
+                    meta_ious.append(mask_ious(m_e[0], m_t[0]).mean())
+    fig["meta_masks_max_abs_diff"] = meta_diff
+
+    tol = thresholds
+    if precision == "fp32":
+        report.checks += [
+            Check("image embedding max |diff|", fig["embedding_max_abs_diff"], tol.atol + tol.rtol * escale, "max"),
+            Check("low-res mask logits max |diff|", lr_diff, tol.atol + tol.rtol * mscale, "max"),
+            Check("IoU predictions max |diff|", iou_diff, tol.atol + tol.rtol, "max"),
+            Check("Meta decoder outputs max |diff|", meta_diff, tol.atol + tol.rtol * max(meta_scale, mscale), "max"),
+        ]
+        fig["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol}
+    else:
+        limit = tol.iou_for(precision)
+        report.checks += [
+            Check("mask IoU vs fp32 PyTorch (mean)", fig["mask_iou_mean"], limit, "min",
+                  f"min {fig['mask_iou_min']:.4f}"),
+            Check("Meta decoder mask IoU (mean)", float(np.mean(meta_ious)), limit, "min",
+                  f"min {float(np.min(meta_ious)):.4f}"),
+        ]
+        fig["meta_mask_iou_mean"] = float(np.mean(meta_ious))
+        fig["iou_threshold"] = limit
+    return report
