@@ -1,10 +1,132 @@
-"""`peft-export build-engine`."""
+"""``peft-export build-engine``: TensorRT engines from an export folder, checked against ONNX Runtime."""
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import typer
-from peft_export_cli.commands._notbuilt import register_placeholder
+from rich.table import Table
+
+from peft_export_cli import common
+
+STEPS = 5  # build encoder, build decoder, load encoder, load decoder, compare
 
 
 def register(app: typer.Typer) -> None:
-    register_placeholder(app, "build-engine", "Build TensorRT engines from an export folder.", 6)
+    @app.command("build-engine")
+    def build_engine_cmd(
+        out_dir: Path = typer.Argument(..., help="Export folder made by `peft-export export` (manifest.json, "
+                                                 "encoder.onnx, decoder_lowres.onnx)."),
+        precision: str = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the export's "
+                                                                "precision; see below)."),
+        min_points: int = typer.Option(1, "--min-points", help="Fewest points per prompt (padding included)."),
+        opt_points: int = typer.Option(4, "--opt-points", help="Points per prompt the decoder is tuned for."),
+        max_points: int = typer.Option(16, "--max-points", help="Most points per prompt (padding included)."),
+        min_batch: int = typer.Option(1, "--min-batch", help="Fewest prompts per decoder call."),
+        opt_batch: int = typer.Option(16, "--opt-batch", help="Prompts per call the decoder is tuned for."),
+        max_batch: int = typer.Option(64, "--max-batch", help="Most prompts per call (larger batches are split)."),
+        workspace: str = typer.Option("4GiB", "--workspace", help="TensorRT workspace limit, e.g. 4GiB, 512MiB "
+                                                                  "(a plain number is MiB)."),
+        timing_cache: Path = typer.Option(None, "--timing-cache", help="Timing cache file: read if it exists, "
+                                                                       "updated after a successful build."),
+        tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 math in fp32 layers (faster on Ampere and "
+                                                        "newer; then gated on mask IoU, not max |diff|)."),
+        tolerance: float = typer.Option(1e-3, "--tolerance", help="fp32 gate: max |diff| / max(1, largest "
+                                                                  "reference value)."),
+        min_iou: float = typer.Option(None, "--min-iou", help="fp16/int8 gate: mask IoU vs ONNX Runtime "
+                                                              "(default 0.99 fp16, 0.95 int8)."),
+        device: int = typer.Option(0, "--device", help="CUDA device index."),
+        print_trtexec: bool = typer.Option(False, "--print-trtexec", help="Only print the equivalent trtexec "
+                                           "commands (needs no TensorRT and no GPU; writes nothing)."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the comparison with ONNX Runtime "
+                                                                  "(recorded in engine.json as unverified)."),
+        force: bool = typer.Option(False, "--force", help="Replace existing engines."),
+        json_out: bool = typer.Option(False, "--json", help="Print engine.json (or the trtexec commands) as JSON."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages."),
+    ):
+        """Build TensorRT engines (encoder.engine, decoder.engine + engine.json) next to the ONNX files.
+
+        Engines are specific to the GPU model and TensorRT version they are built with: build them on the
+        microscope's machine. After building, both engines run on a sample image with prompts at the
+        profile's min/opt/max points and maximum batch, and are compared with ONNX Runtime on the same ONNX
+        files (fp32: max |diff|; fp16/int8: mask IoU); a failure writes nothing. The equivalent trtexec command
+        lines are printed and stored in engine.json.
+
+        Precision: an engine of the export's own precision is built strongly typed (TensorRT 10 and 11). An
+        fp16 engine from an fp32 export uses TensorRT 10's --fp16 builder flag; TensorRT 11 removed it: there,
+        export with [bold]peft-export export ... --precision fp16[/] first. int8 needs a Q/DQ-quantized ONNX
+        (the export's int8, ONNX Runtime dynamic quantization, is for CPUs and is refused).
+
+        The decoder engine takes prompts of --min-points to --max-points points (a point prompt counts its
+        padding point, a box counts 2); the runtime splits batches larger than --max-batch.
+
+        Needs TensorRT and cuda-python ([bold]pip install 'peft-export\\[tensorrt]'[/]) and an NVIDIA GPU.
+        Without them: [bold]--print-trtexec[/] prints the trtexec commands to build by hand.
+
+        Example: [bold]peft-export build-engine exported/ --precision fp16 --max-points 8 --timing-cache
+        ~/.cache/trt.cache[/]
+        """
+        from peft_export.export.tensorrt import (
+            EngineOptions,
+            build_engines,
+            installed_capabilities,
+            plan_engines,
+            preflight,
+        )
+
+        opts = EngineOptions(precision=precision, min_points=min_points, opt_points=opt_points,
+                             max_points=max_points, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                             workspace=workspace, timing_cache=str(timing_cache.expanduser().resolve())
+                             if timing_cache else None, tf32=tf32, verify=not no_verify, tolerance=tolerance,
+                             min_iou=min_iou, device=device)
+        if print_trtexec:
+            plan = plan_engines(out_dir, opts, capabilities=installed_capabilities())
+            if json_out:
+                common.print_json({"precision": plan.precision, "notes": plan.notes,
+                                   "trtexec": {r: shlex.join(a) for r, a in plan.trtexec().items()},
+                                   "profiles": {r: e.profile for r, e in plan.engines.items()}})
+            else:
+                common.out.print(plan.trtexec_text(), highlight=False, markup=False, soft_wrap=True)
+            return
+
+        show = not (quiet or json_out)
+        prepared = preflight(out_dir, opts, force=force)  # missing TensorRT/GPU, bad options: before any output
+        with common.progress_bar("build-engine", STEPS, enabled=show) as bar:
+            started = []
+
+            def step(name: str) -> None:
+                if started:  # the previous step is done
+                    bar.advance()
+                started.append(name)
+                bar.update(description=name)
+
+            def say(msg: str) -> None:
+                common.info(msg, quiet=not show)
+
+            meta = build_engines(out_dir, opts, force=force, progress=step, info=say, prepared=prepared)
+            bar.update(description="done", completed=STEPS)
+        if json_out:
+            common.print_json(meta)
+            return
+        _report(meta, out_dir)
+
+
+def _report(meta: dict, out_dir: Path) -> None:
+    parity = meta["parity"]
+    if not parity.get("skipped"):
+        table = Table(title=f"TensorRT vs ONNX Runtime ({parity['sample']}); gate: {parity['gate']}")
+        for col in ("prompts", "batch", "points", "masks max |diff|", "mask IoU"):
+            table.add_column(col, justify="left" if col == "prompts" else "right")
+        table.add_row("image embedding", "", "", f"{parity['embedding_max_abs_diff']:.2e}",
+                      f"cos {parity['embedding_cosine']:.6f}")
+        for name, f in parity["prompt_sets"].items():
+            table.add_row(name, str(f["batch"]), str(f["points"]), f"{f['masks_max_abs_diff']:.2e}",
+                          f"{f['mask_iou']:.4f}")
+        common.out.print(table)
+    else:
+        common.warn("not compared with ONNX Runtime (--no-verify); engine.json records the engines as unverified")
+    for e in meta["engines"].values():
+        common.out.print(f"{e['path']}: {e['bytes'] / 2**20:.1f} MiB, built in {e['build_seconds']:.1f} s")
+    common.out.print(f"[green]built[/] {meta['precision']} TensorRT {meta['tensorrt_version']} engines for "
+                     f"{meta['gpu']['name']} (compute {meta['gpu']['compute_capability']}) -> {out_dir}")
