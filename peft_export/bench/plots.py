@@ -1,0 +1,68 @@
+"""PNG plots of benchmark results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_export.data.io import atomic_write
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_infer(path: Path, results: dict) -> Path:
+    """Horizontal bars: encoder and decoder median latency per case (skipped cases left out)."""
+    plt = _plt()
+    rows = [r for r in results["cases"] if "skipped" not in r]
+    prompts = results["settings"]["prompts"]
+    parts = [("encoder", "encoder"), ("decoder_1", "decoder, 1 prompt"), (f"decoder_{prompts}",
+                                                                          f"decoder, {prompts} prompts")]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 0.5 * max(len(rows), 2) + 1.5), sharey=True)
+    names = [r["case"] for r in rows]
+    for ax, (key, title) in zip(axes, parts):
+        vals = [r.get(f"{key}_median_ms", 0) for r in rows]
+        ax.barh(range(len(rows)), vals, color="#4c72b0")
+        ax.set_title(f"{title} (median ms)")
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    m = results["machine"]
+    fig.suptitle(f"inference latency — {m['cpu']} ({m['cpu_count']} cores)"
+                 + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""), fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_train(path: Path, results: dict) -> Path:
+    """Step time and peak memory vs placement, one line per method."""
+    plt = _plt()
+    rows = [r for r in results["cases"] if "skipped" not in r and r.get("step_median_s") is not None]
+    placements = list(dict.fromkeys(r["placement"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in methods:
+        pts = {r["placement"]: r for r in rows if r["method"] == method}
+        xs = [i for i, p in enumerate(placements) if p in pts]
+        a1.plot(xs, [pts[placements[i]]["step_median_s"] for i in xs], marker="o", label=method)
+        a2.plot(xs, [pts[placements[i]].get("peak_memory_mib") or float("nan") for i in xs], marker="o", label=method)
+    for ax, title in ((a1, "step time (median s)"), (a2, "peak memory (MiB)")):
+        ax.set_xticks(range(len(placements)), placements)
+        ax.set_xlabel("placement (encoder blocks trained)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"{results['settings']['model']} training cost vs placement — {m['cpu']} ({m['cpu_count']} cores)"
+                 + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""), fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
