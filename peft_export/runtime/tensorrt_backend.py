@@ -73,9 +73,11 @@ def tensorrt_capabilities(trt) -> dict[str, Any]:
     """What this TensorRT offers, by feature detection (never by version string).
 
     ``weak_typing``: builder precision flags exist (``BuilderFlag.FP16``; TensorRT <= 10). TensorRT 11 removed
-    them: every network is strongly typed and an engine's precision is the ONNX graph's.
-    ``strongly_typed_flag``: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists (TensorRT >= 10 has it;
-    TensorRT 11 accepts it and is strongly typed anyway). ``tf32_flag``: ``BuilderFlag.TF32`` exists.
+    them (and ``BuilderFlag.INT8``, implicit INT8 calibration): every network is strongly typed and an engine's
+    precision is the ONNX graph's.
+    ``strongly_typed_flag``: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists (opt-in on TensorRT 10;
+    on TensorRT 11 it is deprecated and ignored). Absent before TensorRT 9: such a TensorRT is refused by
+    :func:`environment`. ``tf32_flag``: ``BuilderFlag.TF32`` exists (TensorRT 10 and 11).
     """
     flags = getattr(trt, "BuilderFlag", None)
     creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
@@ -145,9 +147,13 @@ def _cuda_ver(v: int) -> str:
 def environment(device: int = 0) -> dict[str, Any]:
     """TensorRT + cuda-python + a CUDA GPU, or a MissingDependencyError naming what is missing (in that order)."""
     trt = import_tensorrt()
+    caps = tensorrt_capabilities(trt)
+    if not caps["strongly_typed_flag"]:  # TensorRT 8.x: no strong typing, binding-based API of the past
+        raise MissingDependencyError(f"TensorRT {caps['version']} is too old (TensorRT 10 or newer is needed): "
+                                     f"{INSTALL}")
     cudart = import_cudart()
     gpu = cuda_device(cudart, device)
-    return {"trt": trt, "cudart": cudart, "gpu": gpu, "capabilities": tensorrt_capabilities(trt)}
+    return {"trt": trt, "cudart": cudart, "gpu": gpu, "capabilities": caps}
 
 
 def make_logger(trt, name: str = "tensorrt"):
