@@ -72,12 +72,13 @@ def infer_cmd(
 
     Example: [bold]peft-export benchmark infer export_fp32/ export_int8/ -o bench/ --runs 20[/]
     """
-    from peft_export.bench.infer import BACKENDS, PRECISIONS, run_infer_benchmark, write_infer_results
+    from peft_export.bench.infer import BACKENDS, PRECISIONS, plan_cases, run_infer_benchmark, write_infer_results
 
     b = common.parse_list(backends, BACKENDS, "backend")
     p = common.parse_list(precisions, PRECISIONS, "precision")
     if runs < 1 or warmup < 0 or prompts < 1:
         raise UsageError("--runs and --prompts must be >= 1, --warmup >= 0")
+    plan_cases(out_dirs, b, p)  # unreadable export folders fail here, before anything is shown or written
     _result_dir(output, force)
     with common.progress_bar("benchmarking", warmup + runs, enabled=not json_out) as bar:
         results = run_infer_benchmark(out_dirs, backends=b, precisions=p, runs=runs, warmup=warmup, prompts=prompts,
@@ -102,6 +103,7 @@ def train_cmd(
                                              "attention, bias, layernorm, late_ft, freeze_encoder, full)."),
     placements: str = typer.Option("all,late:50%,late:25%,late:1",
                                    help="Comma-separated block placements: all, late:N, late:P%, 6-11, 0,3,9."),
+    rank: int = typer.Option(None, help="Rank for LoRA / FacT (default: the method's default, as in finetune)."),
     steps: int = typer.Option(5, help="Timed training steps per case (after warm-up)."),
     warmup: int = typer.Option(1, help="Untimed warm-up steps per case."),
     data: str = typer.Option("sample:dsb2018", help="Training data: sample:dsb2018 or a folder (images/ + labels/)."),
@@ -127,17 +129,26 @@ def train_cmd(
       [bold]peft-export benchmark train -o bench_train/[/]  (LiteMedSAM, LoRA, 4 placements)
       [bold]peft-export benchmark train --model vit_b --methods lora,ssf --placements all,late:1 --steps 3 -o b/[/]
     """
-    from peft_export.bench.train import TrainSettings, run_train_benchmark, work_units, write_train_results
+    from peft_export.bench.train import (
+        TrainSettings,
+        plan_cases,
+        run_train_benchmark,
+        work_units,
+        write_train_results,
+    )
 
     settings = TrainSettings(model=model, data=data, steps=steps, warmup=warmup, device=device,
                              batch_size=batch_size, objects_per_image=objects, sub_iterations=sub_iterations,
-                             trunk_cache=trunk_cache, memory=memory)
+                             trunk_cache=trunk_cache, memory=memory, rank=rank)
+    if rank is not None and rank < 1:
+        raise UsageError("--rank must be >= 1")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {device!r}")
     m = common.parse_list(methods, None, "method")
     p = common.parse_list(placements, None, "placement")
     if not m or not p:
         raise UsageError("--methods and --placements must each name at least one entry")
+    plan_cases(m, p, settings)  # bad names and options fail here, before anything is shown or written
     _result_dir(output, force)
     with common.progress_bar("benchmark train", work_units(m, p, settings), enabled=not json_out,
                              extra_fields="{task.fields[case]}", case="") as bar:

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export predict export/ cells.tif --auto -o labels.tif[/]
 
-        boxes.json: [[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt).
+        boxes.json: \\[\\[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt).
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order.
         """
         import numpy as np

@@ -58,7 +58,10 @@ def plot_train(path: Path, results: dict) -> Path:
         ax.set_xlabel("placement (encoder blocks trained)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if methods:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no case was measured (all skipped)", ha="center", va="center", transform=ax.transAxes)
     m = results["machine"]
     fig.suptitle(f"{results['settings']['model']} training cost vs placement — {m['cpu']} ({m['cpu_count']} cores)"
                  + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""), fontsize=10)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_export.bench.common import current_rss_mib, machine_info, run_isolated, stats, write_results
+from peft_export.bench.common import current_rss_mib, machine_info, peak_rss_mib, run_isolated, stats, write_results
 from peft_export.errors import PeftExportError, UsageError
 
 DEFAULT_METHODS = ("lora",)
@@ -42,6 +42,7 @@ class TrainSettings:
     loss: bool = True
     memory: bool = True
     seed: int = 0
+    rank: int | None = None  # LoRA/FacT rank (None: the method's default)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -74,7 +75,8 @@ class CaseRunner:
         cfg = resolve_config(cli_values=dict(
             model=s.model, data=s.data, peft=method, blocks=placement, iterations=10**9, batch_size=s.batch_size,
             objects_per_image=s.objects_per_image, sub_iterations=s.sub_iterations, lr=1e-4, val_before=False,
-            device=s.device, precision="fp32", trunk_cache="memory" if s.trunk_cache else "off", seed=s.seed))
+            device=s.device, precision="fp32", trunk_cache="memory" if s.trunk_cache else "off", seed=s.seed,
+            **({"rank": s.rank} if s.rank is not None else {})))
         self.trainer = Trainer(cfg, scratch, force=True)
         self.trainer.setup()
         set_train_mode(self.trainer.model)
@@ -111,9 +113,9 @@ class CaseRunner:
         return dt, float(loss)
 
     def peak_memory_mib(self) -> float:
-        from peft_export.train.trainer import peak_memory_mb
-
-        return float(peak_memory_mb(self.trainer.device))
+        if self.trainer.device.type == "cuda":
+            return self._torch.cuda.max_memory_allocated(self.trainer.device) / 2**20
+        return peak_rss_mib()
 
     def current_memory_mib(self) -> float:
         """Memory held now (after set-up: model, optimizer, data): CUDA allocated, or the process's RSS."""
