@@ -23,9 +23,10 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"**{s['model']}**, {', '.join(s['methods'])}; {s['steps']} timed step(s) after {s['warmup']} warm-up, "
              f"batch {s['batch_size']}, {s['objects_per_image']} objects/image; {m['cpu']}, {m['cpu_count']} cores"
-             + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else "") + f"; baseline: {s['baseline']}",
+             + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else "") + f"; weights: {s['checkpoint']}; "
+             f"baseline: {s['baseline']} (prompt encoder + mask decoder are trained in every case)",
              "",
-             "| case | blocks | trainable params | step (s) | × base | peak memory (MiB) | × base "
+             "| case | blocks | trainable encoder params | step (s) | × base | peak memory (MiB) | × base "
              "| training memory (MiB) | × base |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["cases"]:
@@ -37,7 +38,7 @@ def markdown(results: dict) -> str:
             v = r.get(key)
             return "" if v is None else fmt.format(v)
 
-        lines.append(f"| {r['case']} | {r['blocks']} | {r['trainable_params']:,} | {f('step_median_s')} | "
+        lines.append(f"| {r['case']} | {r['blocks']} | {r['trainable_encoder_params']:,} | {f('step_median_s')} | "
                      f"{f('step_vs_baseline', '{:.2f}')} | {f('peak_memory_mib', '{:.0f}')} | "
                      f"{f('memory_vs_baseline', '{:.2f}')} | {f('train_memory_mib', '{:.0f}')} | "
                      f"{f('train_memory_vs_baseline', '{:.2f}')} |")

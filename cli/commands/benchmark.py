@@ -27,7 +27,7 @@ def _result_dir(path: Path, force: bool) -> Path:
 
 def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> Table:
     table = Table(title=title)
-    table.add_column("case")
+    table.add_column("case", no_wrap=True)
     for _, header in columns:
         table.add_column(header, justify="right")
     for r in rows:
@@ -103,6 +103,8 @@ def train_cmd(
                                              "attention, bias, layernorm, late_ft, freeze_encoder, full)."),
     placements: str = typer.Option("all,late:50%,late:25%,late:1",
                                    help="Comma-separated block placements: all, late:N, late:P%, 6-11, 0,3,9."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="Weights for MODEL (default: the bundled "
+                                    "ones; random weights where none are bundled — cost does not depend on values)."),
     rank: int = typer.Option(None, help="Rank for LoRA / FacT (default: the method's default, as in finetune)."),
     steps: int = typer.Option(5, help="Timed training steps per case (after warm-up)."),
     warmup: int = typer.Option(1, help="Untimed warm-up steps per case."),
@@ -139,7 +141,10 @@ def train_cmd(
 
     settings = TrainSettings(model=model, data=data, steps=steps, warmup=warmup, device=device,
                              batch_size=batch_size, objects_per_image=objects, sub_iterations=sub_iterations,
-                             trunk_cache=trunk_cache, memory=memory, rank=rank)
+                             trunk_cache=trunk_cache, memory=memory, rank=rank,
+                             checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise UsageError(f"checkpoint not found: {checkpoint}")
     if rank is not None and rank < 1:
         raise UsageError("--rank must be >= 1")
     if device not in ("cpu", "cuda"):
@@ -158,9 +163,9 @@ def train_cmd(
     if json_out:
         common.print_json(results)
         return
-    cols = [("blocks", "blocks"), ("trainable_params", "trainable"), ("step_median_s", "step s"),
-            ("step_vs_baseline", "× base"), ("peak_memory_mib", "peak MiB"), ("memory_vs_baseline", "× base"),
-            ("train_memory_mib", "+MiB"), ("train_memory_vs_baseline", "× base"), ("loss_last", "loss")]
+    cols = [("blocks", "blocks"), ("trainable_encoder_params", "enc. params"), ("step_median_s", "step s"),
+            ("step_vs_baseline", "×"), ("peak_memory_mib", "peak MiB"), ("memory_vs_baseline", "×"),
+            ("train_memory_mib", "train MiB"), ("train_memory_vs_baseline", "×")]
     title = (f"training, {model}, {results['settings']['memory_kind']} (baseline: {results['settings']['baseline']})")
     _print_results(_table(title, results["cases"], cols), results["cases"], files)
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class TrainSettings:
     memory: bool = True
     seed: int = 0
     rank: int | None = None  # LoRA/FacT rank (None: the method's default)
+    checkpoint: str | None = None  # weights; None: the bundled ones, else random (cost does not depend on values)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -76,7 +77,8 @@ class CaseRunner:
             model=s.model, data=s.data, peft=method, blocks=placement, iterations=10**9, batch_size=s.batch_size,
             objects_per_image=s.objects_per_image, sub_iterations=s.sub_iterations, lr=1e-4, val_before=False,
             device=s.device, precision="fp32", trunk_cache="memory" if s.trunk_cache else "off", seed=s.seed,
-            **({"rank": s.rank} if s.rank is not None else {})))
+            **({"rank": s.rank} if s.rank is not None else {}),
+            **({"checkpoint": s.checkpoint} if s.checkpoint else {})))
         self.trainer = Trainer(cfg, scratch, force=True)
         self.trainer.setup()
         set_train_mode(self.trainer.model)
@@ -170,6 +172,41 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
     s = settings or TrainSettings()
     say = progress or (lambda text, n: None)
     cases = plan_cases(methods, placements, s)
+    weights_dir = None
+    from peft_export.models.registry import get_spec
+
+    weights = s.checkpoint or ("random (test model)" if get_spec(s.model).test_only else "bundled")
+    if s.checkpoint is None and _needs_random_weights(s.model):
+        say(f"no weights for {s.model}: random weights (step time and memory do not depend on their values)", 0)
+        weights_dir = Path(tempfile.mkdtemp(prefix="peft_export_bench_weights_"))
+        s = replace(s, checkpoint=_random_checkpoint(s.model, weights_dir))
+        weights = "random"
+    try:
+        return _run(cases, methods, placements, s, baseline, say, weights)
+    finally:
+        if weights_dir is not None:
+            shutil.rmtree(weights_dir, ignore_errors=True)
+
+
+def _needs_random_weights(model: str) -> bool:
+    from peft_export.models.loading import default_weights
+    from peft_export.models.registry import get_spec
+
+    return default_weights(model) is None and not get_spec(model).test_only
+
+
+def _random_checkpoint(model: str, folder: Path) -> str:
+    import torch
+
+    from peft_export.models.registry import build_sam
+
+    torch.manual_seed(0)
+    path = folder / f"{model}_random.pt"
+    torch.save(build_sam(model).state_dict(), path)
+    return str(path)
+
+
+def _run(cases, methods, placements, s: TrainSettings, baseline, say, weights: str) -> dict:
     reason = _device_skip(s.device)
     if reason:
         for c in cases:
@@ -237,7 +274,8 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
                     if brow.get(key) and r.get(key) is not None:
                         r[ratio] = round(r[key] / brow[key], 3)
     return {"kind": "train", "machine": machine_info(),
-            "settings": {**s.to_dict(), "methods": list(methods), "placements": list(placements),
+            "settings": {**s.to_dict(), "checkpoint": weights, "methods": list(methods),
+                         "placements": list(placements),
                          "baseline": base.name if base else None,
                          "order": "round-robin over cases per step; memory: each case alone in a fresh process",
                          "memory_kind": "cuda max_memory_allocated" if s.device == "cuda" else "peak RSS"},
