@@ -9,7 +9,10 @@ and its increase over the state after set-up; CUDA: peak allocated). Each case r
 RSS is not inherited from another case. All cases run in one invocation, one after another, and are printed as
 ratios to ``all`` without the cache.
 
-    python benchmarks/train_placement.py [--steps 3] [--device cpu] [--json]
+    python benchmarks/train_placement.py [--steps 3] [--device cpu] [--threads N] [--json]
+
+``--threads`` sets torch's intra-op threads in every case (default: torch's default). On a small CPU shared
+with other jobs, 1 thread gives steadier numbers (OpenMP threads waiting for a busy core dominate otherwise).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from peft_export.train.recipe import prompt_kind
 from peft_export.train.trainer import Trainer, peak_memory_mb, set_train_mode
 
 args = json.loads(sys.argv[1])
+if args["threads"]:
+    torch.set_num_threads(args["threads"])
 cfg = resolve_config(cli_values=dict(model="lite_medsam", data="sample:dsb2018", peft="lora", rank=32,
                                      blocks=args["placement"], trunk_cache=args["cache"], iterations=100,
                                      batch_size=1, objects_per_image=4, sub_iterations=1, lr=1e-4,
@@ -77,10 +82,10 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_case(placement: str, cache: str, steps: int, device: str, run_dir: str) -> dict:
+def run_case(placement: str, cache: str, steps: int, device: str, run_dir: str, threads: int = 0) -> dict:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     arg = json.dumps({"placement": placement, "cache": cache, "steps": steps, "device": device,
-                      "run_dir": run_dir})
+                      "run_dir": run_dir, "threads": threads})
     proc = subprocess.run([sys.executable, "-c", CHILD, arg], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"case {placement}/{cache} failed:\n{proc.stderr[-3000:]}")
@@ -93,6 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up epoch)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--run-dir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--json", action="store_true", help="print raw results as JSON")
     args = ap.parse_args()
     import tempfile
@@ -102,7 +108,8 @@ def main() -> None:
     for placement, cache in CASES:
         print(f"running {placement:9s} cache {cache:6s} ...", file=sys.stderr, flush=True)
         results[(placement, cache)] = run_case(placement, cache, args.steps, args.device,
-                                               os.path.join(scratch, f"{placement.replace(':', '_')}_{cache}"))
+                                               os.path.join(scratch, f"{placement.replace(':', '_')}_{cache}"),
+                                               args.threads)
     if args.json:
         print(json.dumps({f"{p}|{c}": r for (p, c), r in results.items()}, indent=2))
         return
@@ -113,7 +120,7 @@ def main() -> None:
     b_mem = base["peak_mb"]
     b_inc = base["peak_mb"] - base["setup_rss_mb"] if args.device == "cpu" else b_mem
     print(f"LiteMedSAM + LoRA r32, DSB2018 train tiles, batch 1, 4 objects, 1 sub-iteration; device {args.device}; "
-          f"median of {args.steps} steps after a warm-up epoch")
+          f"median of {args.steps} steps after a warm-up epoch; threads {args.threads or 'torch default'}")
     print(f"{'placement':10s} {'cache':6s} {'blocks':>14s} {'step s':>7s} {'x all':>6s} {'enc fwd s':>9s} "
           f"{'x all':>6s} {mem_kind + ' MB':>17s} {'x all':>6s} {'train +MB':>9s} {'x all':>6s}")
     for (placement, cache), r in results.items():
@@ -121,10 +128,14 @@ def main() -> None:
         enc = statistics.median(r["encoder_s"])
         inc = r["peak_mb"] - r["setup_rss_mb"] if args.device == "cpu" else r["peak_mb"]
         blocks = ",".join(map(str, r["blocks"])) if len(r["blocks"]) < 4 else f"{r['blocks'][0]}-{r['blocks'][-1]}"
+        if cache != "off" and not isinstance(r["cache"], dict):  # asked for, but nothing frozen to cache
+            cache = "n/a"
         print(f"{placement:10s} {cache:6s} {blocks:>14s} {step:7.2f} {step / b_step:6.2f} {enc:9.2f} "
               f"{enc / b_enc:6.2f} {r['peak_mb']:17.0f} {r['peak_mb'] / b_mem:6.2f} {inc:9.0f} {inc / b_inc:6.2f}")
     print("x all: ratio to placement 'all' without the cache, same run. enc fwd: the encoder part of the step's "
-          "forward pass. train +MB: peak RSS minus RSS after set-up (model, data) — what training adds.")
+          "forward pass. train +MB: peak RSS minus RSS after set-up (model, data) — what training adds. "
+          "cache n/a: the first encoder step trains, nothing to cache. LiteMedSAM's patch embedding and "
+          "convolutional stage 0 hold no attention block, so even 'all' has a frozen trunk to cache.")
 
 
 if __name__ == "__main__":

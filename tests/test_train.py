@@ -19,6 +19,18 @@ import torch
 
 from peft_export.errors import UsageError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small, shared CPU, OpenMP threads waiting for each other make the tiny models'
+    steps 20-100x slower (measured: 0.2 s vs 4-26 s per step). Every comparison here is between runs in this
+    process or with stated tolerances, so the thread count does not matter to what is checked."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ["--model", "tinyvit_tiny", "--peft", "lora", "--rank", "4", "--blocks", "late:2", "--objects-per-image", "3",
         "--sub-iterations", "2", "--val-prompts", "box", "--lr", "1e-3"]
 
@@ -268,7 +280,14 @@ def test_run_dir_exists_needs_resume_or_force(run_cli, synth, tmp_path):
     assert (run / "latest.pt").is_file()
 
 
-def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how,done", [
+    ("sigint", 3),  # a real Ctrl-C (SIGINT) during step 3: the step finishes, then the checkpoint is written
+    ("keyboard_interrupt", 2),  # KeyboardInterrupt inside step 3 (second Ctrl-C): the last completed step is kept
+])
+def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, monkeypatch, how,
+                                                                    done):
+    import signal
+
     import peft_export.train.trainer as trainer_mod
 
     args = [*TINY, "--data", str(synth), "--iterations", "6", "--no-val-before", "--quiet"]
@@ -282,18 +301,23 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
     def interrupt_third_step(*a, **k):
         calls["n"] += 1
         if calls["n"] == 3:  # inside step 3 (one image per step), epoch 1 of 2
-            raise KeyboardInterrupt
+            if how == "sigint":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
         return real(*a, **k)
 
     run = tmp_path / "run"
     monkeypatch.setattr(trainer_mod, "image_loss", interrupt_third_step)
     code, _, err = run_cli("finetune", *args, "--out", str(run))
-    assert code == 130 and "--resume" in err and "iteration 2" in err
+    assert code == 130 and "--resume" in err and f"interrupted at iteration {done}" in err, err
+    assert calls["n"] == 3  # no step started after the interruption
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
     from peft_export.models.checkpoint import read_checkpoint
 
     ck = read_checkpoint(run / "latest.pt")
-    assert ck.raw["training"]["interrupted"] and ck.raw["training"]["position"] == {"epoch": 0, "step": 2,
-                                                                                    "iteration": 2}
+    assert ck.raw["training"]["interrupted"] and ck.raw["training"]["position"] == {"epoch": 0, "step": done,
+                                                                                    "iteration": done}
     monkeypatch.setattr(trainer_mod, "image_loss", real)
     code, _, err = run_cli("finetune", "--out", str(run), "--resume", "--quiet")
     assert code == 0, err
@@ -412,16 +436,29 @@ def test_torchrun_two_cpu_processes_match_one_process(run_cli, synth, tmp_path):
     assert [r["train_loss"] for r in r2] == pytest.approx([r["train_loss"] for r in r1], rel=1e-5)
     assert [r["val"]["box"]["mean_iou"] for r in r2] == pytest.approx([r["val"]["box"]["mean_iou"] for r in r1],
                                                                        abs=1e-3)
-    a, b = _trainable_state(one / "latest.pt"), _trainable_state(two / "latest.pt")
-    lr, steps = 1e-3, 2  # Adam moves a weight by about lr per step: a wrong split would differ by that much
-    for n in a:
-        torch.testing.assert_close(b[n], a[n], rtol=0, atol=0.05 * lr * steps, msg=n)
+    # the gradients: AdamW's first moment is linear in them (0.1 g1 after one step, 0.09 g1 + 0.1 g2 after two),
+    # so a gradient of the wrong scale (e.g. DDP's averaging over ranks not compensated) or from only part of
+    # the batch shows here, while Adam's normalised weight update would hide a scale error. The weights are not
+    # compared: Adam moves a weight by about lr whatever the size of its gradient, so the ~1e-12 gradients of
+    # parameters that barely matter flip sign with the summation order and their weights differ by ~lr.
+    m1 = torch.load(one / "latest.pt", map_location="cpu", weights_only=False)["optimizer_state"]["state"]
+    m2 = torch.load(two / "latest.pt", map_location="cpu", weights_only=False)["optimizer_state"]["state"]
+    assert set(m1) == set(m2) and len(m1) > 10
+    scale = max(float(v["exp_avg"].abs().max()) for v in m1.values())
+    for k in m1:
+        torch.testing.assert_close(m2[k]["exp_avg"], m1[k]["exp_avg"], rtol=1e-3, atol=1e-6 * scale,
+                                   msg=lambda m, k=k: f"optimizer state {k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # real weights, real data: a short run must clearly beat the zero-shot model
-@pytest.mark.slow
+@pytest.mark.slow  # still in the default run (see pyproject): ~45 s here
 def test_lite_medsam_late_lora_improves_held_out_box_iou(run_cli, tmp_path):
+    """6 steps (2 passes over the 3 DSB2018 training tiles, 3 of them box prompts) with the trunk cache on, one
+    validation at the end (no choice among epochs). The zero-shot model is measured in the same run. Measured:
+    0.652 -> 0.766; the required margin, +0.05 box mean IoU on the 28 held-out nuclei, is well above what
+    run-to-run noise could give (runs are deterministic up to float summation order) and well below the
+    measured gain."""
     run = tmp_path / "run"
     code, out, err = run_cli("finetune", "--model", "lite_medsam", "--data", "sample:dsb2018", "--peft", "lora",
                              "--rank", "32", "--blocks", "late:4", "--iterations", "6", "--objects-per-image", "6",

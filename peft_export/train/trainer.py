@@ -17,8 +17,10 @@ Design notes
   a second Ctrl-C aborts at once. A KeyboardInterrupt raised inside a step saves the last completed step.
 - Non-finite loss: training stops before the update with a clear message; checkpoints already written stay.
 - Distributed: under ``torchrun`` (WORLD_SIZE > 1) the step module is wrapped in DistributedDataParallel
-  (gloo on CPU, nccl on CUDA). Every global batch is split over the ranks; each image is weighted as in a
-  single process, so 1 and N processes compute the same update. Rank 0 validates and writes files.
+  (gloo on CPU, nccl on CUDA). Every global batch is split over the ranks; each image's loss is weighted by
+  1 / global batch (the reported loss is the sum over ranks) and the backward pass is scaled by the number of
+  ranks, because DDP averages gradients: 1 and N processes compute the same gradient. Rank 0 validates and
+  writes files.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ class StepModule(nn.Module):
     """One training step's forward pass (encoder + interactive decoding) -> mean image loss.
 
     Wrapped in DistributedDataParallel when distributed; the loss of each image is weighted by
-    ``1 / global_batch`` so that averaging over ranks reproduces the single-process mean.
+    ``1 / global_batch``, so the sum over ranks is the single-process mean (the trainer scales the backward
+    pass by the world size, since DDP averages gradients over ranks).
     """
 
     def __init__(self, model: nn.Module, settings: RecipeSettings):
@@ -644,6 +647,10 @@ class Trainer:
         if not math.isfinite(g_loss):
             raise _NonFinite(g_loss)
         self._in_update = True
+        if self.dist.active:
+            # DDP averages gradients over the ranks; each rank's loss holds its images weighted by
+            # 1 / global batch, so scaling by the world size makes the average the single-process gradient
+            loss = loss * self.dist.world
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
