@@ -50,3 +50,119 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return _run
+
+
+# ---- export fixtures (issue 5): PEFT checkpoints and ONNX export folders, built once per session ----------
+
+def perturb_trainable(model, *, seed: int = 1, scale: float = 0.05, parts: tuple[str, ...] = ("image_encoder",)):
+    """Add N(0, scale) noise to every trainable parameter under ``parts`` (in place).
+
+    Adapters that start as identity (LoRA's B, AdaptFormer's up-projection, SSF's scale/shift) then change
+    the model, so a merge or export that drops them is visible; base weights tuned by selective methods move.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in parts:
+            for p in getattr(model, part).parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def tiny_base_model():
+    """vit_tiny with fixed random weights (seed 0), independent of the global RNG state."""
+    import torch
+
+    from peft_export.models.registry import get_spec
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_spec("vit_tiny").build().eval()
+
+
+def make_peft_checkpoint(path, model_name: str, method: str, placement: str = "late:2", options: dict | None = None,
+                         *, base=None, seed: int = 1, scale: float = 0.05,
+                         parts: tuple[str, ...] = ("image_encoder",)):
+    """Training-style peft-export checkpoint (the format `finetune` writes; `evaluate`, `merge`, `export` and
+    `merge-and-export` read it): ``base`` (default: :func:`tiny_base_model` for vit_tiny, the bundled weights
+    for lite_medsam) with ``method`` applied and its trainable parameters perturbed. Returns (path, model) where
+    model is the unmerged PEFT model (eval) — the independent PyTorch reference for what an export must compute.
+    """
+    import copy
+
+    from peft_export.models.checkpoint import save_checkpoint
+    from peft_export.peft import PeftConfig, apply_peft
+
+    if base is None:
+        if model_name == "vit_tiny":
+            base = tiny_base_model()
+        else:
+            from peft_export.models.loading import load_model
+
+            base = load_model(model_name).model
+    model = copy.deepcopy(base).eval()
+    config = PeftConfig(method, placement, dict(options or {}))
+    apply_peft(model, config, model_name)
+    perturb_trainable(model, seed=seed, scale=scale, parts=parts)
+    model.eval()
+    path = save_checkpoint(path, model_name=model_name, state_dict=model.state_dict(), peft=config.to_dict())
+    return path, model
+
+
+class ExportedModel:
+    """An export made once per test session.
+
+    ``checkpoint``: the training-style peft-export checkpoint it came from (PEFT adapters, not merged);
+    ``out_dir``: the ``peft-export merge-and-export`` folder (encoder.onnx, decoder.onnx, decoder_lowres.onnx,
+    manifest.json); ``model``: zoo name; ``peft``: the PEFT config dict; ``precision``. ``os.fspath(e)`` and
+    ``e / "encoder.onnx"`` act on ``out_dir``. Read-only: tests that modify an export copy the folder first.
+    """
+
+    def __init__(self, checkpoint, out_dir, model: str, peft: dict | None, precision: str = "fp32"):
+        from pathlib import Path
+
+        self.checkpoint = Path(checkpoint)
+        self.out_dir = Path(out_dir)
+        self.model = model
+        self.peft = peft
+        self.precision = precision
+
+    def __fspath__(self) -> str:
+        return str(self.out_dir)
+
+    def __truediv__(self, other):
+        return self.out_dir / other
+
+    def __repr__(self) -> str:
+        return f"ExportedModel({self.model}, {self.peft and self.peft.get('method')}, {self.out_dir})"
+
+
+def _merge_and_export(ckpt, out, *extra: str) -> None:
+    from peft_export_cli.app import main
+
+    code = main(["merge-and-export", str(ckpt), "-o", str(out), "--quiet", *extra])
+    assert code == 0, f"peft-export merge-and-export {ckpt} failed (exit {code}); see the captured stderr"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> ExportedModel:
+    """vit_tiny (fixed random weights) + LoRA late:2 (rank 4, perturbed) -> `merge-and-export` fp32 folder."""
+    root = tmp_path_factory.mktemp("tiny_export")
+    ckpt, model = make_peft_checkpoint(root / "run" / "best.pt", "vit_tiny", "lora", "late:2", {"rank": 4})
+    out = root / "onnx"
+    _merge_and_export(ckpt, out)
+    return ExportedModel(ckpt, out, "vit_tiny", model._peft_state.config.to_dict())
+
+
+@pytest.fixture(scope="session")
+def lite_export_fp32(tmp_path_factory, lite_medsam) -> ExportedModel:
+    """LiteMedSAM (real weights) + LoRA late:2 (default rank, adapters perturbed with N(0, 0.02) noise) ->
+    `merge-and-export` fp32 folder (the parity gate ran on the real DSB2018 tile)."""
+    root = tmp_path_factory.mktemp("lite_export")
+    ckpt, model = make_peft_checkpoint(root / "run" / "best.pt", "lite_medsam", "lora", "late:2", base=lite_medsam,
+                                       scale=0.02)
+    out = root / "onnx_fp32"
+    _merge_and_export(ckpt, out)
+    return ExportedModel(ckpt, out, "lite_medsam", model._peft_state.config.to_dict())

@@ -13,7 +13,7 @@ from peft_export_cli import peft_options as po
 
 PANEL = "Export"
 PRECISION = typer.Option("fp32", "--precision", "-p", help="fp32, fp16 (fp32 normalisations/softmax inside) or int8 "
-                         "(onnxruntime dynamic quantization, for CPUs).", rich_help_panel=PANEL)
+                         "(encoder MatMuls quantized by onnxruntime, decoders fp32; for CPUs).", rich_help_panel=PANEL)
 OPSET = typer.Option(18, "--opset", help="ONNX opset (>= 18; the dynamo exporter's floor).", rich_help_panel=PANEL)
 BAKE = typer.Option(False, "--bake-preprocessing", help="Encoder takes the resized image as uint8 (H', W', 3) and "
                     "normalises + pads inside the graph.", rich_help_panel=PANEL)
@@ -82,13 +82,13 @@ def _run(prepared, output: Path, opts, *, json_out: bool, quiet: bool):
             common.err.print(_parity_table(exc.report))
             raise
         bar.update(description=f"exported {prepared.spec.name}", completed=steps)
+    if result.report is None:  # on stderr, so also with --json
+        common.warn("exported with --no-verify: the graphs were NOT compared with PyTorch (manifest: verified=false)")
     if json_out:
         common.print_json(result.to_dict())
         return result
     if result.report is not None:
         common.out.print(_parity_table(result.report))
-    else:
-        common.warn("exported with --no-verify: the graphs were NOT compared with PyTorch (manifest: verified=false)")
     src = result.manifest.source
     how = ""
     if src.get("peft"):

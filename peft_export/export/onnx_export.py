@@ -86,7 +86,9 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def clear_templates() -> None:
+    """Forget traced templates and optimised graphs (the next export traces from scratch)."""
     _TEMPLATES.clear()
+    _OPTIMIZED.clear()
 
 
 def _rebind(template: bytes, state_names: frozenset[str], module: nn.Module) -> onnx.ModelProto:
@@ -148,17 +150,38 @@ def trace(module: nn.Module, args: tuple, *, input_names: list[str], output_name
     return Traced(proto, False, time.perf_counter() - t0)
 
 
+_OPTIMIZED_LIMIT = 4  # optimised graphs kept in memory (same limit on bytes as templates)
+_OPTIMIZED: OrderedDict[str, bytes] = OrderedDict()
+
+
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The exporter's own optimisation (onnxscript constant folding + standard-op fusions), on a rebound graph."""
+    """The exporter's own optimisation (onnxscript constant folding + standard-op fusions), on a rebound graph.
+
+    Deterministic, so the result for identical input bytes is kept (a few graphs): exporting one model at
+    several precisions, or models that share a decoder, optimises each distinct graph once. Always returns a
+    fresh ``ModelProto`` (callers may modify it)."""
     import onnx_ir as ir
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
+    raw = model.SerializeToString()
+    key = hashlib.sha256(raw).hexdigest()
+    hit = _OPTIMIZED.get(key)
+    if hit is not None:
+        _OPTIMIZED.move_to_end(key)
+        out = onnx.ModelProto()
+        out.ParseFromString(hit)
+        return out
     irm = ir.serde.deserialize_model(model)
     with _quiet():
         onnxscript.optimizer.optimize_ir(irm)
         onnxscript.rewriter.onnx_fusions.fuse(irm)
-    return ir.serde.serialize_model(irm)
+    out = ir.serde.serialize_model(irm)
+    if len(raw) <= _TEMPLATE_MAX_BYTES:
+        _OPTIMIZED[key] = out.SerializeToString()
+        while len(_OPTIMIZED) > _OPTIMIZED_LIMIT:
+            _OPTIMIZED.popitem(last=False)
+    return out
 
 
 # ---- the two traced graphs -----------------------------------------------------------------------------

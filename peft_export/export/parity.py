@@ -3,8 +3,10 @@
 Sample: the real DSB2018 validation tile when the sample data is installed (else a fixed random image, as
 :func:`peft_export.peft.merge.sample_input` does), the merge check's prompts (three boxes, two points) plus two
 box+point prompts (N = 3 points, so a second point count is exercised), once without and once with a previous
-mask as ``mask_input``. ``decoder.onnx`` (Meta's signature) runs every prompt at two original image sizes of
-different aspect ratios.
+mask as ``mask_input``. ``decoder.onnx`` (Meta's signature) runs a box, a point and a box+point prompt (one at a
+time, with and without mask input) at two original image sizes of different aspect ratios.
+The PyTorch side is computed once per model (cached by a digest of its structure and weights), so exporting one
+model at several precisions in one process runs the PyTorch model once.
 
 fp32: max |diff| of the image embedding, the low-res mask logits and IoUs of ``decoder_lowres.onnx``, and the
 upscaled masks of ``decoder.onnx`` (decoders fed the PyTorch embedding, so each graph is checked on its own),
@@ -180,6 +182,115 @@ def _pick(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> np.ndarray:
     return select_masks(low_res, iou, multimask)[0]
 
 
+# ---- the PyTorch reference (cached per model) ----------------------------------------------------------
+
+# prompts of each group that Meta's decoder is run on (one prompt at a time, as its clients do): group 0 a box
+# and a point (N = 2: Meta's multimask choice), group 1 a box + point (N = 3: mask 0). The low-res decoder runs
+# every prompt; the Meta graph adds only the selection and upscaling on top of it.
+META_PICKS = ((0, 3), (0,))
+
+
+@dataclass
+class _Round:
+    coords: np.ndarray
+    labels: np.ndarray
+    mask_in: np.ndarray
+    has: np.ndarray
+    low_res: np.ndarray  # (B, 4, 4h, 4w)
+    iou: np.ndarray  # (B, 4)
+    picked: np.ndarray  # the runtime's chosen mask per prompt, at the original size
+    meta: list  # [(prompt index, (H, W), masks, iou_predictions, low_res_masks)]
+
+
+@dataclass
+class _Reference:
+    sample: str
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    feed_image: np.ndarray
+    embedding: np.ndarray
+    rounds: list[_Round]
+    meta_sizes: list[tuple[int, int]]
+
+
+_REFERENCE_CACHE: dict[str, tuple] = {}  # one entry: the last model checked (fp32/fp16/int8 of one model)
+
+
+def model_digest(sam) -> str:
+    """sha256 of the module structure and every parameter and buffer value: equal digests compute the same."""
+    import hashlib
+
+    from peft_export.export.onnx_export import fingerprint
+
+    h = hashlib.sha256(fingerprint(sam).encode())
+    for name, t in sorted(sam.state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
+    """The expensive part (encoder + every decoder round), cached for the last model by :func:`model_digest`."""
+    image, sample = sample_image(spec)
+    key = repr((model_digest(sam), sample, spec.to_dict(), baked))
+    hit = _REFERENCE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    original_hw = tuple(int(v) for v in np.asarray(image).shape[:2])
+    if baked:
+        u8 = baked_input(image, spec)
+        x = normalize_and_pad(u8.astype(np.float32), spec)
+        resized_hw, feed_image = tuple(u8.shape[:2]), u8
+    else:
+        prep = preprocess(image, spec)
+        x, resized_hw, feed_image = prep.tensor, tuple(prep.resized_hw), prep.tensor
+    groups, _ = sample_prompts(resized_hw)
+    h4, w4 = (4 * v for v in sam.prompt_encoder.image_embedding_size)
+    dec = PromptDecoder(sam)
+    emb = sam.image_encoder(torch.from_numpy(x))
+    rounds = []
+    for coords, labels in groups:
+        b = len(coords)
+        mask_in = np.zeros((b, 1, h4, w4), np.float32)
+        has = np.zeros(b, np.float32)
+        for _rep in range(2):  # without, then with the previous single-mask logits as mask input
+            lr, iou = dec(emb, *(torch.from_numpy(a) for a in (coords, labels, mask_in, has)))
+            rounds.append((coords, labels, mask_in.copy(), has.copy(), lr, iou))
+            mask_in = lr[:, :1].numpy().copy()
+            has = np.ones(b, np.float32)
+    out = (sample, original_hw, resized_hw, feed_image, emb.numpy(), rounds)
+    _REFERENCE_CACHE.clear()
+    _REFERENCE_CACHE[key] = out
+    return out
+
+
+@torch.no_grad()
+def torch_reference(sam, spec: PreprocessSpec, *, baked: bool, single_mask: bool, multimask: bool) -> _Reference:
+    """Every PyTorch (fp32) output the gate compares with (the model's outputs cached, see _model_outputs)."""
+    sample, original_hw, resized_hw, feed_image, emb, raw = _model_outputs(sam, spec, baked)
+    s = int(spec.img_size)
+    sizes = meta_sizes(original_hw)
+    rounds = []
+    for i, (coords, labels, mask_in, has, lr, iou) in enumerate(raw):
+        picks = META_PICKS[i // 2]
+        picked = upscale_masks(_pick(lr.numpy(), iou.numpy(), multimask), s, resized_hw, original_hw)
+        idx = torch.tensor(picks)
+        lr_m, iou_m = lr[idx], iou[idx]
+        if single_mask:
+            lr_m, iou_m = select_single(lr_m, iou_m, coords.shape[1], multimask)
+        meta = []
+        for hw in sizes:
+            up = postprocess_torch(lr_m, s, hw).numpy()
+            meta += [(p, hw, up[j:j + 1], iou_m[j:j + 1].numpy(), lr_m[j:j + 1].numpy()) for j, p in enumerate(picks)]
+        rounds.append(_Round(coords, labels, mask_in, has, lr.numpy(), iou.numpy(), picked, meta))
+    return _Reference(sample, original_hw, resized_hw, feed_image, emb, rounds, sizes)
+
+
+def clear_reference_cache() -> None:
+    _REFERENCE_CACHE.clear()
+
+
 # ---- the gate ----------------------------------------------------------------------------------------
 
 def _session(path: Path):
@@ -190,71 +301,48 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-@torch.no_grad()
 def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision: str, baked: bool,
                single_mask: bool, multimask: bool, thresholds: Thresholds, progress=None) -> ParityReport:
     """Compare ``folder``'s encoder.onnx, decoder_lowres.onnx and decoder.onnx with ``sam`` (fp32 PyTorch)."""
     sam = sam.eval()
-    spec = preprocess_spec
-    s = int(spec.img_size)
-    image, sample = sample_image(spec)
-    original_hw = tuple(int(v) for v in np.asarray(image).shape[:2])
-    if baked:
-        u8 = baked_input(image, spec)
-        x = normalize_and_pad(u8.astype(np.float32), spec)
-        resized_hw = u8.shape[:2]
-        feed_image = u8
-    else:
-        prep = preprocess(image, spec)
-        x, resized_hw, feed_image = prep.tensor, prep.resized_hw, prep.tensor
-    groups, n_prompts = sample_prompts(resized_hw)
-    h4, w4 = (4 * v for v in sam.prompt_encoder.image_embedding_size)
-    dec = PromptDecoder(sam)
-    report = ParityReport(precision, sample)
-    fig = report.figures
-    fig.update({"reference": "PyTorch fp32", "prompts": n_prompts * 2, "baked_preprocessing": baked})
+    s = int(preprocess_spec.img_size)
 
     def step(msg):
         if progress is not None:
             progress(msg)
 
+    step("parity: PyTorch reference")
+    ref = torch_reference(sam, preprocess_spec, baked=baked, single_mask=single_mask, multimask=multimask)
+    report = ParityReport(precision, ref.sample)
+    fig = report.figures
+    n_prompts = sum(len(r.coords) for r in ref.rounds)
+    n_meta = sum(len(r.meta) for r in ref.rounds)
+    fig.update({"reference": "PyTorch fp32", "prompts": n_prompts, "meta_decoder_runs": n_meta,
+                "baked_preprocessing": baked})
+
     # encoder
     step("parity: encoder")
-    emb_t = sam.image_encoder(torch.from_numpy(x)).numpy()
-    enc = _session(folder / "encoder.onnx")
-    emb_o = enc.run(None, {"image": feed_image})[0]
+    emb_t = ref.embedding
+    emb_o = _session(folder / "encoder.onnx").run(None, {"image": ref.feed_image})[0]
     escale = float(np.abs(emb_t).max())
     fig["embedding_max_abs_diff"] = max_abs(emb_o, emb_t)
     fig["embedding_scale"] = escale
 
-    # low-res decoder, fed the PyTorch embedding; twice per group (without and with a previous mask)
+    # low-res decoder: fed the PyTorch embedding (the graph on its own) and the ONNX one (the whole chain)
     step("parity: decoder_lowres")
     low = _session(folder / "decoder_lowres.onnx")
-    lr_diff = iou_diff = 0.0
-    mscale = 0.0
+    lr_diff = iou_diff = mscale = 0.0
     ious_e2e: list[np.ndarray] = []
-    refs = []  # (coords, labels, mask_in, has, lr_t, iou_t) for Meta's decoder
-    for coords, labels in groups:
-        b = len(coords)
-        mask_in = np.zeros((b, 1, h4, w4), np.float32)
-        has = np.zeros(b, np.float32)
-        for _rep in range(2):
-            lr_t, iou_t = (t.numpy() for t in dec(*(torch.from_numpy(a) for a in
-                                                   (emb_t, coords, labels, mask_in, has))))
-            feed = {"image_embeddings": emb_t, "point_coords": coords, "point_labels": labels,
-                    "mask_input": mask_in, "has_mask_input": has}
-            lr_o, iou_o = low.run(None, feed)
-            lr_diff = max(lr_diff, max_abs(lr_o, lr_t))
-            iou_diff = max(iou_diff, max_abs(iou_o, iou_t))
-            mscale = max(mscale, float(np.abs(lr_t).max()))
-            # whole ONNX chain: ONNX embedding -> ONNX decoder -> chosen mask at the original size
-            lr_e, iou_e = low.run(None, {**feed, "image_embeddings": emb_o})
-            pick_o = upscale_masks(_pick(lr_e, iou_e, multimask), s, resized_hw, original_hw)
-            pick_t = upscale_masks(_pick(lr_t, iou_t, multimask), s, resized_hw, original_hw)
-            ious_e2e.append(mask_ious(pick_o, pick_t))
-            refs.append((coords, labels, mask_in.copy(), has.copy(), lr_t, iou_t))
-            mask_in = lr_t[:, :1].copy()  # second round: the previous single-mask logits as mask input
-            has = np.ones(b, np.float32)
+    for r in ref.rounds:
+        feed = {"image_embeddings": emb_t, "point_coords": r.coords, "point_labels": r.labels,
+                "mask_input": r.mask_in, "has_mask_input": r.has}
+        lr_o, iou_o = low.run(None, feed)
+        lr_diff = max(lr_diff, max_abs(lr_o, r.low_res))
+        iou_diff = max(iou_diff, max_abs(iou_o, r.iou))
+        mscale = max(mscale, float(np.abs(r.low_res).max()))
+        lr_e, iou_e = low.run(None, {**feed, "image_embeddings": emb_o})
+        pick_o = upscale_masks(_pick(lr_e, iou_e, multimask), s, ref.resized_hw, ref.original_hw)
+        ious_e2e.append(mask_ious(pick_o, r.picked))
     fig["low_res_masks_max_abs_diff"] = lr_diff
     fig["iou_predictions_max_abs_diff"] = iou_diff
     fig["masks_scale"] = mscale
@@ -265,28 +353,20 @@ def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision:
     # Meta's decoder, one prompt at a time (its clients' batch size), at two aspect ratios
     step("parity: decoder (Meta signature)")
     meta = _session(folder / "decoder.onnx")
-    sizes = meta_sizes(original_hw)
-    fig["meta_sizes"] = [list(v) for v in sizes]
-    meta_diff = 0.0
-    meta_scale = 0.0
+    fig["meta_sizes"] = [list(v) for v in ref.meta_sizes]
+    meta_diff = meta_scale = 0.0
     meta_ious = []
-    for coords, labels, mask_in, has, lr_t, iou_t in refs:
-        for i in range(len(coords)):
-            one = (coords[i:i + 1], labels[i:i + 1], mask_in[i:i + 1], has[i:i + 1])
-            lr1, iou1 = torch.from_numpy(lr_t[i:i + 1]), torch.from_numpy(iou_t[i:i + 1])
-            if single_mask:
-                lr1, iou1 = select_single(lr1, iou1, coords.shape[1], multimask)
-            for hw in sizes:
-                m_t, i_t, l_t = postprocess_torch(lr1, s, hw).numpy(), iou1.numpy(), lr1.numpy()
-                feed = {"image_embeddings": emb_t, "point_coords": one[0], "point_labels": one[1],
-                        "mask_input": one[2], "has_mask_input": one[3],
-                        "orig_im_size": np.array(hw, np.float32)}
-                m_o, i_o, l_o = meta.run(None, feed)
-                meta_diff = max(meta_diff, max_abs(m_o, m_t), max_abs(i_o, i_t), max_abs(l_o, l_t))
-                meta_scale = max(meta_scale, float(np.abs(m_t).max()))
-                if precision != "fp32":
-                    m_e = meta.run(None, {**feed, "image_embeddings": emb_o})[0]
-                    meta_ious.append(mask_ious(m_e[0], m_t[0]).mean())
+    for r in ref.rounds:
+        for p, hw, m_t, i_t, l_t in r.meta:
+            feed = {"image_embeddings": emb_t, "point_coords": r.coords[p:p + 1], "point_labels": r.labels[p:p + 1],
+                    "mask_input": r.mask_in[p:p + 1], "has_mask_input": r.has[p:p + 1],
+                    "orig_im_size": np.array(hw, np.float32)}
+            m_o, i_o, l_o = meta.run(None, feed)
+            meta_diff = max(meta_diff, max_abs(m_o, m_t), max_abs(i_o, i_t), max_abs(l_o, l_t))
+            meta_scale = max(meta_scale, float(np.abs(m_t).max()))
+            if precision != "fp32":
+                m_e = meta.run(None, {**feed, "image_embeddings": emb_o})[0]
+                meta_ious.append(mask_ious(m_e[0], m_t[0]).mean())
     fig["meta_masks_max_abs_diff"] = meta_diff
 
     tol = thresholds

@@ -7,7 +7,8 @@
   itself, and Softmax. The result is an explicitly typed graph, which is what TensorRT 11 builds fp16 engines
   from.
 - int8: ONNX Runtime's dynamic quantization (weights int8, activations quantised at run time) of the MatMuls,
-  for CPUs and edge devices (current ``quantize_dynamic`` API; TensorRT cannot build these graphs).
+  for CPUs and edge devices (current ``quantize_dynamic`` API; TensorRT cannot build these graphs). The exporter
+  applies it to the image encoder only; the prompt decoders stay float32 (see ``exporter``).
 - simplify: onnxslim (optional extra ``peft-export[simplify]``).
 Every result goes through the same parity gate as the fp32 graphs.
 """
@@ -40,6 +41,16 @@ def _quiet():
         yield buf
 
 
+@contextlib.contextmanager
+def _no_root_warnings():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """float16 graph with float32 inputs/outputs and float32 islands (see module docstring)."""
     from onnxruntime.transformers import float16
@@ -50,6 +61,9 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         out = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked,
                                                disable_shape_infer=False)
     _dedupe_nodes(out.graph)
+    # the converter leaves value_info entries whose element types no longer match (float vs float16): drop
+    # them, so that shape inference (onnx, TensorRT's parser) derives consistent types from the graph itself
+    del out.graph.value_info[:]
     return out
 
 
@@ -77,10 +91,13 @@ def to_int8(model: onnx.ModelProto, *, per_channel: bool = True, external_data: 
     """ONNX Runtime dynamic quantization (int8 weights) of the MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The exporter records value_info for initializers too. The quantizer rewrites Gemm(transB=1) as MatMul with
+    # a transposed weight of the same name, and the stale (out, in) entry then fails its shape inference.
+    model = _without_initializer_value_info(model)
     with tempfile.TemporaryDirectory(prefix="peft-export-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, src, save_as_external_data=external_data)
-        with _quiet():
+        with _quiet(), _no_root_warnings():  # it logs "consider pre-processing" on the root logger
             try:
                 quantize_dynamic(src, dst, op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
                                  weight_type=QuantType.QInt8, use_external_data_format=external_data)
@@ -88,6 +105,19 @@ def to_int8(model: onnx.ModelProto, *, per_channel: bool = True, external_data: 
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise PeftExportError(f"onnxruntime int8 quantization failed: {first}") from exc
         return onnx.load_model(dst, load_external_data=True)
+
+
+def _without_initializer_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    inits = {i.name for i in model.graph.initializer}
+    stale = [v for v in model.graph.value_info if v.name in inits]
+    if not stale:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [v for v in out.graph.value_info if v.name not in inits]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep)
+    return out
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
