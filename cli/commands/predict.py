@@ -102,6 +102,12 @@ def register(app: typer.Typer) -> None:
 
             write_overlay(overlay, img, labels)
         n = len(np.unique(labels[labels > 0]))
+        if auto and n == 0 and not quiet:
+            common.err.print(
+                f"warning: no mask passed the filters (predicted IoU >= {pred_iou_thresh}, stability >= "
+                f"{stability_thresh}); try lower --pred-iou-thresh / --stability-thresh. Automatic segmentation "
+                "uses point prompts: a model never trained with points (zero-shot LiteMedSAM) finds little; "
+                "finetune with point prompts first (peft-export finetune).", highlight=False)
         summary = {"image": str(image), "output": str(output), "overlay": str(overlay) if overlay else None,
                    "mode": modes[0].lstrip("-"), "objects": n, "backend": backend,
                    "scores": None if scores is None else [round(float(s), 4) for s in scores]}
