@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from peft_export._memory import current_rss_mib, peak_rss_mib  # noqa: F401 (re-exported)
 from peft_export.data.io import atomic_write
 
 
@@ -73,35 +73,6 @@ def machine_info() -> dict[str, Any]:
             "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
             "python": platform.python_version(), "versions": versions,
             "malloc_tuning": os.environ.get("PEFT_EXPORT_MALLOC_TUNING", "1") != "0"}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process.
-
-    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory. Not ``ru_maxrss``:
-    Linux carries it across ``exec``, so a worker started by a large parent (subprocess forks or vforks first)
-    would report the parent's size. Elsewhere ``ru_maxrss`` (macOS reports bytes).
-    """
-    hwm = _proc_status_mib("VmHWM:")
-    if hwm is not None:
-        return hwm
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2**20
-
-
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def current_rss_mib() -> float | None:
-    """Resident set size of this process now (Linux /proc), or None where unknown."""
-    return _proc_status_mib("VmRSS:")
 
 
 def run_isolated(module: str, payload: dict, timeout: float = 3600) -> dict:

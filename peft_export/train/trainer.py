@@ -160,11 +160,11 @@ def set_train_mode(model: nn.Module) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
+    from peft_export._memory import peak_rss_mib  # VmHWM: ru_maxrss would include a launching parent's size
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    except (ImportError, AttributeError):
+    try:
+        return peak_rss_mib()
+    except (ImportError, AttributeError, OSError):
         return float("nan")
 
 
