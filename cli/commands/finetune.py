@@ -21,7 +21,8 @@ RUN = "Run"
 
 
 def _opt(*names, help: str, panel: str = TRAIN, **kw):
-    return typer.Option(None, *names, help=help, rich_help_panel=panel, **kw)
+    # "[default: x]" would be read as rich markup and vanish from --help
+    return typer.Option(None, *names, help=help.replace("[default:", "\\[default:"), rich_help_panel=panel, **kw)
 
 
 class _CliEvents:
