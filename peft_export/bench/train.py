@@ -261,7 +261,7 @@ def _run(cases, methods, placements, s: TrainSettings, baseline, say, weights: s
             row["loss_last"] = round(c.losses[-1], 5)
         if base is not None:
             b = stats(base.step_s)["median_ms"] / 1e3
-            row["step_vs_baseline"] = round(row["step_median_s"] / b, 3)
+            row["step_vs_baseline"] = round(st["median_ms"] / 1e3 / b, 3)  # unrounded: the baseline is exactly 1
             row["trainable_vs_baseline"] = round(row["trainable_params"] / max(base.info["trainable_params"], 1), 4)
         rows.append(row)
     if s.memory:
