@@ -75,6 +75,20 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write(Path(out_dir) / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
 
 
+def read_json_document(path: Path, fmt: str, max_version: int, what: str) -> dict:
+    """A peft-export JSON file (manifest, engine description): its dict, after checking its format tag and that
+    this version can read it; otherwise one DataError line."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise DataError(f"{path} is not a peft-export {what}")
+    if int(data.get("format_version", 0)) > max_version:
+        raise DataError(f"{path} was written by a newer peft-export (format {data['format_version']}); upgrade")
+    return data
+
+
 def read_manifest(out_dir: str | os.PathLike, *, verify_files: bool = True) -> Manifest:
     """Read and check ``OUT_DIR/manifest.json``; with ``verify_files`` every listed file's sha256 is checked."""
     out_dir = Path(out_dir)
@@ -83,14 +97,7 @@ def read_manifest(out_dir: str | os.PathLike, *, verify_files: bool = True) -> M
     mpath = out_dir / MANIFEST_NAME
     if not mpath.is_file():
         raise DataError(f"{out_dir} has no {MANIFEST_NAME}: not a peft-export export folder")
-    try:
-        data = json.loads(mpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{mpath} is not valid JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DataError(f"{mpath} is not a peft-export manifest")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise DataError(f"{mpath} was written by a newer peft-export (format {data['format_version']}); upgrade")
+    data = read_json_document(mpath, FORMAT, FORMAT_VERSION, "manifest")
     known = set(Manifest.__dataclass_fields__)
     try:
         manifest = Manifest(**{k: v for k, v in data.items() if k in known})

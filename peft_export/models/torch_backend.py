@@ -8,6 +8,7 @@ from segment_anything.modeling import Sam
 
 from peft_export.imaging import PreprocessSpec
 from peft_export.models.prompt_decoder import PromptDecoder
+from peft_export.runtime.backend import mask_prompt_inputs
 
 
 class TorchBackend:
@@ -35,11 +36,6 @@ class TorchBackend:
         c = torch.from_numpy(np.ascontiguousarray(coords, np.float32)).to(self.device)
         lab = torch.from_numpy(np.ascontiguousarray(labels, np.float32)).to(self.device)
         b = c.shape[0]
-        if mask_input is None:
-            m = torch.zeros((b, 1, *self.mask_input_size), device=self.device)
-            has = torch.zeros(b, device=self.device)
-        else:
-            m = torch.from_numpy(np.ascontiguousarray(mask_input, np.float32)).to(self.device)
-            has = torch.ones(b, device=self.device)
+        m, has = (torch.from_numpy(a).to(self.device) for a in mask_prompt_inputs(b, mask_input, self.mask_input_size))
         masks, iou = self.decoder(emb, c, lab, m, has)
         return masks.float().cpu().numpy(), iou.float().cpu().numpy()

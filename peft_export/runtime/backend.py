@@ -29,6 +29,14 @@ class Backend(Protocol):
                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def mask_prompt_inputs(batch: int, mask_input, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's ``mask_input`` (B, 1, *size) and ``has_mask_input`` (B,) float32: zeros when no previous
+    logits are given, else those logits and ones."""
+    if mask_input is None:
+        return np.zeros((batch, 1, *size), np.float32), np.zeros(batch, np.float32)
+    return np.ascontiguousarray(mask_input, np.float32), np.ones(batch, np.float32)
+
+
 def select_masks(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
     """Pick one mask per prompt: the single-mask output, or the best-scoring of the three multimask outputs."""
     if not multimask:

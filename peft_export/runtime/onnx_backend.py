@@ -10,6 +10,7 @@ import numpy as np
 from peft_export.errors import DataError, MissingDependencyError, UsageError
 from peft_export.imaging import PreprocessSpec
 from peft_export.manifest import Manifest, read_manifest
+from peft_export.runtime.backend import mask_prompt_inputs
 
 
 def _import_ort():
@@ -77,12 +78,7 @@ class OnnxBackend:
         coords = np.ascontiguousarray(coords, np.float32)
         labels = np.ascontiguousarray(labels, np.float32)
         b = coords.shape[0]
-        if mask_input is None:
-            mask_input = np.zeros((b, 1, *self.mask_input_size), np.float32)
-            has = np.zeros(b, np.float32)
-        else:
-            mask_input = np.ascontiguousarray(mask_input, np.float32)
-            has = np.ones(b, np.float32)
+        mask_input, has = mask_prompt_inputs(b, mask_input, self.mask_input_size)
         low, iou = self.decoder.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": np.ascontiguousarray(embedding, np.float32), "point_coords": coords,
             "point_labels": labels, "mask_input": mask_input, "has_mask_input": has})

@@ -15,7 +15,6 @@ The engines run with TensorRT 10's name-based tensor API (``set_input_shape`` / 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, MissingDependencyError, PeftExportError, UsageError, VerificationError
 from peft_export.imaging import PreprocessSpec
-from peft_export.manifest import Manifest, read_manifest
+from peft_export.manifest import Manifest, read_json_document, read_manifest
+from peft_export.runtime.backend import mask_prompt_inputs
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,7 @@ def read_engine_meta(out_dir: str | os.PathLike, manifest: Manifest | None = Non
     if not path.is_file():
         raise DataError(f"{out_dir} has no TensorRT engines ({ENGINE_META} is missing): build them on this machine "
                         f"with `peft-export build-engine {out_dir}`")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
-        raise DataError(f"{path} is not a peft-export engine description")
-    if int(meta.get("format_version", 0)) > ENGINE_FORMAT_VERSION:
-        raise DataError(f"{path} was written by a newer peft-export; upgrade")
+    meta = read_json_document(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, "engine description")
     engines = meta.get("engines")
     missing = [k for k in ("tensorrt_version", "gpu", "precision") if k not in meta]
     if not isinstance(engines, dict) or set(engines) != set(ENGINES) or missing:
@@ -415,12 +408,7 @@ class TensorRTBackend:
             raise UsageError(f"a prompt with {n} points (padding included) does not fit decoder.engine, built for "
                              f"{lo} to {hi} points; rebuild with `peft-export build-engine {self.out_dir} "
                              f"--{'max' if n > hi else 'min'}-points {n} --force`")
-        if mask_input is None:
-            mask_input = np.zeros((b, 1, *self.mask_input_size), np.float32)
-            has = np.zeros(b, np.float32)
-        else:
-            mask_input = np.asarray(mask_input, np.float32)
-            has = np.ones(b, np.float32)
+        mask_input, has = mask_prompt_inputs(b, mask_input, self.mask_input_size)
         emb = np.ascontiguousarray(embedding, np.float32)
         bmin, bmax = self.batch_range
         lows, ious = [], []
