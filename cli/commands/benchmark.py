@@ -78,11 +78,11 @@ def infer_cmd(
     p = common.parse_list(precisions, PRECISIONS, "precision")
     if runs < 1 or warmup < 0 or prompts < 1:
         raise UsageError("--runs and --prompts must be >= 1, --warmup >= 0")
-    plan_cases(out_dirs, b, p)  # unreadable export folders fail here, before anything is shown or written
+    cases = plan_cases(out_dirs, b, p)  # unreadable export folders fail here, before anything is shown or written
     _result_dir(output, force)
     with common.progress_bar("benchmarking", warmup + runs, enabled=not json_out) as bar:
         results = run_infer_benchmark(out_dirs, backends=b, precisions=p, runs=runs, warmup=warmup, prompts=prompts,
-                                      baseline=baseline, memory=memory, progress=bar.advance)
+                                      baseline=baseline, memory=memory, progress=bar.advance, cases=cases)
     files = write_infer_results(output, results)
     if json_out:
         common.print_json(results)
@@ -153,12 +153,12 @@ def train_cmd(
     p = common.parse_list(placements, None, "placement")
     if not m or not p:
         raise UsageError("--methods and --placements must each name at least one entry")
-    plan_cases(m, p, settings)  # bad names and options fail here, before anything is shown or written
+    cases = plan_cases(m, p, settings)  # bad names and options fail here, before anything is shown or written
     _result_dir(output, force)
     with common.progress_bar("benchmark train", work_units(m, p, settings), enabled=not json_out,
                              extra_fields="{task.fields[case]}", case="") as bar:
         results = run_train_benchmark(m, p, settings, baseline=baseline,
-                                      progress=lambda text, n: bar.advance(n, case=text))
+                                      progress=lambda text, n: bar.advance(n, case=text), cases=cases)
     files = write_train_results(output, results)
     if json_out:
         common.print_json(results)

@@ -165,9 +165,12 @@ def _sample(backend, n_prompts: int):
 
 def run_infer_benchmark(out_dirs: list[str | Path], *, backends: list[str], precisions: list[str], runs: int = 10,
                         warmup: int = 2, prompts: int = 16, baseline: str | None = None, memory: bool = True,
-                        progress: Callable[[int], None] | None = None) -> dict:
-    """Time every available case round-robin; returns the results dict (also see write_infer_results)."""
-    cases = plan_cases(out_dirs, backends, precisions)
+                        progress: Callable[[int], None] | None = None, cases: list[Case] | None = None) -> dict:
+    """Time every available case round-robin; returns the results dict (also see write_infer_results).
+
+    ``cases``: from :func:`plan_cases` when the caller planned them already (each plan reads and hashes the exports).
+    """
+    cases = cases if cases is not None else plan_cases(out_dirs, backends, precisions)
     active = [c for c in cases if c.skipped is None]
     opened: dict[str, Any] = {}
     for c in active:

@@ -164,14 +164,16 @@ def _device_skip(device: str) -> str | None:
 
 
 def run_train_benchmark(methods: list[str], placements: list[str], settings: TrainSettings | None = None, *,
-                        baseline: str | None = None, progress: Callable[[str, int], None] | None = None) -> dict:
+                        baseline: str | None = None, progress: Callable[[str, int], None] | None = None,
+                        cases: list[TrainCase] | None = None) -> dict:
     """Time every case round-robin, then measure each one's peak memory alone; returns the results dict.
 
     ``progress(text, n)`` is called with ``n`` units done out of ``work_units(...)`` (set-up messages carry 0).
+    ``cases``: from :func:`plan_cases` when the caller planned (and so validated) them already.
     """
     s = settings or TrainSettings()
     say = progress or (lambda text, n: None)
-    cases = plan_cases(methods, placements, s)
+    cases = cases if cases is not None else plan_cases(methods, placements, s)
     weights_dir = None
     from peft_export.models.registry import get_spec
 
