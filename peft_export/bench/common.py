@@ -75,15 +75,16 @@ def machine_info() -> dict[str, Any]:
             "malloc_tuning": os.environ.get("PEFT_EXPORT_MALLOC_TUNING", "1") != "0"}
 
 
-def run_isolated(module: str, payload: dict, timeout: float = 3600) -> dict:
-    """Run ``python -m module`` with a JSON payload on stdin in a fresh process; returns its JSON result.
+def run_isolated(function: str, kwargs: dict, timeout: float = 3600) -> dict:
+    """Call ``function`` ("module:name", JSON-able ``kwargs``) in a fresh process; returns its JSON result.
 
     Used for peak-memory figures: a fresh process measures one case alone, with glibc's default allocator settings.
     """
     # the allocator tuning (peft_export._malloc) keeps freed memory and fragments the heap: peak RSS would then
     # measure the allocator, not the case (ViT-B all-block LoRA: >15 GB with it, 9.8 GB without)
     env = {**os.environ, "PEFT_EXPORT_MALLOC_TUNING": "0"}
-    proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(payload), capture_output=True,
+    payload = json.dumps({"function": function, "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-m", "peft_export.bench._worker"], input=payload, capture_output=True,
                           text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

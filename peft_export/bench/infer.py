@@ -224,8 +224,7 @@ def run_infer_benchmark(out_dirs: list[str | Path], *, backends: list[str], prec
     if memory:
         for row, c in zip(rows, cases):
             if c.skipped is None:
-                res = run_isolated("peft_export.bench._infer_worker",
-                                   {"case": c.row(), "prompts": prompts})
+                res = run_isolated("peft_export.bench.infer:measure_case_memory", {"row": c.row(), "prompts": prompts})
                 row["peak_rss_mib"] = res.get("peak_rss_mib")
                 if "error" in res:
                     row["memory_error"] = res["error"]

@@ -289,7 +289,7 @@ def _measure_memory(cases: list[TrainCase], rows: list[dict], s: TrainSettings, 
         if c.skipped:
             continue
         say(f"peak memory: {c.name} (fresh process)", 0)
-        res = run_isolated("peft_export.bench._train_worker",
+        res = run_isolated("peft_export.bench.train:measure_case_memory",
                            {"method": c.method, "placement": c.placement, "settings": s.to_dict()})
         if "error" in res:
             row["memory_error"] = res["error"]
