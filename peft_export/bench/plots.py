@@ -32,13 +32,7 @@ def plot_infer(path: Path, results: dict) -> Path:
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    m = results["machine"]
-    fig.suptitle(f"inference latency — {m['cpu']} ({m['cpu_count']} cores)"
-                 + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""), fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, "inference latency", results["machine"])
 
 
 def plot_train(path: Path, results: dict) -> Path:
@@ -62,9 +56,13 @@ def plot_train(path: Path, results: dict) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no case was measured (all skipped)", ha="center", va="center", transform=ax.transAxes)
-    m = results["machine"]
-    fig.suptitle(f"{results['settings']['model']} training cost vs placement — {m['cpu']} ({m['cpu_count']} cores)"
-                 + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""), fontsize=10)
+    return _save(plt, fig, path, f"{results['settings']['model']} training cost vs placement", results["machine"])
+
+
+def _save(plt, fig, path: Path, title: str, machine: dict) -> Path:
+    """Title with the hardware it was measured on, then an atomic PNG write."""
+    fig.suptitle(f"{title} — {machine['cpu']} ({machine['cpu_count']} cores)"
+                 + (f", GPU {', '.join(machine['gpus'])}" if machine["gpus"] else ""), fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
