@@ -10,8 +10,6 @@ from rich.table import Table
 
 from peft_export_cli import common
 
-STEPS = 5  # build encoder, build decoder, load encoder, load decoder, compare
-
 
 def register(app: typer.Typer) -> None:
     @app.command("build-engine")
@@ -48,32 +46,25 @@ def register(app: typer.Typer) -> None:
         """Build TensorRT engines (encoder.engine, decoder.engine + engine.json) next to the ONNX files.
 
         Engines are specific to the GPU model and TensorRT version they are built with: build them on the
-        microscope's machine. After building, both engines run on a sample image with prompts at the
-        profile's min/opt/max points and maximum batch, and are compared with ONNX Runtime on the same ONNX
-        files (fp32: max |diff|; fp16/int8: mask IoU); a failure writes nothing. The equivalent trtexec command
-        lines are printed and stored in engine.json.
+        microscope's machine. After building, both engines run on a sample image (prompts at the profile's
+        min/opt/max points and maximum batch) and are compared with ONNX Runtime on the same ONNX files (fp32:
+        max |diff|; fp16/int8: mask IoU); a failure writes nothing. The equivalent trtexec lines are printed
+        and stored in engine.json.
 
-        Precision: an engine of the export's own precision is built strongly typed (TensorRT 10 and 11). An
-        fp16 engine from an fp32 export uses TensorRT 10's --fp16 builder flag; TensorRT 11 removed it: there,
-        export with [bold]peft-export export ... --precision fp16[/] first. int8 needs a Q/DQ-quantized ONNX
-        (the export's int8, ONNX Runtime dynamic quantization, is for CPUs and is refused).
+        Precision: the export's own precision builds strongly typed (TensorRT 10 and 11). fp16 from an fp32
+        export uses TensorRT 10's --fp16 flag; TensorRT 11 removed it: export with [bold]peft-export export ...
+        --precision fp16[/] first. int8 needs an encoder with symmetric int8 Q/DQ nodes (asymmetric or uint8 Q/DQ
+        and ONNX Runtime's dynamic quantization are refused); the export's float32 decoder builds in fp32.
 
-        The decoder engine takes prompts of --min-points to --max-points points (a point prompt counts its
-        padding point, a box counts 2); the runtime splits batches larger than --max-batch.
-
-        Needs TensorRT and cuda-python ([bold]pip install 'peft-export\\[tensorrt]'[/]) and an NVIDIA GPU.
-        Without them: [bold]--print-trtexec[/] prints the trtexec commands to build by hand.
+        The decoder takes --min-points to --max-points points per prompt (a point prompt counts its padding
+        point, a box 2); the runtime splits batches larger than --max-batch. Needs TensorRT and cuda-python
+        ([bold]pip install 'peft-export\\[tensorrt]'[/]) and an NVIDIA GPU; without them [bold]--print-trtexec[/]
+        prints the trtexec commands to build by hand.
 
         Example: [bold]peft-export build-engine exported/ --precision fp16 --max-points 8 --timing-cache
         ~/.cache/trt.cache[/]
         """
-        from peft_export.export.tensorrt import (
-            EngineOptions,
-            build_engines,
-            installed_capabilities,
-            plan_engines,
-            preflight,
-        )
+        from peft_export.export.tensorrt import EngineOptions
 
         opts = EngineOptions(precision=precision, min_points=min_points, opt_points=opt_points,
                              max_points=max_points, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
@@ -81,35 +72,41 @@ def register(app: typer.Typer) -> None:
                              if timing_cache else None, tf32=tf32, verify=not no_verify, tolerance=tolerance,
                              min_iou=min_iou, device=device)
         if print_trtexec:
-            plan = plan_engines(out_dir, opts, capabilities=installed_capabilities())
-            if json_out:
-                common.print_json({"precision": plan.precision, "notes": plan.notes,
-                                   "trtexec": {r: shlex.join(a) for r, a in plan.trtexec().items()},
-                                   "profiles": {r: e.profile for r, e in plan.engines.items()}})
-            else:
-                common.out.print(plan.trtexec_text(), highlight=False, markup=False, soft_wrap=True)
-            return
+            _print_trtexec(out_dir, opts, json_out)
+        else:
+            _build(out_dir, opts, force=force, json_out=json_out, quiet=quiet)
 
-        show = not (quiet or json_out)
-        prepared = preflight(out_dir, opts, force=force)  # missing TensorRT/GPU, bad options: before any output
-        with common.progress_bar("build-engine", STEPS, enabled=show) as bar:
-            started = []
 
-            def step(name: str) -> None:
-                if started:  # the previous step is done
-                    bar.advance()
-                started.append(name)
-                bar.update(description=name)
+def _print_trtexec(out_dir: Path, opts, json_out: bool) -> None:
+    from peft_export.export.tensorrt import installed_capabilities, plan_engines
 
-            def say(msg: str) -> None:
-                common.info(msg, quiet=not show)
+    plan = plan_engines(out_dir, opts, capabilities=installed_capabilities())
+    if json_out:
+        common.print_json({"precision": plan.precision, "notes": plan.notes,
+                           "trtexec": {r: shlex.join(a) for r, a in plan.trtexec().items()},
+                           "profiles": {r: e.profile for r, e in plan.engines.items()}})
+    else:
+        common.out.print(plan.trtexec_text(), highlight=False, markup=False, soft_wrap=True)
 
-            meta = build_engines(out_dir, opts, force=force, progress=step, info=say, prepared=prepared)
-            bar.update(description="done", completed=STEPS)
-        if json_out:
-            common.print_json(meta)
-            return
-        _report(meta, out_dir)
+
+def _build(out_dir: Path, opts, *, force: bool, json_out: bool, quiet: bool) -> None:
+    from peft_export.export.tensorrt import build_engines, preflight
+
+    show = not (quiet or json_out)
+    prepared = preflight(out_dir, opts, force=force)  # missing TensorRT/GPU, bad options: before any output
+    with common.progress_bar("build-engine", len(prepared.plan.steps), enabled=show) as bar:
+
+        def step(name: str, done: int, total: int) -> None:  # the library names its steps and counts them
+            bar.update(description=name, completed=done, total=total)
+
+        def say(msg: str) -> None:
+            common.info(msg, quiet=not show)
+
+        meta = build_engines(out_dir, opts, force=force, progress=step, info=say, prepared=prepared)
+    if json_out:
+        common.print_json(meta)
+        return
+    _report(meta, out_dir)
 
 
 def _report(meta: dict, out_dir: Path) -> None:
@@ -127,6 +124,8 @@ def _report(meta: dict, out_dir: Path) -> None:
     else:
         common.warn("not compared with ONNX Runtime (--no-verify); engine.json records the engines as unverified")
     for e in meta["engines"].values():
-        common.out.print(f"{e['path']}: {e['bytes'] / 2**20:.1f} MiB, built in {e['build_seconds']:.1f} s")
+        common.out.print(f"{e['path']}: {e.get('precision', meta['precision'])}, {e['bytes'] / 2**20:.1f} MiB, "
+                         f"built in {e['build_seconds']:.1f} s")
     common.out.print(f"[green]built[/] {meta['precision']} TensorRT {meta['tensorrt_version']} engines for "
-                     f"{meta['gpu']['name']} (compute {meta['gpu']['compute_capability']}) -> {out_dir}")
+                     f"{meta['gpu']['name']} (compute {meta['gpu']['compute_capability']}; {meta['build_mode']}) "
+                     f"-> {out_dir}")
