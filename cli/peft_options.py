@@ -1,53 +1,81 @@
-"""PEFT options shared by `finetune` and `merge` (one definition, same help everywhere)."""
+"""The PEFT options of `finetune`, `merge` and `merge-and-export`, built from the methods' options classes.
+
+Nothing about an option is written here: names, types, help and the methods each applies to come from
+:func:`peft_export.peft.options.cli_options`. :func:`with_peft_options` adds ``--peft``, ``--blocks`` and every
+method option to a command's signature (Typer reads it; ``--help`` shows them under the "PEFT" panel) and
+hands the command one :class:`PeftArgs` as its ``peft_args`` parameter.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
 import typer
 
-from peft_export_cli import common
+from peft_export.peft.options import OPTIONS, cli_options
 
-METHOD_HELP = ("PEFT method: lora, fact, ssf, adaptformer, attention, bias, layernorm, late_ft, frozen, full.")
+PANEL = "PEFT"
 BLOCKS_HELP = ("Encoder blocks that get the method: all, late:N (last N), late:50%, 6-11, 0,3,9. "
                "Indices count ViT blocks, or TinyViT's attention blocks.")
 
-PEFT = typer.Option(None, "--peft", help=METHOD_HELP, rich_help_panel="PEFT")
-BLOCKS = typer.Option(None, "--blocks", help=BLOCKS_HELP, rich_help_panel="PEFT")
-RANK = typer.Option(None, "--rank", help="Rank (lora: 32, fact: 16 by default).", rich_help_panel="PEFT")
-ALPHA = typer.Option(None, "--alpha", help="LoRA scale α (default 1, no α/r division, as in the study).",
-                     rich_help_panel="PEFT")
-TARGETS = typer.Option(None, "--targets", help="LoRA targets, comma-separated from q,k,v,mlp (default q,v).",
-                       rich_help_panel="PEFT")
-DROPOUT = typer.Option(None, "--dropout", help="Dropout (fact: 0.1; adaptformer: 0).", rich_help_panel="PEFT")
-BOTTLENECK = typer.Option(None, "--bottleneck", help="AdaptFormer bottleneck width (default 64).",
-                          rich_help_panel="PEFT")
-ADAPTER_ALPHA = typer.Option(None, "--adapter-alpha", help="AdaptFormer α: 'learnable' (default) or a number.",
-                             rich_help_panel="PEFT")
-VARIANT = typer.Option(None, "--variant", help="AdaptFormer variant: study (with the +u residual, default) "
-                       "or plain.", rich_help_panel="PEFT")
-SSF_PATCH = typer.Option(None, "--ssf-patch-embed/--no-ssf-patch-embed",
-                         help="SSF on the patch embedding too (default on).", rich_help_panel="PEFT")
 
-_OPTION_OF = {"rank": ("lora", "fact"), "alpha": ("lora",), "targets": ("lora",), "dropout": ("fact", "adaptformer"),
-              "bottleneck": ("adaptformer",), "adapter_alpha": ("adaptformer",), "variant": ("adaptformer",),
-              "ssf_patch_embed": ("ssf",)}
-_KEY = {"adapter_alpha": "alpha", "ssf_patch_embed": "patch_embed"}
+@dataclass
+class PeftArgs:
+    """What the user gave: ``--peft``, ``--blocks`` and the method options by configuration key (only those
+    given)."""
+
+    method: str | None = None
+    blocks: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def config_values(self) -> dict[str, Any]:
+        """As training-configuration values (``peft``, ``blocks``, ``rank``, ...), without the ones not given."""
+        given = {"peft": self.method, "blocks": self.blocks, **self.options}
+        return {k: v for k, v in given.items() if v is not None}
 
 
-def build_config(method: str, blocks: str | None, **given):
-    """A PeftConfig from CLI values; options that do not apply to ``method`` are ignored with a warning."""
-    from peft_export.peft import METHODS, PeftConfig
-    from peft_export.peft.base import UsageError
+def _option_params(defaults_note: bool) -> list[inspect.Parameter]:
+    def note(text: str) -> str:  # "[default: x]" would be read as rich markup and vanish from --help
+        return f" \\[default: {text}]" if defaults_note else ""
 
-    if method not in METHODS:
-        raise UsageError(f"unknown PEFT method {method!r}; choose one of: {', '.join(METHODS)}")
-    options = {}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if method not in _OPTION_OF[name]:
-            common.warn(f"--{name.replace('_', '-')} does not apply to {method}; ignored")
-            continue
-        options[_KEY.get(name, name)] = value
-    config = PeftConfig(method, blocks or "all", options)
-    METHODS[method](**options)  # validate now: one clear line for bad values
-    return config
+    def param(name: str, kind: type, *decls: str, help: str) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                 default=typer.Option(None, *decls, help=help, rich_help_panel=PANEL))
+
+    params = [param("peft", str, "--peft", help=f"PEFT method: {', '.join(OPTIONS)}.{note('lora')}"),
+              param("blocks", str, "--blocks", help=BLOCKS_HELP + note("all"))]
+    for opt in cli_options():
+        flag = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
+        params.append(param(opt.key, opt.type, flag, help=opt.help))
+    return params
+
+
+def with_peft_options(*, defaults_note: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: the command gets the PEFT options; its own ``peft_args`` parameter receives a :class:`PeftArgs`.
+
+    ``defaults_note``: say ``[default: lora]`` / ``[default: all]`` in the help (finetune, whose options may also
+    come from a config file, so they default to None).
+    """
+    def decorate(command: Callable) -> Callable:
+        hints = get_type_hints(command)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "peft_args"]
+        added = _option_params(defaults_note)
+        keys = [p.name for p in added[2:]]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            method, blocks = kwargs.pop("peft"), kwargs.pop("blocks")
+            given = {k: kwargs.pop(k) for k in keys}
+            args = PeftArgs(method, blocks, {k: v for k, v in given.items() if v is not None})
+            return command(**kwargs, peft_args=args)
+
+        wrapper.__signature__ = inspect.Signature([*own, *added])
+        wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+        return wrapper
+
+    return decorate

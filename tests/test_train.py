@@ -172,14 +172,14 @@ def _trainer(tmp_path, synth, **extra):
 
 def _loss_and_grads(tr, step=0, kind="box"):
     from peft_export.train.data import STREAM_IMAGE, rng_for
-    from peft_export.train.trainer import set_train_mode
+    from peft_export.train.validation import set_train_mode
 
     set_train_mode(tr.model)
     order = tr.data.epoch_order(0, 0, None, 2)
     tr.optimizer.zero_grad(set_to_none=True)
     rngs = [rng_for(0, STREAM_IMAGE, 0, step, j) for j in range(2)]
     views = [tr.data.view(order[j], r) for j, r in enumerate(rngs)]
-    loss, _ = tr.step_module(views, kind, rngs, 0.5)
+    loss, _, _ = tr.step_module(views, kind, rngs, 0.5)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
     return float(loss.detach()), grads
@@ -288,14 +288,14 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
                                                                     done):
     import signal
 
-    import peft_export.train.trainer as trainer_mod
+    import peft_export.train.step as step_mod
 
     args = [*TINY, "--data", str(synth), "--iterations", "6", "--no-val-before", "--quiet"]
     ref = tmp_path / "ref"
     code, _, err = run_cli("finetune", *args, "--out", str(ref))
     assert code == 0, err
 
-    real = trainer_mod.image_loss
+    real = step_mod.image_loss
     calls = {"n": 0}
 
     def interrupt_third_step(*a, **k):
@@ -308,7 +308,7 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
         return real(*a, **k)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "image_loss", interrupt_third_step)
+    monkeypatch.setattr(step_mod, "image_loss", interrupt_third_step)
     code, _, err = run_cli("finetune", *args, "--out", str(run))
     assert code == 130 and "--resume" in err and f"interrupted at iteration {done}" in err, err
     assert calls["n"] == 3  # no step started after the interruption
@@ -318,7 +318,7 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
     ck = read_checkpoint(run / "latest.pt")
     assert ck.raw["training"]["interrupted"] and ck.raw["training"]["position"] == {"epoch": 0, "step": done,
                                                                                     "iteration": done}
-    monkeypatch.setattr(trainer_mod, "image_loss", real)
+    monkeypatch.setattr(step_mod, "image_loss", real)
     code, _, err = run_cli("finetune", "--out", str(run), "--resume", "--quiet")
     assert code == 0, err
     a, b = _trainable_state(ref / "latest.pt"), _trainable_state(run / "latest.pt")
@@ -334,9 +334,9 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, synth, tmp_path, monkeypatch):
-    import peft_export.train.trainer as trainer_mod
+    import peft_export.train.step as step_mod
 
-    real = trainer_mod.image_loss
+    real = step_mod.image_loss
     calls = {"n": 0}
 
     def nan_in_epoch_2(*a, **k):
@@ -346,7 +346,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, synth, tmp_p
             res.loss = res.loss * float("nan")
         return res
 
-    monkeypatch.setattr(trainer_mod, "image_loss", nan_in_epoch_2)
+    monkeypatch.setattr(step_mod, "image_loss", nan_in_epoch_2)
     run = tmp_path / "run"
     code, _, err = run_cli("finetune", *TINY, "--data", str(synth), "--epochs", "3", "--no-val-before",
                            "--out", str(run))

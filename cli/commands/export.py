@@ -139,14 +139,12 @@ def register(app: typer.Typer) -> None:
         _run(prepared, output, opts, json_out=json_out, quiet=quiet)
 
     @app.command("merge-and-export")
+    @po.with_peft_options()
     def merge_and_export_cmd(
         checkpoint: str = typer.Argument(..., help="Training checkpoint: peft-export's own, or micro-sam's."),
         output: Path = OUTPUT,
         source: str = typer.Option("auto", "--from", help="Checkpoint kind: auto, peft-export or micro-sam."),
         model: str = typer.Option(None, "--model", help="Model name for checkpoints that do not record it."),
-        peft: str = po.PEFT, blocks: str = po.BLOCKS, rank: int = po.RANK, alpha: float = po.ALPHA,
-        targets: str = po.TARGETS, dropout: float = po.DROPOUT, bottleneck: int = po.BOTTLENECK,
-        adapter_alpha: str = po.ADAPTER_ALPHA, variant: str = po.VARIANT, ssf_patch_embed: bool = po.SSF_PATCH,
         merge_atol: float = typer.Option(1e-4, "--merge-atol", help="Absolute tolerance of the merge check.",
                                          rich_help_panel="Parity gate"),
         merge_rtol: float = typer.Option(1e-4, "--merge-rtol", help="Relative tolerance of the merge check.",
@@ -155,6 +153,7 @@ def register(app: typer.Typer) -> None:
         simplify: bool = SIMPLIFY, no_verify: bool = NO_VERIFY, atol: float = ATOL, rtol: float = RTOL,
         fp16_iou: float = FP16_IOU, int8_iou: float = INT8_IOU, force: bool = FORCE, json_out: bool = JSON,
         quiet: bool = QUIET,
+        *, peft_args: po.PeftArgs,
     ):
         """Fold a training checkpoint's adapters into plain SAM weights (verified) and export to ONNX, in one step.
 
@@ -170,15 +169,14 @@ def register(app: typer.Typer) -> None:
         """
         from peft_export.export import prepare_for_export
         from peft_export.export.exporter import check_out_dir
-        from peft_export_cli.commands.merge import load_for_merge
+        from peft_export.models.loading import load_for_merge
 
         opts = _options(precision, opset, bake_preprocessing, single_mask, simplify, no_verify, atol, rtol, fp16_iou,
                         int8_iou, force)
         check_out_dir(output, force)
         common.info(f"loading {checkpoint}", quiet=json_out or quiet)
-        loaded = load_for_merge(checkpoint, source, model, peft, blocks, rank=rank, alpha=alpha, targets=targets,
-                                dropout=dropout, bottleneck=bottleneck, adapter_alpha=adapter_alpha,
-                                variant=variant, ssf_patch_embed=ssf_patch_embed)
+        loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
+                                blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
         prepared = prepare_for_export(loaded, merge_atol=merge_atol, merge_rtol=merge_rtol)
         if prepared.merge_report is not None and not (json_out or quiet):
             r = prepared.merge_report

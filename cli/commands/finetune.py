@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from peft_export.errors import UsageError
 from peft_export_cli import common
 from peft_export_cli import peft_options as po
 
@@ -119,6 +118,7 @@ def _result_table(summary: dict) -> Table:
 
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
+    @po.with_peft_options(defaults_note=True)
     def finetune_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (RUN_DIR): config.yaml, metrics.jsonl, "
                                  "best.pt, latest.pt, summary.json.", rich_help_panel=RUN),
@@ -130,11 +130,6 @@ def register(app: typer.Typer) -> None:
                          "sample:dsb2018 [default: sample:dsb2018].", panel=DATA),
         val: str = _opt("--val", help="Validation DIR (default: the val split of --data, if it has one).",
                         panel=DATA),
-        peft: str = _opt("--peft", help=po.METHOD_HELP + " [default: lora]", panel="PEFT"),
-        blocks: str = _opt("--blocks", help=po.BLOCKS_HELP + " [default: all]", panel="PEFT"),
-        rank: int = po.RANK, alpha: float = po.ALPHA, targets: str = po.TARGETS, dropout: float = po.DROPOUT,
-        bottleneck: int = po.BOTTLENECK, adapter_alpha: str = po.ADAPTER_ALPHA, variant: str = po.VARIANT,
-        ssf_patch_embed: bool = po.SSF_PATCH,
         recipe: str = _opt("--recipe", help="Preset for the options below: study (micro-sam's defaults), cpu "
                            "(a few CPU-minutes), auto (study on CUDA, cpu otherwise) [default: auto]."),
         epochs: int = _opt("--epochs", help="Number of epochs (cpu preset 6, study 100)."),
@@ -187,6 +182,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.", rich_help_panel=RUN),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout.",
                                       rich_help_panel=RUN),
+        *, peft_args: po.PeftArgs,
     ):
         """Finetune SAM with a PEFT method on chosen encoder blocks, with the study's interactive recipe.
 
@@ -205,42 +201,14 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export finetune --model lite_medsam --data sample:dsb2018 --peft lora --rank 32
         --blocks late:4 --out runs/lora_late4[/]
         """
-        import torch
-
-        from peft_export.train import config_for_resume, finetune, read_config_file, resolve_config
+        given = dict(locals())  # the options, by parameter name
+        from peft_export.train import configure_run, finetune, read_config_file
         from peft_export.train.config import field_names
 
-        given = {k: v for k, v in dict(
-            model=model, checkpoint=checkpoint, data=data, val=val, peft=peft, blocks=blocks, rank=rank, alpha=alpha,
-            targets=targets, dropout=dropout, bottleneck=bottleneck, adapter_alpha=adapter_alpha, variant=variant,
-            ssf_patch_embed=ssf_patch_embed, recipe=recipe, epochs=epochs, iterations=iterations,
-            samples_per_epoch=samples_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            objects_per_image=objects_per_image, sub_iterations=sub_iterations, mask_prob=mask_prob,
-            multimask=multimask, scheduler_factor=scheduler_factor, scheduler_patience=scheduler_patience,
-            early_stopping=early_stopping, patch_size=patch_size, patch_sampling=patch_sampling, augment=augment,
-            min_object_area=min_object_area, val_every=val_every, val_prompts=val_prompts, val_metric=val_metric,
-            val_before=val_before, trunk_cache=trunk_cache, trunk_cache_mb=trunk_cache_mb, device=device,
-            precision=precision, seed=seed).items() if v is not None}
-        assert set(given) <= set(field_names())
+        values = {k: v for k, v in given.items() if k in field_names() and v is not None}
+        values.update(peft_args.config_values())
         file_values = read_config_file(config) if config is not None else {}
-        if resume and force:
-            raise UsageError("give --resume or --force, not both")
-        if resume:
-            from peft_export.models.checkpoint import read_checkpoint
-
-            latest = out / "latest.pt"
-            if not latest.is_file():
-                raise UsageError(f"nothing to resume: {latest} does not exist")
-            saved = (read_checkpoint(latest).raw.get("training") or {}).get("config")
-            if not isinstance(saved, dict):
-                raise UsageError(f"{latest} is not a finetune checkpoint")
-            cfg = config_for_resume(saved, file_values, given)
-        else:
-            if out.is_dir() and any(out.iterdir()) and not force:
-                raise UsageError(f"run folder {out} already exists; pass --resume to continue it or --force to "
-                                 "start over (its checkpoints and metrics are replaced)")
-            want_cuda = (given.get("device") or file_values.get("device") or "auto") != "cpu"
-            cfg = resolve_config(file_values, given, cuda_available=want_cuda and torch.cuda.is_available())
+        cfg = configure_run(out, resume=resume, force=force, file_values=file_values, cli_values=values)
         show = not (quiet or json_out)
         events = _CliEvents(show, quiet or json_out)
         t0 = time.perf_counter()

@@ -11,49 +11,20 @@ from peft_export.errors import UsageError
 from peft_export_cli import common
 from peft_export_cli import peft_options as po
 
-SOURCES = ("auto", "peft-export", "micro-sam")
-
-
-def load_for_merge(checkpoint: str, source: str, model: str | None, peft: str | None, blocks: str | None,
-                   **options):
-    """Load a training checkpoint with its PEFT modules (ours: from the file; micro-sam: from the options)."""
-    from peft_export.models.checkpoint import read_checkpoint
-    from peft_export.models.loading import load_model
-
-    if source not in SOURCES:
-        raise UsageError(f"--from must be one of {', '.join(SOURCES)}")
-    if not Path(checkpoint).exists():
-        raise UsageError(f"checkpoint not found: {checkpoint}")
-    kind = read_checkpoint(checkpoint).kind if source == "auto" else source
-    if kind == "peft-export":
-        if peft is not None:
-            common.warn("this checkpoint records its own PEFT settings; --peft and its options are ignored")
-        return load_model(checkpoint, None)
-    if model is None:
-        raise UsageError("--model is required for checkpoints that do not record it (micro-sam, plain SAM), "
-                         "e.g. --model vit_b")
-    peft_from = None
-    if peft is not None:
-        peft_from = po.build_config(peft, blocks, **options).to_dict()
-    elif kind == "micro-sam":
-        common.warn("no --peft given: loading as a plain (non-PEFT) micro-sam checkpoint")
-    return load_model(model, checkpoint, peft_from=peft_from)
-
 
 def register(app: typer.Typer) -> None:
     @app.command("merge")
+    @po.with_peft_options()
     def merge_cmd(
         checkpoint: str = typer.Argument(..., help="Training checkpoint: peft-export's own, or micro-sam's."),
         output: Path = typer.Option(..., "--output", "-o", help="Merged weights (.pt): a plain SAM state dict."),
         source: str = typer.Option("auto", "--from", help="Checkpoint kind: auto, peft-export or micro-sam."),
         model: str = typer.Option(None, "--model", help="Model name for checkpoints that do not record it."),
-        peft: str = po.PEFT, blocks: str = po.BLOCKS, rank: int = po.RANK, alpha: float = po.ALPHA,
-        targets: str = po.TARGETS, dropout: float = po.DROPOUT, bottleneck: int = po.BOTTLENECK,
-        adapter_alpha: str = po.ADAPTER_ALPHA, variant: str = po.VARIANT, ssf_patch_embed: bool = po.SSF_PATCH,
         atol: float = typer.Option(1e-4, help="Absolute tolerance of the merge check."),
         rtol: float = typer.Option(1e-4, help="Tolerance relative to the output's largest magnitude."),
         force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        *, peft_args: po.PeftArgs,
     ):
         """Fold LoRA / FacT / SSF / selective-method weights into plain SAM weights, and prove it.
 
@@ -69,15 +40,15 @@ def register(app: typer.Typer) -> None:
         -o merged.pt[/]
         """
         from peft_export.models.checkpoint import save_checkpoint
+        from peft_export.models.loading import load_for_merge
         from peft_export.peft import is_mergeable, peft_state
         from peft_export.peft.merge import merge_and_verify, save_merged, sidecar_path
 
         common.refuse_overwrite(output, force, "output")
         if sidecar_path(output).exists() and not force:
             raise UsageError(f"{sidecar_path(output)} already exists; pass --force to overwrite it")
-        loaded = load_for_merge(checkpoint, source, model, peft, blocks, rank=rank, alpha=alpha, targets=targets,
-                                dropout=dropout, bottleneck=bottleneck, adapter_alpha=adapter_alpha,
-                                variant=variant, ssf_patch_embed=ssf_patch_embed)
+        loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
+                                blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
         state = peft_state(loaded.model)
         src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
                "peft": state.config.to_dict() if state else None}

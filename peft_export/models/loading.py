@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from segment_anything.modeling import Sam
 
 from peft_export.errors import CheckpointError, UsageError
 from peft_export.models.checkpoint import Checkpoint, load_state_dict_into, read_checkpoint
 from peft_export.models.registry import MODELS, ModelSpec, get_spec
+
+log = logging.getLogger("peft_export")
+MERGE_SOURCES = ("auto", "peft-export", "micro-sam")
 
 
 @dataclass
@@ -74,10 +80,38 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
         if peft_cfg and not ckpt.merged:
             from peft_export.peft import apply_peft_config
 
-            apply_peft_config(sam, peft_cfg, spec.name, state_dict_layout=ckpt.kind)
+            apply_peft_config(sam, peft_cfg, spec.name)
         load_state_dict_into(sam, ckpt.state_dict, spec.name, source=str(path))
     sam.eval()
     return LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)
+
+
+def load_for_merge(checkpoint: str | Path, *, source: str = "auto", model: str | None = None,
+                   peft: str | None = None, blocks: str | None = None, options: dict[str, Any] | None = None,
+                   warn: Callable[[str], None] = log.warning) -> LoadedModel:
+    """A training checkpoint with its PEFT modules, ready to merge: ours record their PEFT settings; micro-sam
+    checkpoints do not, so ``peft``/``blocks``/``options`` (configuration keys, as the CLI takes them) give them.
+    """
+    from peft_export.peft.options import peft_config_from
+
+    if source not in MERGE_SOURCES:
+        raise UsageError(f"--from must be one of {', '.join(MERGE_SOURCES)}")
+    if not Path(checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {checkpoint}")
+    kind = read_checkpoint(checkpoint).kind if source == "auto" else source
+    if kind == "peft-export":
+        if peft is not None:
+            warn("this checkpoint records its own PEFT settings; --peft and its options are ignored")
+        return load_model(str(checkpoint), None)
+    if model is None:
+        raise UsageError("--model is required for checkpoints that do not record it (micro-sam, plain SAM), "
+                         "e.g. --model vit_b")
+    peft_from = None
+    if peft is not None:
+        peft_from = peft_config_from(peft, blocks, options or {}, warn).to_dict()
+    elif kind == "micro-sam":
+        warn("no --peft given: loading as a plain (non-PEFT) micro-sam checkpoint")
+    return load_model(model, checkpoint, peft_from=peft_from)
 
 
 def _sidecar_model(path: Path) -> str | None:

@@ -4,32 +4,28 @@
     state = apply_peft(model, PeftConfig("lora", "late:4", {"rank": 32}), "lite_medsam")
     ...train...
     merge_peft(model)   # plain segment_anything module tree and key names again
+
+Importing this package does not import torch: the names below load their modules on first use, so the
+torch-free option declarations (:mod:`peft_export.peft.options`) serve the CLI without PyTorch.
 """
 
-from peft_export.peft.base import NotMergeableError, PeftConfig, PeftMethod
-from peft_export.peft.core import (
-    METHODS,
-    apply_peft,
-    apply_peft_config,
-    count_parameters,
-    get_method,
-    is_mergeable,
-    merge_peft,
-    peft_state,
-)
-from peft_export.peft.placement import resolve_placement
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "NotMergeableError",
-    "PeftConfig",
-    "PeftMethod",
-    "apply_peft",
-    "apply_peft_config",
-    "count_parameters",
-    "get_method",
-    "is_mergeable",
-    "merge_peft",
-    "peft_state",
-    "resolve_placement",
-]
+import importlib
+from typing import Any
+
+_HOME = {
+    "METHODS": "core", "apply_peft": "core", "apply_peft_config": "core", "count_parameters": "core",
+    "get_method": "core", "is_mergeable": "core", "merge_peft": "core", "peft_state": "core",
+    "NotMergeableError": "base", "PeftMethod": "base",
+    "PeftConfig": "options", "OPTIONS": "options",
+    "resolve_placement": "placement",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -15,13 +15,12 @@ import math
 import torch
 from torch import nn
 
-from peft_export.errors import UsageError
-from peft_export.peft.base import BlockView, PeftMethod
-
-VARIANTS = ("study", "plain")
+from peft_export.peft.base import BlockView, PeftLayer, PeftMethod
 
 
-class AdaptFormerMLP(nn.Module):
+class AdaptFormerMLP(PeftLayer):
+    base_attr = "mlp_proj"
+
     def __init__(self, mlp: nn.Module, dim: int, family: str, bottleneck: int, alpha, dropout: float,
                  variant: str):
         super().__init__()
@@ -52,26 +51,10 @@ class AdaptFormer(PeftMethod):
     name = "adaptformer"
     summary = "bottleneck adapter beside the MLP; a nonlinear branch, so export keeps the adapter modules"
     mergeable = False
-    defaults = {"bottleneck": 64, "alpha": "learnable", "dropout": 0.0, "variant": "study"}
-
-    def validate(self) -> None:
-        o = self.options
-        o["bottleneck"] = int(o["bottleneck"])
-        o["dropout"] = float(o["dropout"] or 0.0)
-        if o["alpha"] != "learnable":
-            try:
-                o["alpha"] = float(o["alpha"])
-            except (TypeError, ValueError):
-                raise UsageError("adaptformer alpha must be 'learnable' or a number") from None
-        if o["variant"] not in VARIANTS:
-            raise UsageError(f"adaptformer variant must be one of {', '.join(VARIANTS)} "
-                             "(study: with the extra +u residual as in the study; plain: without)")
-        if o["bottleneck"] < 1:
-            raise UsageError("adaptformer bottleneck must be >= 1")
 
     def apply(self, model, blocks, family):
-        o = self.options
+        o = self.opts
         for i in blocks:
             view = BlockView(model.image_encoder.blocks[i], family)
-            view.set("mlp", AdaptFormerMLP(view.get("mlp"), view.dim, family, o["bottleneck"], o["alpha"],
-                                           o["dropout"], o["variant"]))
+            view.set("mlp", AdaptFormerMLP(view.get("mlp"), view.dim, family, o.bottleneck, o.alpha, o.dropout,
+                                           o.variant))

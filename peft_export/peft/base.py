@@ -5,7 +5,12 @@ Every method is a :class:`PeftMethod` subclass in its own module (``lora.py``, `
 
 - ``apply(model, blocks)``: modify the image encoder in place for a placement (the encoder is frozen before);
 - ``mergeable``: whether its update can be folded into plain SAM weights;
-- ``merge(model)``: fold itself in (fp32), leaving segment_anything's own module tree and key names.
+- ``merge(model)``: fold itself in, leaving segment_anything's own module tree and key names. One verb for
+  every method, as in Hugging Face peft: each adapter layer (:class:`MergeableModule`) wraps its
+  ``base_layer`` and says by ``delta_weight()`` how its update folds into that layer's parameters; the fold
+  itself (in fp32) is written once, here.
+
+Options are declared in :mod:`peft_export.peft.options` (one typed class per method).
 
 Module names follow the reference implementation (micro-sam's ``peft_sam``) for SAM ViT blocks, so micro-sam
 PEFT checkpoints load into a model prepared by this package with the same settings.
@@ -13,13 +18,14 @@ PEFT checkpoints load into a model prepared by this package with the same settin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from peft_export.errors import UsageError
+from peft_export.errors import UsageError, VerificationError
+from peft_export.peft.options import parse_options
 
 VIT_NAMES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.lin1", "fc2": "mlp.lin2",
              "norm1": "norm1", "norm2": "norm2", "mlp": "mlp"}
@@ -75,37 +81,11 @@ class BlockView:
 
 def base_linear(module: nn.Module) -> nn.Linear:
     """The plain nn.Linear inside a (possibly wrapped) projection."""
-    while not isinstance(module, nn.Linear):
-        inner = getattr(module, "qkv_proj", None) or getattr(module, "layer", None)
-        if inner is None:
-            raise TypeError(f"no linear layer inside {type(module).__name__}")
-        module = inner
+    while isinstance(module, PeftLayer):
+        module = module.base_layer
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"no linear layer inside {type(module).__name__}")
     return module
-
-
-@dataclass
-class PeftConfig:
-    """A PEFT method with its options and its placement. Stored in every checkpoint (``to_dict``)."""
-
-    method: str
-    placement: str = "all"
-    options: dict[str, Any] = field(default_factory=dict)
-    blocks: list[int] | None = None  # resolved indices (filled in by apply_peft)
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "placement": self.placement, "options": dict(self.options),
-                "blocks": list(self.blocks) if self.blocks is not None else None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PeftConfig:
-        if not isinstance(d, dict) or "method" not in d:
-            raise UsageError("PEFT configuration must be a dict with a 'method'")
-        return cls(method=d["method"], placement=d.get("placement", "all"), options=dict(d.get("options") or {}),
-                   blocks=list(d["blocks"]) if d.get("blocks") is not None else None)
-
-    def describe(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}({opts}) on blocks {self.placement}" if opts else f"{self.method} on {self.placement}"
 
 
 class NotMergeableError(UsageError):
@@ -113,25 +93,23 @@ class NotMergeableError(UsageError):
 
 
 class PeftMethod:
-    """Base class. Subclasses set ``name``/``mergeable``/``adds_parameters`` and implement apply (and merge)."""
+    """Base class. Subclasses set ``name``/``summary``/``mergeable`` and implement ``apply``.
+
+    Options come from the method's options class (:mod:`peft_export.peft.options`): ``self.opts`` is the
+    validated instance, ``self.options`` the plain dict stored in checkpoints.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
-    adds_parameters: ClassVar[bool] = True
-    defaults: ClassVar[dict[str, Any]] = {}
-    option_types: ClassVar[dict[str, type]] = {}
+    uses_placement: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(self.defaults)
-        if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise UsageError(f"{self.name} has no option {sorted(unknown)[0]!r} (options: {allowed})")
-        self.options = {**self.defaults, **options}
-        self.validate()
+        self.opts = parse_options(self.name, options)
 
-    def validate(self) -> None:
-        """Check option values; raise UsageError with a clear line."""
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.opts.model_dump()
 
     def apply(self, model: nn.Module, blocks: list[int], family: str) -> None:
         raise NotImplementedError
@@ -140,18 +118,74 @@ class PeftMethod:
         """Changes outside the chosen blocks (e.g. SSF's patch embedding). Default: none."""
 
     def merge(self, model: nn.Module, family: str) -> None:
+        """Fold every adapter layer into its base layer; nothing changes when one holds a NaN."""
         if not self.mergeable:
             raise NotMergeableError(f"{self.name} cannot be merged into plain SAM weights ({self.summary})")
-        for module_name, module in list(model.named_modules()):
-            if isinstance(module, MergeableModule):
-                set_submodule(model, module_name, module.merged())
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MergeableModule)]
+        for layer_name, layer in layers:
+            for param_name, p in layer.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise VerificationError(
+                        f"cannot merge: {layer_name}.{param_name} holds NaN or infinite values (the training "
+                        "diverged or the checkpoint is damaged); nothing was merged")
+        for layer_name, layer in layers:
+            set_submodule(model, layer_name, layer.merged())
 
 
-class MergeableModule(nn.Module):
-    """A wrapper that can return the plain module with its update folded in (fp32)."""
+class PeftLayer(nn.Module):
+    """A module that wraps one base layer, kept under micro-sam's attribute name ``base_attr`` (``qkv_proj``,
+    ``mlp_layer``, ``layer``, ``mlp_proj``), so that state-dict keys stay micro-sam's."""
 
-    def merged(self) -> nn.Module:
+    base_attr: ClassVar[str]
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return getattr(self, self.base_attr)
+
+
+@dataclass
+class Fold:
+    """How one parameter ``p`` of a base layer takes an update: ``p' = scale ⊙ p + add``.
+
+    ``scale`` is per output channel (dimension 0); ``add`` has the parameter's shape. Additive methods (LoRA,
+    FacT) give ``add``; SSF gives ``scale`` (and its shift as ``add`` for biases) — the multiplicative fold
+    that IA3 does in Hugging Face peft.
+    """
+
+    add: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+
+class MergeableModule(PeftLayer):
+    """An adapter layer whose update folds exactly into its base layer; ``delta_weight`` says how."""
+
+    def delta_weight(self) -> dict[str, Fold]:
+        """Parameter name inside ``base_layer`` (``weight``, ``lin1.weight``, ``bn.bias``) -> its fold (fp32)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The base layer with the update folded in: computed in fp32, stored in the layer's own dtype."""
+        base = self.base_layer
+        for name, fold in self.delta_weight().items():
+            _fold_into(base, name, fold)
+        return base
+
+
+def _fold_into(base: nn.Module, name: str, fold: Fold) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = base.get_submodule(owner_name) if owner_name else base
+    param = getattr(owner, attr)
+    if param is None:  # a layer without a bias gets one (SSF's shift)
+        param = nn.Parameter(torch.zeros(fold.add.shape, dtype=owner.weight.dtype, device=owner.weight.device),
+                             requires_grad=False)
+        setattr(owner, attr, param)
+    w = param.detach().float()
+    if fold.scale is not None:
+        w = w * fold.scale.float().view(-1, *([1] * (w.ndim - 1)))
+    if fold.add is not None:
+        w = w + fold.add.float()
+    param.data.copy_(w.to(param.dtype))
 
 
 def freeze(module: nn.Module) -> None:

@@ -9,9 +9,10 @@ from torch import nn
 
 from peft_export.errors import UsageError
 from peft_export.peft.adaptformer import AdaptFormer
-from peft_export.peft.base import PeftConfig, PeftMethod, freeze, unfreeze
+from peft_export.peft.base import PeftMethod, freeze, unfreeze
 from peft_export.peft.fact import FacT
 from peft_export.peft.lora import LoRA
+from peft_export.peft.options import PeftConfig
 from peft_export.peft.placement import resolve_placement
 from peft_export.peft.selective import (
     AttentionTuning,
@@ -59,7 +60,7 @@ def apply_peft(model: Sam, config: PeftConfig, model_name: str = "") -> PeftStat
     method = get_method(config)
     family = _family(model)
     n_blocks = len(model.image_encoder.blocks)
-    if not getattr(method, "uses_placement", True):
+    if not method.uses_placement:
         blocks = []
     elif config.blocks is not None:  # a stored configuration: exactly the blocks it was trained with
         blocks = resolve_placement(list(config.blocks), n_blocks, model_name)
@@ -78,8 +79,7 @@ def apply_peft(model: Sam, config: PeftConfig, model_name: str = "") -> PeftStat
     return state
 
 
-def apply_peft_config(model: Sam, peft: dict | PeftConfig, model_name: str = "", *,
-                      state_dict_layout: str = "") -> PeftState:
+def apply_peft_config(model: Sam, peft: dict | PeftConfig, model_name: str = "") -> PeftState:
     """Apply a stored PEFT configuration (from a checkpoint) so that its state dict loads strictly."""
     src = peft if isinstance(peft, PeftConfig) else PeftConfig.from_dict(peft)
     config = PeftConfig(src.method, src.placement, dict(src.options), src.blocks)
@@ -96,14 +96,15 @@ def is_mergeable(model: Sam) -> bool:
 
 
 def merge_peft(model: Sam) -> Sam:
-    """Fold the applied method into plain weights in place (fp32). Raises for AdaptFormer."""
+    """Fold the applied method into plain weights in place (computed in fp32, stored in the model's dtype).
+
+    Raises for AdaptFormer, and for an adapter holding NaN or infinite values (then nothing is changed).
+    A merged model has no PEFT state: merging it again changes nothing.
+    """
     state = peft_state(model)
     if state is None:
         return model
-    dtype = next(model.parameters()).dtype
-    model.float()
     state.method.merge(model, state.family)
-    model.to(dtype)
     model._peft_state = None
     return model
 

@@ -15,8 +15,7 @@ import math
 import torch
 from torch import nn
 
-from peft_export.errors import UsageError
-from peft_export.peft.base import BlockView, MergeableModule, PeftMethod
+from peft_export.peft.base import BlockView, Fold, MergeableModule, PeftMethod
 
 QKV_TARGETS = ("q", "k", "v")
 
@@ -40,56 +39,79 @@ def scatter_index(rows: dict[str, torch.Tensor], width: int) -> torch.Tensor | N
     return torch.tensor(inverse, dtype=torch.long, device="cpu")
 
 
-class LoRAQKV(MergeableModule):
-    def __init__(self, qkv: nn.Linear, rows: dict[str, torch.Tensor], targets: list[str], rank: int,
-                 alpha: float):
+class QKVAdapter(MergeableModule):
+    """An additive update of the fused qkv projection's q/k/v outputs (LoRA, FacT), in any row layout."""
+
+    base_attr = "qkv_proj"
+
+    def __init__(self, qkv: nn.Linear, rows: dict[str, torch.Tensor]):
         super().__init__()
         self.qkv_proj = qkv
         self.dim = qkv.in_features
-        self.rank = rank
-        self.alpha = alpha
-        self.targets = [t for t in QKV_TARGETS if t in targets]
-        for t in self.targets:
-            a, b = _lora_pair(self.dim, len(rows[t]), rank)
-            setattr(self, f"w_a_linear_{t}", a)
-            setattr(self, f"w_b_linear_{t}", b)
         for t in QKV_TARGETS:
             self.register_buffer(f"rows_{t}", rows[t].clone(), persistent=False)
         inv = scatter_index(rows, qkv.out_features)
         self.register_buffer("scatter", inv if inv is not None else torch.empty(0, dtype=torch.long),
                              persistent=False)
 
-    def delta_weight(self, t: str) -> torch.Tensor:
-        a = getattr(self, f"w_a_linear_{t}").weight
-        b = getattr(self, f"w_b_linear_{t}").weight
-        return self.alpha * (b.float() @ a.float())
+    def updates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Target -> what it adds to that target's output for input ``x``."""
+        raise NotImplementedError
+
+    def target_deltas(self) -> dict[str, torch.Tensor]:
+        """Target -> the same update as a weight matrix (fp32)."""
+        raise NotImplementedError
 
     def forward(self, x):
         out = self.qkv_proj(x)
-        parts = []
-        for t in QKV_TARGETS:
-            if t in self.targets:
-                a, b = getattr(self, f"w_a_linear_{t}"), getattr(self, f"w_b_linear_{t}")
-                parts.append(self.alpha * b(a(x)))
-            else:
-                parts.append(out.new_zeros((*out.shape[:-1], self.dim)))
-        delta = torch.cat(parts, dim=-1)
+        upd = self.updates(x)
+        delta = torch.cat([upd[t] if t in upd else out.new_zeros((*out.shape[:-1], self.dim))
+                           for t in QKV_TARGETS], dim=-1)
         if self.scatter.numel():
             delta = delta[..., self.scatter]
         return out + delta
 
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        lin = self.qkv_proj
-        w = lin.weight.data.float().clone()
+    def delta_weight(self) -> dict[str, Fold]:
+        w = self.qkv_proj.weight
+        delta = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for t, d in self.target_deltas().items():
+            delta[self.get_buffer(f"rows_{t}")] = d
+        return {"weight": Fold(add=delta)}
+
+
+class LoRAQKV(QKVAdapter):
+    def __init__(self, qkv: nn.Linear, rows: dict[str, torch.Tensor], targets: list[str], rank: int,
+                 alpha: float):
+        super().__init__(qkv, rows)
+        self.alpha = alpha
+        self.targets = [t for t in QKV_TARGETS if t in targets]
         for t in self.targets:
-            w[getattr(self, f"rows_{t}")] += self.delta_weight(t)
-        lin.weight.data.copy_(w.to(lin.weight.dtype))
-        return lin
+            a, b = _lora_pair(self.dim, len(rows[t]), rank)
+            setattr(self, f"w_a_linear_{t}", a)
+            setattr(self, f"w_b_linear_{t}", b)
+
+    def _pair(self, t: str) -> tuple[nn.Linear, nn.Linear]:
+        return getattr(self, f"w_a_linear_{t}"), getattr(self, f"w_b_linear_{t}")
+
+    def updates(self, x):
+        out = {}
+        for t in self.targets:
+            a, b = self._pair(t)
+            out[t] = self.alpha * b(a(x))
+        return out
+
+    def target_deltas(self):
+        out = {}
+        for t in self.targets:
+            a, b = self._pair(t)
+            out[t] = self.alpha * (b.weight.float() @ a.weight.float())
+        return out
 
 
 class LoRAMLP(MergeableModule):
     """LoRA on both MLP linears. ViT: lin1 -> GELU -> lin2. TinyViT: norm -> fc1 -> GELU -> fc2."""
+
+    base_attr = "mlp_layer"
 
     def __init__(self, mlp: nn.Module, family: str, rank: int, alpha: float):
         super().__init__()
@@ -110,40 +132,25 @@ class LoRAMLP(MergeableModule):
         h = m.act(h)
         return fc2(h) + self.alpha * self.w_b_linear_2(self.w_a_linear_2(h))
 
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
+    def delta_weight(self) -> dict[str, Fold]:
+        out = {}
         for i, name in enumerate(self._fc, start=1):
-            lin = getattr(self.mlp_layer, name)
             a, b = getattr(self, f"w_a_linear_{i}").weight, getattr(self, f"w_b_linear_{i}").weight
-            lin.weight.data.copy_((lin.weight.data.float() + self.alpha * (b.float() @ a.float())).to(lin.weight.dtype))
-        return self.mlp_layer
+            out[f"{name}.weight"] = Fold(add=self.alpha * (b.float() @ a.float()))
+        return out
 
 
 class LoRA(PeftMethod):
     name = "lora"
     summary = "low-rank update B·A of q/k/v (and optionally the MLP)"
-    defaults = {"rank": 32, "alpha": 1.0, "targets": ["q", "v"]}
-
-    def validate(self) -> None:
-        o = self.options
-        if isinstance(o["targets"], str):
-            o["targets"] = [t.strip() for t in o["targets"].split(",") if t.strip()]
-        o["targets"] = list(o["targets"])
-        bad = set(o["targets"]) - {"q", "k", "v", "mlp"}
-        if bad or not o["targets"]:
-            raise UsageError(f"lora targets must be a non-empty subset of q,k,v,mlp (got {o['targets']})")
-        if int(o["rank"]) < 1:
-            raise UsageError("lora needs a rank >= 1")
-        o["rank"] = int(o["rank"])
-        o["alpha"] = float(o["alpha"])
 
     def apply(self, model, blocks, family):
-        o = self.options
+        o = self.opts
         enc = model.image_encoder
+        qkv_targets = [t for t in o.targets if t in QKV_TARGETS]
         for i in blocks:
             view = BlockView(enc.blocks[i], family)
-            qkv_targets = [t for t in o["targets"] if t in QKV_TARGETS]
             if qkv_targets:
-                view.set("qkv", LoRAQKV(view.get("qkv"), view.qkv_rows(), qkv_targets, o["rank"], o["alpha"]))
-            if "mlp" in o["targets"]:
-                view.set("mlp", LoRAMLP(view.get("mlp"), family, o["rank"], o["alpha"]))
+                view.set("qkv", LoRAQKV(view.get("qkv"), view.qkv_rows(), qkv_targets, o.rank, o.alpha))
+            if "mlp" in o.targets:
+                view.set("mlp", LoRAMLP(view.get("mlp"), family, o.rank, o.alpha))

@@ -15,8 +15,6 @@ from peft_export.peft.base import BlockView, PeftMethod, unfreeze
 
 
 class _Selective(PeftMethod):
-    adds_parameters = False
-
     def apply(self, model, blocks, family):
         for i in blocks:
             view = BlockView(model.image_encoder.blocks[i], family)

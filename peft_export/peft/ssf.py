@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peft_export.peft.base import BlockView, MergeableModule, PeftMethod, get_submodule, set_submodule
+from peft_export.peft.base import BlockView, Fold, MergeableModule, PeftMethod, get_submodule, set_submodule
 
 SSF_PARTS = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2")
 
@@ -33,6 +33,8 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 class ScaleShift(MergeableModule):
+    base_attr = "layer"
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         dim = _out_channels(layer)
@@ -47,22 +49,11 @@ class ScaleShift(MergeableModule):
             return y * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         return y * self.scale + self.shift
 
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
+    def delta_weight(self) -> dict[str, Fold]:
+        """``W' = diag(s) W`` and ``b' = s⊙b + t`` (LayerNorm / TinyViT's BatchNorm: ``γ' = s⊙γ``, ``β' = s⊙β + t``)."""
         s, t = self.scale.float(), self.shift.float()
-        layer = self.layer
-        target = layer.bn if isinstance(layer, nn.Sequential) else layer
-        if isinstance(target, (nn.Linear, nn.Conv2d)):
-            w = target.weight.data.float()
-            target.weight.data.copy_((w * s.view(-1, *([1] * (w.ndim - 1)))).to(target.weight.dtype))
-            b = target.bias.data.float() if target.bias is not None else torch.zeros_like(s)
-            if target.bias is None:
-                target.bias = nn.Parameter(torch.zeros_like(s).to(target.weight.dtype), requires_grad=False)
-            target.bias.data.copy_((s * b + t).to(target.bias.dtype))
-        else:  # LayerNorm / BatchNorm affine parameters
-            target.weight.data.copy_((s * target.weight.data.float()).to(target.weight.dtype))
-            target.bias.data.copy_((s * target.bias.data.float() + t).to(target.bias.dtype))
-        return layer
+        prefix = "bn." if isinstance(self.layer, nn.Sequential) else ""  # TinyViT Conv2dBN: fold into its BN
+        return {f"{prefix}weight": Fold(scale=s), f"{prefix}bias": Fold(scale=s, add=t)}
 
 
 def patch_embed_target(family: str) -> str:
@@ -72,13 +63,9 @@ def patch_embed_target(family: str) -> str:
 class SSF(PeftMethod):
     name = "ssf"
     summary = "per-channel scale and shift after each layer of the chosen blocks (+ patch embedding)"
-    defaults = {"patch_embed": True}
-
-    def validate(self) -> None:
-        self.options["patch_embed"] = bool(self.options["patch_embed"])
 
     def apply_global(self, model, family):
-        if self.options["patch_embed"]:
+        if self.opts.patch_embed:
             name = patch_embed_target(family)
             enc = model.image_encoder
             set_submodule(enc, name, ScaleShift(get_submodule(enc, name)))

@@ -15,11 +15,14 @@ Presets
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from peft_export.errors import UsageError
+from peft_export.peft.options import PeftConfig, config_keys, peft_config_from
 
 RECIPES = ("auto", "study", "cpu")
 PATCH_SAMPLING = ("tiles", "random")
@@ -31,26 +34,17 @@ MULTIMASK = ("auto", "on", "off")
 VAL_METRICS = ("box", "point", "mean")
 VAL_PROMPTS = ("box", "point")
 
-# PEFT options (cli/peft_options.py): passed to the method only when set
-PEFT_OPTION_KEYS = ("rank", "alpha", "targets", "dropout", "bottleneck", "adapter_alpha", "variant",
-                    "ssf_patch_embed")
+# the PEFT methods' options (peft/options.py): one field each, None = not given (the method's default)
+PEFT_KEYS: dict[str, type] = config_keys()
 
 
 @dataclass
-class TrainConfig:
-    # what to train
+class _TrainFields:
+    # what to train (+ the PEFT options, after `blocks`)
     model: str = "lite_medsam"
     checkpoint: str | None = None
     peft: str = "lora"
     blocks: str = "all"
-    rank: int | None = None
-    alpha: float | None = None
-    targets: str | None = None
-    dropout: float | None = None
-    bottleneck: int | None = None
-    adapter_alpha: str | None = None
-    variant: str | None = None
-    ssf_patch_embed: bool | None = None
     # data
     data: str = "sample:dsb2018"
     val: str | None = None
@@ -86,10 +80,20 @@ class TrainConfig:
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        keys = [k for k in d if k not in PEFT_KEYS]
+        at = keys.index("blocks") + 1
+        return {k: d[k] for k in (*keys[:at], *PEFT_KEYS, *keys[at:])}
 
-    def peft_options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PEFT_OPTION_KEYS}
+    def peft_config(self, warn: Callable[[str], None] | None = None) -> PeftConfig:
+        """The run's PEFT method, placement and options (validated; options it does not have: ``warn``)."""
+        return peft_config_from(self.peft, self.blocks, {k: getattr(self, k) for k in PEFT_KEYS}, warn)
+
+
+TrainConfig = make_dataclass("TrainConfig", [(k, t | None, field(default=None)) for k, t in PEFT_KEYS.items()],
+                             bases=(_TrainFields,))
+TrainConfig.__doc__ = "One finetune run's options (the YAML keys of --config and RUN_DIR/config.yaml)."
+TrainConfig.__module__ = __name__
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESUME_MUTABLE = ("epochs", "iterations", "early_stopping", "val_every", "device", "trunk_cache", "trunk_cache_mb")
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+_TYPES = get_type_hints(TrainConfig)
 _ALIASES = {"method": "peft", "placement": "blocks", "checkpoint_path": "checkpoint", "val_data": "val"}
 
 
@@ -177,20 +182,22 @@ def _coerce(name: str, value: Any) -> Any:
     """Type-check one value (config files carry any YAML type)."""
     if value is None:
         return None
-    kind = _FIELDS[name].type
+    kind = _TYPES[name]
+    if get_origin(kind) in (Union, types.UnionType):  # X | None
+        kind = next(a for a in get_args(kind) if a is not type(None))
     try:
-        if kind in ("int", "int | None"):
+        if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
-        if kind in ("float", "float | None"):
+        if kind is float:
             if isinstance(value, bool):
                 raise ValueError
             v = float(value)
             if not math.isfinite(v):
                 raise ValueError
             return v
-        if kind in ("bool", "bool | None"):
+        if kind is bool:
             if isinstance(value, bool):
                 return value
             if str(value).lower() in ("true", "yes", "1", "on"):
@@ -198,7 +205,7 @@ def _coerce(name: str, value: Any) -> Any:
             if str(value).lower() in ("false", "no", "0", "off"):
                 return False
             raise ValueError
-        if kind == "list[str]":
+        if get_origin(kind) is list:
             return value
         if isinstance(value, (dict, list)):
             raise ValueError
@@ -243,6 +250,7 @@ def resolve_config(file_values: dict[str, Any] | None = None, cli_values: dict[s
 
 
 def validate(cfg: TrainConfig) -> None:
+    cfg.peft_config()  # the method and its option values (placement is checked against the model)
     _choice("patch_sampling", cfg.patch_sampling, PATCH_SAMPLING)
     _choice("trunk_cache", cfg.trunk_cache, TRUNK_CACHE)
     _choice("precision", cfg.precision, PRECISIONS)
@@ -295,7 +303,7 @@ def diff_for_resume(saved: dict[str, Any], new: TrainConfig, given: set[str]) ->
     for k in sorted(given):
         if k in RESUME_MUTABLE or k not in saved:
             continue
-        if saved[k] != getattr(new, k):
+        if _coerce(k, saved[k]) != getattr(new, k):
             bad.append(f"{k.replace('_', '-')} (run: {saved[k]!r}, given: {getattr(new, k)!r})")
     return bad
 

@@ -1,0 +1,112 @@
+"""One training step: the forward pass with its losses (:class:`StepModule`) and the update (:class:`TrainStep`).
+
+The step module returns the total loss and a dict of its named terms, so another loss (a jointly trained
+decoder) is one more entry, reported per epoch as ``train_<term>`` without further changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from peft_export.devices import autocast, autocast_tag
+from peft_export.train.distributed import Dist
+from peft_export.train.recipe import RecipeSettings, image_loss
+from peft_export.train.trunk import TrunkCache
+
+
+class StepModule(nn.Module):
+    """One training step's forward pass (encoder + interactive decoding) -> (total loss, {term: value}, objects).
+
+    Wrapped in DistributedDataParallel when distributed; the loss of each image is weighted by
+    ``1 / global_batch``, so the sum over ranks is the single-process mean.
+    """
+
+    def __init__(self, model: nn.Module, settings: RecipeSettings):
+        super().__init__()
+        from peft_export.models.prompt_decoder import PromptDecoder
+
+        self.model = model
+        self.settings = settings
+        self._aux = {"decoder": PromptDecoder(model), "cache": None}  # not registered: shares model params
+
+    def set_cache(self, cache: TrunkCache | None) -> None:
+        self._aux["cache"] = cache
+
+    def embed(self, xs: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        cache = self._aux["cache"]
+        if cache is not None:
+            return cache.encode(xs, device, tag=autocast_tag(device))
+        x = torch.from_numpy(np.stack(xs)).to(device)
+        return self.model.image_encoder(x)
+
+    def forward(self, views, kind: str, rngs, weight: float):
+        device = next(self.model.parameters()).device
+        emb = self.embed([v.tensor for v in views], device)
+        decoder = self._aux["decoder"]
+        total = emb.new_zeros((), dtype=torch.float32)
+        terms = {"mask_loss": 0.0, "iou_loss": 0.0}
+        objects = 0
+        for i, (view, rng) in enumerate(zip(views, rngs)):
+            res = image_loss(decoder, emb[i: i + 1], view, kind, self.settings, rng)
+            total = total + res.loss * weight
+            terms["mask_loss"] += res.mask_loss * weight
+            terms["iou_loss"] += res.iou_loss * weight
+            objects += res.objects
+        return total, terms, objects
+
+
+class StepResult(NamedTuple):
+    """A step's figures, summed over the ranks."""
+
+    loss: float
+    terms: dict[str, float]
+    objects: int
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value: float):
+        super().__init__(str(value))
+        self.value = value
+
+
+class TrainStep:
+    """zero_grad -> forward (autocast) -> one agreed loss over the ranks (NaN: :class:`NonFiniteLoss` before any
+    update) -> backward (GradScaler for fp16) -> optimizer step. ``in_update`` is True while parameters change."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str, batch_size: int,
+                 dist: Dist):
+        self.module = module  # the StepModule, or its DDP wrapper
+        self.optimizer = optimizer
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.batch_size = batch_size
+        self.dist = dist
+        self.in_update = False
+
+    def __call__(self, views, kind: str, rngs) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.precision):
+            loss, terms, objects = self.module(views, kind, rngs, 1.0 / self.batch_size)
+        # one agreed value on all ranks (a NaN anywhere stops everyone before the update)
+        total, *sums, n_obj = self.dist.all_reduce_sum([float(loss.detach()), *terms.values(), objects])
+        if not math.isfinite(total):
+            raise NonFiniteLoss(total)
+        self.in_update = True
+        if self.dist.active:
+            # DDP averages gradients over the ranks; each rank's loss holds its images weighted by
+            # 1 / global batch, so scaling by the world size makes the average the single-process gradient
+            loss = loss * self.dist.world
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.in_update = False
+        return StepResult(total, dict(zip(terms, sums)), int(n_obj))
