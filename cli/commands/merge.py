@@ -12,6 +12,17 @@ from peft_export_cli import common
 from peft_export_cli import peft_options as po
 
 
+def _check_table(report, atol: float, rtol: float) -> Table:
+    table = Table(title=f"merge check ({report.sample})", show_header=True)
+    for col in ("output", "max |diff|", "largest value", "tolerance"):
+        table.add_column(col, justify="right" if col != "output" else "left")
+    table.add_row("image embedding", f"{report.embedding_max_abs_diff:.2e}", f"{report.embedding_scale:.2f}",
+                  f"{atol + rtol * report.embedding_scale:.1e}")
+    table.add_row("mask logits", f"{report.masks_max_abs_diff:.2e}", f"{report.masks_scale:.2f}",
+                  f"{atol + rtol * report.masks_scale:.1e}")
+    return table
+
+
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     @po.with_peft_options()
@@ -39,43 +50,19 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export merge best.pt --from micro-sam --model vit_b --peft lora --rank 32 --blocks 6-11
         -o merged.pt[/]
         """
-        from peft_export.models.checkpoint import save_checkpoint
         from peft_export.models.loading import load_for_merge
-        from peft_export.peft import is_mergeable, peft_state
-        from peft_export.peft.merge import merge_and_verify, save_merged, sidecar_path
+        from peft_export.peft.merge import merge_to_file, sidecar_path
 
         common.refuse_overwrite(output, force, "output")
         if sidecar_path(output).exists() and not force:
             raise UsageError(f"{sidecar_path(output)} already exists; pass --force to overwrite it")
         loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
                                 blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
-        state = peft_state(loaded.model)
-        src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
-               "peft": state.config.to_dict() if state else None}
-        if not is_mergeable(loaded.model):
-            save_checkpoint(output, model_name=loaded.spec.name, state_dict=loaded.model.state_dict(),
-                            peft=state.config.to_dict(), merged=False, extra={"source": src})
-            msg = (f"{state.config.method} cannot be folded into plain SAM weights (nonlinear adapter branch); "
-                   f"wrote {output} as a peft-export checkpoint that keeps the adapter modules")
-            if json_out:
-                common.print_json({"output": str(output), "merged": False, "reason": msg, "model": loaded.spec.name})
-            else:
-                common.warn(msg)
-            return
-        merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
-        save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
-        result = {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True,
-                  "model": loaded.spec.name, "verification": report.to_dict()}
+        result, report = merge_to_file(loaded, output, checkpoint, atol=atol, rtol=rtol)
         if json_out:
             common.print_json(result)
-            return
-        table = Table(title=f"merge check ({report.sample})", show_header=True)
-        for col in ("output", "max |diff|", "largest value", "tolerance"):
-            table.add_column(col, justify="right" if col != "output" else "left")
-        table.add_row("image embedding", f"{report.embedding_max_abs_diff:.2e}", f"{report.embedding_scale:.2f}",
-                      f"{atol + rtol * report.embedding_scale:.1e}")
-        table.add_row("mask logits", f"{report.masks_max_abs_diff:.2e}", f"{report.masks_scale:.2f}",
-                      f"{atol + rtol * report.masks_scale:.1e}")
-        common.out.print(table)
-        how = state.config.describe() if state else "no PEFT method (weights copied)"
-        common.out.print(f"[green]merged[/] {loaded.spec.name} with {how} -> {output}")
+        elif report is None:
+            common.warn(result["reason"])
+        else:
+            common.out.print(_check_table(report, atol, rtol))
+            common.out.print(f"[green]merged[/] {loaded.spec.name} with {result['how']} -> {output}")

@@ -2,8 +2,9 @@
 
 Per block: ``U ∈ R^{r×D}`` (``FacTu``), ``V ∈ R^{D×r}`` (``FacTv``), ``S_q, S_v ∈ R^{r×r}`` (``q_FacTs``,
 ``v_FacTs``), bias-free, PyTorch's default init (so the model at step 0 is *not* base SAM).
-``Δq = V·drop(S_q·(U x))``, ``Δv = V·drop(S_v·(U x))``; no scale. Merge (eval mode): ``W_q += V S_q U``,
-``W_v += V S_v U``. Keys: ``attn.qkv.{qkv_proj,FacTu,FacTv,q_FacTs,v_FacTs}.weight``.
+``Δq = s·V·drop(S_q·(U x))``, ``Δv = s·V·drop(S_v·(U x))`` with FacT's scale ``s`` (option ``scale``; the study
+used none, i.e. 1). Merge (eval mode): ``W_q += s·V S_q U``, ``W_v += s·V S_v U``.
+Keys: ``attn.qkv.{qkv_proj,FacTu,FacTv,q_FacTs,v_FacTs}.weight``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from peft_export.peft.lora import QKVAdapter
 
 
 class FacTQKV(QKVAdapter):
-    def __init__(self, qkv: nn.Linear, rows: dict[str, torch.Tensor], rank: int, dropout: float):
+    def __init__(self, qkv: nn.Linear, rows: dict[str, torch.Tensor], rank: int, dropout: float,
+                 scale: float = 1.0):
         super().__init__(qkv, rows)
+        self.scale = scale
         self.q_FacTs = nn.Linear(rank, rank, bias=False)
         self.v_FacTs = nn.Linear(rank, rank, bias=False)
         self.dp_q = nn.Dropout(dropout)
@@ -27,11 +30,13 @@ class FacTQKV(QKVAdapter):
 
     def updates(self, x):
         u = self.FacTu(x)
-        return {"q": self.FacTv(self.dp_q(self.q_FacTs(u))), "v": self.FacTv(self.dp_v(self.v_FacTs(u)))}
+        dq, dv = self.FacTv(self.dp_q(self.q_FacTs(u))), self.FacTv(self.dp_v(self.v_FacTs(u)))
+        return {"q": self.scale * dq, "v": self.scale * dv}
 
     def target_deltas(self):
         u, v = self.FacTu.weight.float(), self.FacTv.weight.float()
-        return {"q": v @ self.q_FacTs.weight.float() @ u, "v": v @ self.v_FacTs.weight.float() @ u}
+        return {"q": self.scale * (v @ self.q_FacTs.weight.float() @ u),
+                "v": self.scale * (v @ self.v_FacTs.weight.float() @ u)}
 
 
 class FacT(PeftMethod):
@@ -41,4 +46,5 @@ class FacT(PeftMethod):
     def apply(self, model, blocks, family):
         for i in blocks:
             view = BlockView(model.image_encoder.blocks[i], family)
-            view.set("qkv", FacTQKV(view.get("qkv"), view.qkv_rows(), self.opts.rank, self.opts.dropout))
+            o = self.opts
+            view.set("qkv", FacTQKV(view.get("qkv"), view.qkv_rows(), o.rank, o.dropout, o.scale))

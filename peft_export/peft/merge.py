@@ -133,6 +133,29 @@ def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: Merge
     return path
 
 
+def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: float = DEFAULT_ATOL,
+                  rtol: float = DEFAULT_RTOL) -> tuple[dict, MergeReport | None]:
+    """Merge a loaded training checkpoint (:func:`peft_export.models.loading.load_for_merge`) into ``output``:
+    verified plain SAM weights + sidecar. A method that cannot be folded (AdaptFormer) is written as a peft-export
+    checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
+    from peft_export.models.checkpoint import save_checkpoint
+
+    state = peft_state(loaded.model)
+    src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
+           "peft": state.config.to_dict() if state else None}
+    if not is_mergeable(loaded.model):
+        save_checkpoint(output, model_name=loaded.spec.name, state_dict=loaded.model.state_dict(),
+                        peft=state.config.to_dict(), merged=False, extra={"source": src})
+        reason = (f"{state.config.method} cannot be folded into plain SAM weights (nonlinear adapter branch); "
+                  f"wrote {output} as a peft-export checkpoint that keeps the adapter modules")
+        return {"output": str(output), "merged": False, "reason": reason, "model": loaded.spec.name}, None
+    merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
+    save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
+    how = state.config.describe() if state else "no PEFT method (weights copied)"
+    return {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True, "model": loaded.spec.name,
+            "how": how, "verification": report.to_dict()}, report
+
+
 def sidecar_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")

@@ -59,6 +59,8 @@ class LoRAOptions(PeftOptions):
 class FacTOptions(PeftOptions):
     rank: int = option(16, "rank of U (r×D), S_q, S_v (r×r) and V (D×r)", ge=1)
     dropout: float = option(0.1, "dropout on S·U x", ge=0.0, lt=1.0)
+    scale: float = option(1.0, "scale s of the update s·V·S·U (FacT's hyper-parameter; 1 in the study)",
+                          allow_inf_nan=False)
 
 
 class SSFOptions(PeftOptions):

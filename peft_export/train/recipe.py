@@ -96,6 +96,31 @@ class ImageLoss:
     objects: int
 
 
+def _first_prompts(kind: str, boxes: np.ndarray, target: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each object's box (``kind == "box"``) or one random positive point: coords (P, n, 2), labels (P, n)."""
+    p = len(boxes)
+    if kind == "box":
+        return boxes.reshape(p, 2, 2).astype(np.float32), np.tile(np.array([[2.0, 3.0]], np.float32), (p, 1))
+    coords = np.zeros((p, 1, 2), np.float32)
+    for n in range(p):
+        coords[n, 0] = _sample_pixel(target[n], rng)
+    return coords, np.ones((p, 1), np.float32)
+
+
+def _round_losses(up: torch.Tensor, ious: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice (best of the outputs) and the MSE of the predicted IoU, for one round's upscaled logits (P, M, H, W)."""
+    prob = torch.sigmoid(up)
+    t = target[:, None].expand_as(prob)
+    mask_loss = dice_loss(prob, t).min(dim=1).values.mean()  # dice (P, M): the best output per object
+    with torch.no_grad():
+        binar = prob > 0.5
+        inter = (binar & (t > 0)).sum(dim=(-2, -1)).float()
+        union = (binar | (t > 0)).sum(dim=(-2, -1)).float()
+        true_iou = inter / (union + DICE_EPS)
+    return mask_loss, F.mse_loss(ious, true_iou)
+
+
 def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind: str,
                settings: RecipeSettings, rng: np.random.Generator) -> ImageLoss:
     """The interactive loss of one image. ``embedding`` (1, C, h, w) keeps its autograd graph."""
@@ -109,15 +134,7 @@ def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind
     target_np = view.labels[None] == ids[:, None, None]  # (P, rh, rw)
     target = torch.from_numpy(target_np).to(device=device, dtype=torch.float32)
     p = len(ids)
-
-    if kind == "box":
-        base_c = boxes.reshape(p, 2, 2).astype(np.float32)
-        base_l = np.tile(np.array([[2.0, 3.0]], np.float32), (p, 1))
-    else:
-        base_c = np.zeros((p, 1, 2), np.float32)
-        for n in range(p):
-            base_c[n, 0] = _sample_pixel(target_np[n], rng)
-        base_l = np.ones((p, 1), np.float32)
+    base_c, base_l = _first_prompts(kind, boxes, target_np, rng)
     extra_c = np.zeros((p, 0, 2), np.float32)
     extra_l = np.zeros((p, 0), np.float32)
 
@@ -142,16 +159,7 @@ def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind
         ious = iou_pred[:, sel].float()
         up = logits if (lh, lw) == (s, s) else F.interpolate(logits, (s, s), mode="bilinear", align_corners=False)
         up = up[..., :rh, :rw]
-        prob = torch.sigmoid(up)
-        t = target[:, None].expand_as(prob)
-        dice = dice_loss(prob, t)  # (P, M)
-        mask_loss = dice.min(dim=1).values.mean()
-        with torch.no_grad():
-            binar = prob > 0.5
-            inter = (binar & (t > 0)).sum(dim=(-2, -1)).float()
-            union = (binar | (t > 0)).sum(dim=(-2, -1)).float()
-            true_iou = inter / (union + DICE_EPS)
-        iou_loss = F.mse_loss(ious, true_iou)
+        mask_loss, iou_loss = _round_losses(up, ious, target)
         total = total + mask_loss + iou_loss
         mask_sum += float(mask_loss.detach())
         iou_sum += float(iou_loss.detach())
@@ -165,9 +173,7 @@ def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind
             extra_c = np.concatenate([extra_c, new_c], axis=1)
             extra_l = np.concatenate([extra_l, new_l], axis=1)
             if settings.mask_prob > 0 and rng.random() < settings.mask_prob:
-                mask_in = best_logits.to(mask_in.dtype)
-                has_mask = torch.ones(p, device=device)
+                mask_in, has_mask = best_logits.to(mask_in.dtype), torch.ones(p, device=device)
             else:
-                mask_in = torch.zeros((p, 1, lh, lw), device=device)
-                has_mask = torch.zeros(p, device=device)
+                mask_in, has_mask = torch.zeros((p, 1, lh, lw), device=device), torch.zeros(p, device=device)
     return ImageLoss(total / k_total, mask_sum / k_total, iou_sum / k_total, p)
