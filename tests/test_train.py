@@ -470,3 +470,47 @@ def test_lite_medsam_late_lora_improves_held_out_box_iou(run_cli, tmp_path):
     after = s["best"]["val"]["box"]["mean_iou"]
     assert before == pytest.approx(0.652, abs=0.005)  # zero-shot, as `peft-export evaluate` reports it
     assert after > before + 0.05, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parts the trainer is made of
+def test_checkpoint_parts_save_under_their_keys_and_tolerate_old_checkpoints():
+    from peft_export.train.state import CheckpointParts, EpochAcc
+
+    class Part:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"value": self.value}
+
+        def load_state_dict(self, state):
+            self.value = state["value"]
+
+    parts = CheckpointParts()
+    old, new = Part(1), Part(2)
+    parts.add("optimizer_state", old)
+    parts.add("scaler_state", None)  # no GradScaler: saved as {}, as micro-sam's trainer does
+    saved = parts.state(rng_state={"torch": "before the step"})
+    assert saved == {"optimizer_state": {"value": 1}, "scaler_state": {}, "rng_state": {"torch": "before the step"}}
+    parts.add("decoder_state", new)  # a part added later: a checkpoint from before it leaves it as it is
+    old.value = 5
+    parts.load(saved)
+    assert (old.value, new.value) == (1, 2)
+    # the running epoch sums read the flat layout of earlier checkpoints, and write it back unchanged
+    flat = {"loss": 1.5, "mask_loss": 1.0, "iou_loss": 0.5, "steps": 3, "objects": 12, "seconds": 2.0}
+    acc = EpochAcc.from_dict(flat)
+    assert acc.terms == {"mask_loss": 1.0, "iou_loss": 0.5} and acc.to_dict() == flat
+    assert acc.record()["train_mask_loss"] == pytest.approx(1.0 / 3)
+
+
+def test_resolve_device_one_clear_line():
+    from peft_export.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(UsageError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
