@@ -33,7 +33,8 @@ class VerificationError(PeftExportError):
     """A numerical check (merge, export parity, engine parity) failed."""
 
 
-def require(condition: bool, message: str, cls: type[PeftExportError] = UsageError) -> None:
-    """Raise ``cls(message)`` unless ``condition`` holds."""
-    if not condition:
-        raise cls(message)
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (the exception type when it has none): what a
+    one-line error shows of a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (default if default is not None else type(exc).__name__)

@@ -17,6 +17,15 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union)
 
 
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of two stacks of boolean masks, one value per leading index (1.0 where both masks are empty)."""
+    a = np.asarray(a, bool).reshape(len(a), -1)
+    b = np.asarray(b, bool).reshape(len(b), -1)
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
 def iou_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """IoU between every predicted instance (rows) and every true instance (columns); 0 is background.
 

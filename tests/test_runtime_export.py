@@ -43,24 +43,6 @@ def test_evaluate_export_matches_torch_checkpoint(lite_export_fp32, run_cli):
     assert o["box"]["mean_iou"] > 0.5
 
 
-def test_int8_export_drop_is_reported(lite_export_fp32, run_cli, tmp_path):
-    out = tmp_path / "int8"
-    # the export's own gate compares int8 masks with fp32 PyTorch; LiteMedSAM's int8 encoder reaches ~0.85-0.90 there,
-    # below the 0.95 default, so this export states its (lower) requirement explicitly
-    code, _, err = run_cli("merge-and-export", str(lite_export_fp32.checkpoint), "-o", str(out),
-                           "--precision", "int8", "--int8-iou", "0.8", "--quiet")
-    assert code == 0, err
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == "int8" and manifest["verified"] is True
-    int8 = _by_prompt(_evaluate(run_cli, str(out)))
-    fp32 = _by_prompt(_evaluate(run_cli, str(lite_export_fp32.out_dir)))
-    drop = {p: round(fp32[p]["mean_iou"] - int8[p]["mean_iou"], 4) for p in fp32}
-    print(f"int8 vs fp32 mean-IoU drop on the DSB2018 val tile: {drop}")
-    # dynamic int8 quantization of a small model costs some accuracy, not the model
-    assert drop["box"] < 0.08, drop
-    assert int8["box"]["objects"] == fp32["box"]["objects"]
-
-
 def test_predict_auto_writes_labels_and_overlay(lite_export_fp32, run_cli, tmp_path, image_file):
     """The --auto path end to end on the real tile (a small grid keeps it quick): files and summary agree."""
     import tifffile

@@ -216,12 +216,15 @@ def _median_iou(low: np.ndarray, ref: np.ndarray) -> float:
 def _export_vit_tiny(out: Path, precision: str) -> None:
     import torch
 
-    from peft_export.export import ExportOptions, export_model, prepare_for_export
+    from peft_export.export import ExportOptions, Thresholds, export_model, prepare_for_export
+    from peft_export.export.quantize import Int8Options
     from peft_export.models.loading import load_model
 
     torch.manual_seed(0)
+    # int8: the TensorRT layout (symmetric int8 Q/DQ); random weights, so no quality gate, only the engine's
     export_model(prepare_for_export(load_model("vit_tiny", require_weights=False)), out,
-                 ExportOptions(precision=precision))
+                 ExportOptions(precision=precision, thresholds=Thresholds(int8_iou=0.0),
+                               int8=Int8Options(target="tensorrt", calibration_images=4, gate_images=2)))
 
 
 @pytest.mark.tensorrt

@@ -13,6 +13,9 @@ Modules: ``exporter`` (the folder, manifest, atomic write), ``onnx_export`` (tor
 
 from __future__ import annotations
 
+MIN_OPSET = 18  # the dynamo exporter's floor (asked for 17 it gives 18)
+DEFAULT_OPSET = 20  # ONNX's Gelu op: ONNX Runtime runs one fused kernel instead of Div/Erf/Add/Mul (CPU: ~1.4x)
+
 _LAZY = {
     "ExportOptions": "peft_export.export.exporter",
     "ExportResult": "peft_export.export.exporter",

@@ -23,8 +23,9 @@ from typing import Any
 import onnx
 
 from peft_export.errors import UsageError, VerificationError
-from peft_export.export import graphs, onnx_export, precision
+from peft_export.export import DEFAULT_OPSET, MIN_OPSET, graphs, onnx_export, precision
 from peft_export.export.parity import ParityReport, Thresholds, run_parity
+from peft_export.export.quantize import Int8Options
 from peft_export.manifest import Manifest, file_entry, write_manifest
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
@@ -34,20 +35,21 @@ ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres":
 @dataclass
 class ExportOptions:
     precision: str = "fp32"
-    opset: int = onnx_export.DEFAULT_OPSET
+    opset: int = DEFAULT_OPSET
     bake_preprocessing: bool = False
     single_mask: bool = False  # decoder.onnx returns one mask per prompt (Meta's return_single_mask)
     simplify: bool = False
     verify: bool = True
     thresholds: Thresholds = field(default_factory=Thresholds)
+    int8: Int8Options = field(default_factory=Int8Options)
     force: bool = False
 
     def validate(self) -> None:
         if self.precision not in precision.PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(precision.PRECISIONS)}")
-        if self.opset < onnx_export.MIN_OPSET:
+        if self.opset < MIN_OPSET:
             raise UsageError(f"--opset {self.opset} is too old: the exporter (dynamo=True) needs >= "
-                             f"{onnx_export.MIN_OPSET}")
+                             f"{MIN_OPSET}")
         if self.opset > 23:
             raise UsageError(f"--opset {self.opset} is newer than this onnx/onnxruntime supports (max 23)")
         t = self.thresholds
@@ -56,6 +58,7 @@ class ExportOptions:
         for name, v in (("--fp16-iou", t.fp16_iou), ("--int8-iou", t.int8_iou)):
             if not 0 <= v <= 1:
                 raise UsageError(f"{name} must be between 0 and 1")
+        self.int8.validate()
 
 
 @dataclass
@@ -94,6 +97,8 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
               "kind": ckpt.kind if ckpt is not None else "zoo", "peft": state.config.to_dict() if state else
               (loaded.peft if ckpt is not None and ckpt.merged else None),
               "merged": bool(ckpt is not None and ckpt.merged)}
+    if ckpt is not None and isinstance(ckpt.raw.get("data"), dict):
+        source["training_data"] = ckpt.raw["data"]  # int8 calibrates on it when it is readable here
     report = None
     if state is not None and is_mergeable(model):
         model, report = merge_and_verify(model, loaded.spec.preprocess, atol=merge_atol, rtol=merge_rtol)
@@ -151,30 +156,30 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UsageError(f"output {out_dir} already exists; pass --force to overwrite it")
 
 
-def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
-                 progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Trace, convert, compose, save, verify and write the manifest; see the module docstring."""
-    options = options or ExportOptions()
-    options.validate()
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, options.force)
+def export_steps(options: ExportOptions) -> int:
+    """How many progress steps :func:`export_model` reports (messages with ``advance=False`` are extra)."""
+    return 4 + (options.precision != "fp32") + bool(options.simplify) + (4 if options.verify else 0)
+
+
+@dataclass
+class _Built:
+    """The graphs of an export before they are written, and what the manifest records about their making."""
+
+    models: dict[str, onnx.ModelProto]
+    reused: dict[str, bool]
+    int8: Any = None  # quantize.Int8Result
+    fp32_encoder: onnx.ModelProto | None = None  # what int8 quantized
+
+
+def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
+    """Trace, optimise, convert (fp16 / int8), add baked preprocessing and Meta's decoder, simplify."""
     sam, spec = prepared.model.eval(), prepared.spec
-    say = progress or (lambda msg: None)
-    seconds: dict[str, float] = {}
-    reused: dict[str, bool] = {}
-
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        seconds[name] = round(time.perf_counter() - t0, 3)
-        return out
-
+    sets = _calibration(prepared, options, say) if options.precision == "int8" else None  # bad data fails first
     say("tracing the image encoder (torch.onnx, dynamo)")
     enc = timed("trace_encoder", lambda: onnx_export.trace_encoder(sam, options.opset))
-    reused["encoder"] = enc.reused
     say("tracing the prompt decoder")
     dec = timed("trace_decoder", lambda: onnx_export.trace_decoder_lowres(sam, options.opset))
-    reused["decoder"] = dec.reused
+    built = _Built({}, {"encoder": enc.reused, "decoder": dec.reused})
     say("optimising the graphs")
     enc_m = timed("optimize_encoder", lambda: onnx_export.optimize(enc.model))
     dec_m = timed("optimize_decoder", lambda: onnx_export.optimize(dec.model))
@@ -183,76 +188,135 @@ def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: Export
         enc_m = timed("fp16_encoder", lambda: precision.to_fp16(enc_m))
         dec_m = timed("fp16_decoder", lambda: precision.to_fp16(dec_m))
     elif options.precision == "int8":
-        # The encoder only: it is where the time goes. Quantized prompt decoders cost mask accuracy (LiteMedSAM
-        # on the DSB2018 tile: mean mask IoU 0.973 with only the decoder int8, 0.933 with both, below the gate)
-        # for little speed (a few MatMuls per prompt).
-        say("quantizing the encoder to int8 (onnxruntime dynamic quantization)")
-        big = sum(len(i.raw_data) for i in enc_m.graph.initializer) > EXTERNAL_DATA_BYTES
-        enc_m = timed("int8_encoder", lambda: precision.to_int8(enc_m, external_data=big))
+        say(f"int8 ({options.int8.mode}): calibration, sensitivity, gate search")
+        built.int8 = timed("int8_encoder", lambda: _quantize(prepared, sets, enc_m, dec_m, options,
+                                                             lambda msg: say(msg, advance=False)))
+        built.fp32_encoder, enc_m = enc_m, built.int8.model
     if options.bake_preprocessing:
         enc_m = graphs.bake_preprocessing(enc_m, spec.preprocess)
+        if built.fp32_encoder is not None:
+            built.fp32_encoder = graphs.bake_preprocessing(built.fp32_encoder, spec.preprocess)
     meta_m = graphs.attach_meta_postprocessing(dec_m, spec.img_size, single_mask=options.single_mask,
                                                multimask=spec.multimask)
-    models = {"encoder": enc_m, "decoder": meta_m, "decoder_lowres": dec_m}
+    built.models = {"encoder": enc_m, "decoder": meta_m, "decoder_lowres": dec_m}
     if options.simplify:
         say("simplifying (onnxslim)")
-        models = {k: timed(f"simplify_{k}", lambda m=m: precision.simplify(m)) for k, m in models.items()}
+        built.models = {k: timed(f"simplify_{k}", lambda m=m: precision.simplify(m)) for k, m in built.models.items()}
+    return built
 
+
+def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions, say) -> ParityReport:
+    """The parity gate on the written graphs; raises ExportParityError (nothing is written) when it fails."""
+    source_encoder = None
+    if built.int8 is not None:  # the fp32 graph that was quantized: checked against PyTorch, then removed
+        source_encoder = tmp / ".fp32_encoder.onnx"
+        _save(built.fp32_encoder, source_encoder)
+    try:
+        report = run_parity(prepared.model.eval(), prepared.spec.preprocess, tmp, precision=options.precision,
+                            baked=options.bake_preprocessing, single_mask=options.single_mask,
+                            multimask=prepared.spec.multimask, thresholds=options.thresholds, progress=say,
+                            int8=built.int8.record["gate"] if built.int8 is not None else None,
+                            source_encoder=source_encoder)
+    finally:
+        for leftover in tmp.glob(".fp32_encoder.onnx*"):
+            leftover.unlink()
+    if not report.passed:
+        bad = report.failures()[0]
+        op = "<=" if bad.kind == "max" else ">="
+        raise ExportParityError(f"export parity check failed: {bad.name} = {bad.value:.3g} (must be {op} "
+                                f"{bad.limit:.3g}); nothing written", report)
+    return report
+
+
+def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
+              seconds: dict) -> Manifest:
+    from peft_export.models.checkpoint import versions
+
+    sam, spec = prepared.model, prepared.spec
+    files = {}
+    for role, paths in written.items():
+        ins, outs = graphs.describe_io(built.models[role])
+        files[role] = file_entry(paths[0], inputs=ins, outputs=outs)
+        if len(paths) > 1:
+            files[f"{role}_data"] = file_entry(paths[1])
+    c = int(sam.prompt_encoder.embed_dim)
+    h, w = (int(v) for v in sam.prompt_encoder.image_embedding_size)
+    return Manifest(
+        model=spec.name, preprocess=spec.preprocess.to_dict(), embedding=[c, h, w], mask_input_size=[4 * h, 4 * w],
+        multimask=bool(spec.multimask), precision=options.precision, opset=_opset_of(built.models["encoder"]),
+        files=files, baked_preprocessing=bool(options.bake_preprocessing), source=prepared.source,
+        parity=report.to_dict() if report else {"verified": False, "reason": "exported with --no-verify"},
+        verified=report is not None, versions={**versions(), **onnx_export.torch_versions()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra={
+            "exporter": "torch.onnx.export(dynamo=True), onnxscript optimizer",
+            "decoder": {"single_mask": bool(options.single_mask),
+                        "single_mask_rule": ("meta" if spec.multimask else "mask 0") if options.single_mask else None},
+            "simplified": bool(options.simplify),
+            "reused_trace": built.reused,
+            "fp32_ops_in_fp16": list(precision.FP16_FP32_OPS) if options.precision == "fp16" else None,
+            "int8": built.int8.record if built.int8 is not None else None,
+            "seconds": seconds,
+        },
+    )
+
+
+def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
+                 progress: Callable[..., None] | None = None) -> ExportResult:
+    """Trace, convert, compose, save, verify and write the manifest; see the module docstring.
+
+    ``progress(message, advance=True)`` is called for each of :func:`export_steps` steps (and with
+    ``advance=False`` for details within a step)."""
+    options = options or ExportOptions()
+    options.validate()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, options.force)
+    say = progress or (lambda msg, advance=True: None)
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    built = _build(prepared, options, say, timed)
     tmp = _make_tmp(out_dir)
     try:
         say("writing the graphs")
-        written: dict[str, list[Path]] = {}
-        for role, model in models.items():
-            written[role] = timed(f"save_{role}", lambda r=role, m=model: _save(m, tmp / ROLES[r]))
-        report = None
-        if options.verify:
-            report = timed("parity", lambda: run_parity(
-                sam, spec.preprocess, tmp, precision=options.precision, baked=options.bake_preprocessing,
-                single_mask=options.single_mask, multimask=spec.multimask, thresholds=options.thresholds,
-                progress=say))
-            if not report.passed:
-                bad = report.failures()[0]
-                op = "<=" if bad.kind == "max" else ">="
-                raise ExportParityError(
-                    f"export parity check failed: {bad.name} = {bad.value:.3g} (must be {op} {bad.limit:.3g}); "
-                    f"nothing written", report)
-        files = {}
-        for role, paths in written.items():
-            ins, outs = graphs.describe_io(models[role])
-            files[role] = file_entry(paths[0], inputs=ins, outputs=outs)
-            if len(paths) > 1:
-                files[f"{role}_data"] = file_entry(paths[1])
-        c = int(sam.prompt_encoder.embed_dim)
-        h, w = (int(v) for v in sam.prompt_encoder.image_embedding_size)
-        from peft_export.models.checkpoint import versions
-
-        manifest = Manifest(
-            model=spec.name, preprocess=spec.preprocess.to_dict(), embedding=[c, h, w], mask_input_size=[4 * h, 4 * w],
-            multimask=bool(spec.multimask), precision=options.precision, opset=_opset_of(models["encoder"]),
-            files=files, baked_preprocessing=bool(options.bake_preprocessing), source=prepared.source,
-            parity=report.to_dict() if report else {"verified": False, "reason": "exported with --no-verify"},
-            verified=report is not None, versions={**versions(), **onnx_export.torch_versions()},
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra={
-                "exporter": "torch.onnx.export(dynamo=True), onnxscript optimizer",
-                "decoder": {"single_mask": bool(options.single_mask),
-                            "single_mask_rule": ("meta" if spec.multimask else "mask 0")
-                            if options.single_mask else None},
-                "simplified": bool(options.simplify),
-                "reused_trace": reused,
-                "fp32_ops_in_fp16": list(precision.FP16_FP32_OPS) if options.precision == "fp16" else None,
-                "int8": {"method": "onnxruntime.quantization.quantize_dynamic", "ops": list(precision.INT8_OPS),
-                         "weight_type": "QInt8", "per_channel": True, "graphs": ["encoder"],
-                         "float32_graphs": ["decoder", "decoder_lowres"]} if options.precision == "int8" else None,
-                "seconds": seconds,
-            },
-        )
+        written = {role: timed(f"save_{role}", lambda r=role, m=model: _save(m, tmp / ROLES[r]))
+                   for role, model in built.models.items()}
+        report = timed("parity", lambda: _verify(prepared, built, tmp, options, say)) if options.verify else None
+        manifest = _manifest(prepared, built, written, report, options, seconds)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, manifest, report, seconds)
+
+
+def _calibration(prepared: Prepared, options: ExportOptions, say):
+    """int8's calibration and gate images: the checkpoint's training data, else --calibration."""
+    from peft_export.export.calibration import calibration_sets
+
+    o = options.int8
+    sets = calibration_sets(o.calibration, training_data=prepared.source.get("training_data"),
+                            calibration_images=o.calibration_images, gate_images=o.gate_images)
+    for note in sets.notes:
+        say(note, advance=False)
+    return sets
+
+
+def _quantize(prepared: Prepared, sets, enc_m, dec_m, options: ExportOptions, say):
+    """The int8 encoder: the accuracy-aware search of :mod:`peft_export.export.quantize`, gated at --int8-iou."""
+    from peft_export.export.quantize import quantize_encoder
+
+    o = options.int8
+    h, w = (int(v) for v in prepared.model.prompt_encoder.image_embedding_size)
+    return quantize_encoder(enc_m, dec_m, prepared.spec.preprocess, sets, threshold=options.thresholds.int8_iou,
+                            options=o, baked=False, multimask=bool(prepared.spec.multimask),
+                            mask_size=(4 * h, 4 * w), progress=say)
 
 
 class ExportParityError(VerificationError):

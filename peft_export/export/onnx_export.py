@@ -29,12 +29,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from peft_export.errors import PeftExportError
+from peft_export.errors import PeftExportError, first_line
+from peft_export.export import DEFAULT_OPSET, MIN_OPSET
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 18
-DEFAULT_OPSET = 18
 _TEMPLATE_LIMIT = 6  # graphs kept in memory
 _TEMPLATE_MAX_BYTES = 512 * 2**20  # larger graphs are not kept (vit_l/vit_h: one export per process anyway)
 _TEMPLATES: OrderedDict[str, tuple[bytes, frozenset[str]]] = OrderedDict()
@@ -137,8 +136,8 @@ def trace(module: nn.Module, args: tuple, *, input_names: list[str], output_name
                                         external_data=False, verbose=False, report=False)
         except Exception as exc:  # the exporter raises many types; one line for the user
             log.debug(buf.getvalue())
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportFailedError(f"torch.onnx.export failed for {type(module).__name__}: {first}") from exc
+            raise ExportFailedError(f"torch.onnx.export failed for {type(module).__name__}: {first_line(exc)}") \
+                from exc
     proto = program.model_proto
     state = _state(module)
     names = frozenset(i.name for i in proto.graph.initializer if i.name in state)

@@ -34,6 +34,7 @@ from peft_export.imaging import (
     resized_shape,
     upscale_masks,
 )
+from peft_export.metrics import mask_ious
 from peft_export.models.prompt_decoder import PromptDecoder
 
 
@@ -42,7 +43,7 @@ class Thresholds:
     atol: float = 1e-4
     rtol: float = 1e-4
     fp16_iou: float = 0.99
-    int8_iou: float = 0.95
+    int8_iou: float = 0.97
 
     def iou_for(self, precision: str) -> float | None:
         return {"fp16": self.fp16_iou, "int8": self.int8_iou}.get(precision)
@@ -167,15 +168,6 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(d.max()) if d.size else 0.0
 
 
-def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (logits > 0) per leading index; 1.0 where both masks are empty."""
-    a = np.asarray(a).reshape(len(a), -1) > 0
-    b = np.asarray(b).reshape(len(b), -1) > 0
-    inter = (a & b).sum(1)
-    union = (a | b).sum(1)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
-
-
 def _pick(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> np.ndarray:
     from peft_export.runtime.backend import select_masks
 
@@ -287,54 +279,34 @@ def torch_reference(sam, spec: PreprocessSpec, *, baked: bool, single_mask: bool
     return _Reference(sample, original_hw, resized_hw, feed_image, emb, rounds, sizes)
 
 
-def clear_reference_cache() -> None:
-    _REFERENCE_CACHE.clear()
-
-
 # ---- the gate ----------------------------------------------------------------------------------------
 
 def _session(path: Path):
-    import onnxruntime as ort
+    from peft_export.runtime.onnx_backend import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
-def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision: str, baked: bool,
-               single_mask: bool, multimask: bool, thresholds: Thresholds, progress=None) -> ParityReport:
-    """Compare ``folder``'s encoder.onnx, decoder_lowres.onnx and decoder.onnx with ``sam`` (fp32 PyTorch)."""
-    sam = sam.eval()
-    s = int(preprocess_spec.img_size)
-
-    def step(msg):
-        if progress is not None:
-            progress(msg)
-
-    step("parity: PyTorch reference")
-    ref = torch_reference(sam, preprocess_spec, baked=baked, single_mask=single_mask, multimask=multimask)
-    report = ParityReport(precision, ref.sample)
-    fig = report.figures
-    n_prompts = sum(len(r.coords) for r in ref.rounds)
-    n_meta = sum(len(r.meta) for r in ref.rounds)
-    fig.update({"reference": "PyTorch fp32", "prompts": n_prompts, "meta_decoder_runs": n_meta,
-                "baked_preprocessing": baked})
-
-    # encoder
-    step("parity: encoder")
-    emb_t = ref.embedding
+def _encoder_figures(folder: Path, ref: _Reference, fig: dict, source_encoder: Path | None) -> np.ndarray:
+    """Embedding figures; returns the ONNX embedding the whole-chain figures use. ``source_encoder``: for int8,
+    the fp32 graph that was quantized (compared with PyTorch like an fp32 export)."""
     emb_o = _session(folder / "encoder.onnx").run(None, {"image": ref.feed_image})[0]
-    escale = float(np.abs(emb_t).max())
-    fig["embedding_max_abs_diff"] = max_abs(emb_o, emb_t)
-    fig["embedding_scale"] = escale
+    checked = emb_o if source_encoder is None else _session(source_encoder).run(None, {"image": ref.feed_image})[0]
+    fig["embedding_max_abs_diff"] = max_abs(checked, ref.embedding)
+    fig["embedding_scale"] = float(np.abs(ref.embedding).max())
+    if source_encoder is not None:
+        fig["int8_embedding_rel_error"] = float(np.linalg.norm(emb_o - ref.embedding)
+                                                / max(np.linalg.norm(ref.embedding), 1e-12))
+    return emb_o
 
-    # low-res decoder: fed the PyTorch embedding (the graph on its own) and the ONNX one (the whole chain)
-    step("parity: decoder_lowres")
+
+def _lowres_figures(folder: Path, ref: _Reference, emb_o: np.ndarray, s: int, multimask: bool, fig: dict) -> None:
+    """decoder_lowres.onnx fed the PyTorch embedding (the graph on its own) and the ONNX one (the whole chain)."""
     low = _session(folder / "decoder_lowres.onnx")
     lr_diff = iou_diff = mscale = 0.0
     ious_e2e: list[np.ndarray] = []
     for r in ref.rounds:
-        feed = {"image_embeddings": emb_t, "point_coords": r.coords, "point_labels": r.labels,
+        feed = {"image_embeddings": ref.embedding, "point_coords": r.coords, "point_labels": r.labels,
                 "mask_input": r.mask_in, "has_mask_input": r.has}
         lr_o, iou_o = low.run(None, feed)
         lr_diff = max(lr_diff, max_abs(lr_o, r.low_res))
@@ -342,42 +314,84 @@ def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision:
         mscale = max(mscale, float(np.abs(r.low_res).max()))
         lr_e, iou_e = low.run(None, {**feed, "image_embeddings": emb_o})
         pick_o = upscale_masks(_pick(lr_e, iou_e, multimask), s, ref.resized_hw, ref.original_hw)
-        ious_e2e.append(mask_ious(pick_o, r.picked))
-    fig["low_res_masks_max_abs_diff"] = lr_diff
-    fig["iou_predictions_max_abs_diff"] = iou_diff
-    fig["masks_scale"] = mscale
+        ious_e2e.append(mask_ious(pick_o > 0, r.picked > 0))
     e2e = np.concatenate(ious_e2e)
-    fig["mask_iou_mean"] = float(e2e.mean())
-    fig["mask_iou_min"] = float(e2e.min())
+    fig.update({"low_res_masks_max_abs_diff": lr_diff, "iou_predictions_max_abs_diff": iou_diff,
+                "masks_scale": mscale, "mask_iou_mean": float(e2e.mean()), "mask_iou_min": float(e2e.min())})
 
-    # Meta's decoder, one prompt at a time (its clients' batch size), at two aspect ratios
-    step("parity: decoder (Meta signature)")
+
+def _meta_figures(folder: Path, ref: _Reference, emb_o: np.ndarray, chain_ious: bool, fig: dict) -> list[float]:
+    """Meta's decoder, one prompt at a time (its clients' batch size), at two aspect ratios."""
     meta = _session(folder / "decoder.onnx")
     fig["meta_sizes"] = [list(v) for v in ref.meta_sizes]
     meta_diff = meta_scale = 0.0
     meta_ious = []
     for r in ref.rounds:
         for p, hw, m_t, i_t, l_t in r.meta:
-            feed = {"image_embeddings": emb_t, "point_coords": r.coords[p:p + 1], "point_labels": r.labels[p:p + 1],
-                    "mask_input": r.mask_in[p:p + 1], "has_mask_input": r.has[p:p + 1],
-                    "orig_im_size": np.array(hw, np.float32)}
+            feed = {"image_embeddings": ref.embedding, "point_coords": r.coords[p:p + 1],
+                    "point_labels": r.labels[p:p + 1], "mask_input": r.mask_in[p:p + 1],
+                    "has_mask_input": r.has[p:p + 1], "orig_im_size": np.array(hw, np.float32)}
             m_o, i_o, l_o = meta.run(None, feed)
             meta_diff = max(meta_diff, max_abs(m_o, m_t), max_abs(i_o, i_t), max_abs(l_o, l_t))
             meta_scale = max(meta_scale, float(np.abs(m_t).max()))
-            if precision != "fp32":
+            if chain_ious:
                 m_e = meta.run(None, {**feed, "image_embeddings": emb_o})[0]
-                meta_ious.append(mask_ious(m_e[0], m_t[0]).mean())
+                meta_ious.append(float(mask_ious(m_e[0] > 0, m_t[0] > 0).mean()))
     fig["meta_masks_max_abs_diff"] = meta_diff
+    fig["meta_scale"] = meta_scale
+    return meta_ious
 
+
+def _max_checks(fig: dict, tol: Thresholds, *, encoder: str = "image embedding") -> list[Check]:
+    return [
+        Check(f"{encoder} max |diff|", fig["embedding_max_abs_diff"], tol.atol + tol.rtol * fig["embedding_scale"],
+              "max"),
+        Check("low-res mask logits max |diff|", fig["low_res_masks_max_abs_diff"],
+              tol.atol + tol.rtol * fig["masks_scale"], "max"),
+        Check("IoU predictions max |diff|", fig["iou_predictions_max_abs_diff"], tol.atol + tol.rtol, "max"),
+        Check("Meta decoder outputs max |diff|", fig["meta_masks_max_abs_diff"],
+              tol.atol + tol.rtol * max(fig["meta_scale"], fig["masks_scale"]), "max"),
+    ]
+
+
+def int8_gate_checks(gate: dict) -> list[Check]:
+    """The int8 gate's figures (held-out images, one box and one point per object) as checks."""
+    limit = gate["threshold"]
+    note = f"{gate['images']} held-out image(s), {gate['objects']} objects"
+    return [Check("int8 gate: box mean mask IoU vs fp32", gate["box_mean_iou"], limit, "min",
+                  f"min {gate['box_min_iou']:.4f}; {note}"),
+            Check("int8 gate: point mean mask IoU vs fp32", gate["point_mean_iou"], limit, "min",
+                  f"min {gate['point_min_iou']:.4f}; {note}")]
+
+
+def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision: str, baked: bool,
+               single_mask: bool, multimask: bool, thresholds: Thresholds, progress=None,
+               int8: dict | None = None, source_encoder: Path | None = None) -> ParityReport:
+    """Compare ``folder``'s encoder.onnx, decoder_lowres.onnx and decoder.onnx with ``sam`` (fp32 PyTorch).
+
+    int8: the float decoders and the fp32 encoder that was quantized (``source_encoder``) are held to the fp32
+    tolerances; the int8 encoder to the gate figures ``int8`` of :mod:`peft_export.export.quantize`."""
+    step = progress or (lambda msg: None)
+    step("parity: PyTorch reference")
+    ref = torch_reference(sam.eval(), preprocess_spec, baked=baked, single_mask=single_mask, multimask=multimask)
+    report = ParityReport(precision, ref.sample)
+    fig = report.figures
+    fig.update({"reference": "PyTorch fp32", "prompts": sum(len(r.coords) for r in ref.rounds),
+                "meta_decoder_runs": sum(len(r.meta) for r in ref.rounds), "baked_preprocessing": baked})
+    step("parity: encoder")
+    emb_o = _encoder_figures(folder, ref, fig, source_encoder)
+    step("parity: decoder_lowres")
+    _lowres_figures(folder, ref, emb_o, int(preprocess_spec.img_size), multimask, fig)
+    step("parity: decoder (Meta signature)")
+    meta_ious = _meta_figures(folder, ref, emb_o, precision == "fp16", fig)
     tol = thresholds
+    fig["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol}
     if precision == "fp32":
-        report.checks += [
-            Check("image embedding max |diff|", fig["embedding_max_abs_diff"], tol.atol + tol.rtol * escale, "max"),
-            Check("low-res mask logits max |diff|", lr_diff, tol.atol + tol.rtol * mscale, "max"),
-            Check("IoU predictions max |diff|", iou_diff, tol.atol + tol.rtol, "max"),
-            Check("Meta decoder outputs max |diff|", meta_diff, tol.atol + tol.rtol * max(meta_scale, mscale), "max"),
-        ]
-        fig["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol}
+        report.checks += _max_checks(fig, tol)
+    elif precision == "int8":
+        report.checks += _max_checks(fig, tol, encoder="fp32 encoder (before int8) embedding")
+        report.checks += int8_gate_checks(int8)
+        fig["iou_threshold"] = int8["threshold"]
     else:
         limit = tol.iou_for(precision)
         report.checks += [

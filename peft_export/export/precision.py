@@ -6,9 +6,7 @@
   LayerNormalization op: ``(x - mean)**2`` exceeds 65504 for activations above ~256), LayerNormalization
   itself, and Softmax. The result is an explicitly typed graph, which is what TensorRT 11 builds fp16 engines
   from.
-- int8: ONNX Runtime's dynamic quantization (weights int8, activations quantised at run time) of the MatMuls,
-  for CPUs and edge devices (current ``quantize_dynamic`` API; TensorRT cannot build these graphs). The exporter
-  applies it to the image encoder only; the prompt decoders stay float32 (see ``exporter``).
+- int8: see :mod:`peft_export.export.quantize` (static, calibrated, accuracy-aware; the encoder only).
 - simplify: onnxslim (optional extra ``peft-export[simplify]``).
 Every result goes through the same parity gate as the fp32 graphs.
 """
@@ -18,12 +16,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
-from pathlib import Path
 
 import onnx
 
-from peft_export.errors import MissingDependencyError, PeftExportError
+from peft_export.errors import MissingDependencyError, PeftExportError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +27,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # kept in float32 in fp16 graphs (in addition to onnxruntime's default block list)
 FP16_FP32_OPS = ("ReduceMean", "ReduceSum", "Pow", "Sqrt", "Div", "LayerNormalization", "Softmax", "Exp", "Erf",
                  "Resize", "CumSum", "Sin", "Cos")
-INT8_OPS = ("MatMul",)
 
 
 @contextlib.contextmanager
@@ -39,16 +34,6 @@ def _quiet():
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         yield buf
-
-
-@contextlib.contextmanager
-def _no_root_warnings():
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -87,39 +72,6 @@ def _dedupe_nodes(graph: onnx.GraphProto) -> None:
         graph.node.extend(keep)
 
 
-def to_int8(model: onnx.ModelProto, *, per_channel: bool = True, external_data: bool = False) -> onnx.ModelProto:
-    """ONNX Runtime dynamic quantization (int8 weights) of the MatMuls."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The exporter records value_info for initializers too. The quantizer rewrites Gemm(transB=1) as MatMul with
-    # a transposed weight of the same name, and the stale (out, in) entry then fails its shape inference.
-    model = _without_initializer_value_info(model)
-    with tempfile.TemporaryDirectory(prefix="peft-export-int8-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, src, save_as_external_data=external_data)
-        with _quiet(), _no_root_warnings():  # it logs "consider pre-processing" on the root logger
-            try:
-                quantize_dynamic(src, dst, op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
-                                 weight_type=QuantType.QInt8, use_external_data_format=external_data)
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise PeftExportError(f"onnxruntime int8 quantization failed: {first}") from exc
-        return onnx.load_model(dst, load_external_data=True)
-
-
-def _without_initializer_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    inits = {i.name for i in model.graph.initializer}
-    stale = [v for v in model.graph.value_info if v.name in inits]
-    if not stale:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep = [v for v in out.graph.value_info if v.name not in inits]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(keep)
-    return out
-
-
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim's graph simplification (constant folding, dead-code and redundant-op removal)."""
     try:
@@ -130,8 +82,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             out = onnxslim.slim(model)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PeftExportError(f"onnxslim failed: {first}") from exc
+            raise PeftExportError(f"onnxslim failed: {first_line(exc)}") from exc
     if out is None:
         raise PeftExportError("onnxslim returned no model")
     return out

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.errors import DataError, MissingDependencyError, UsageError
+from peft_export.errors import DataError, MissingDependencyError, UsageError, first_line
 from peft_export.imaging import PreprocessSpec
 from peft_export.manifest import Manifest, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs
+
+log = logging.getLogger(__name__)
 
 
 def _import_ort():
@@ -32,6 +35,37 @@ def default_providers(ort) -> list[str]:
 def _cuda_usable() -> bool:
     """onnxruntime-gpu lists CUDA even without a GPU; only offer it when a device node exists."""
     return Path("/dev/nvidia0").exists() or (os.name == "nt" and bool(os.environ.get("CUDA_PATH")))
+
+
+def ort_session(model, providers: list[str] | None = None, *, threads: int | None = None, optimize: bool = True):
+    """An ONNX Runtime session on ``model`` (a path, serialized bytes or an ``onnx.ModelProto``), quiet, CPU unless
+    ``providers`` says otherwise. ``optimize=False`` runs the graph as written (Q/DQ pairs as float arithmetic)."""
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    src = str(src) if isinstance(src, os.PathLike) else src
+    return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def warn_int8_cpu(manifest: Manifest) -> str | None:
+    """For an int8 export: a warning (logged, and returned) when this CPU's int8 class differs from the one its
+    gate ran on. Its weights are 7-bit, so the kernels should agree; the gate's figures were measured there."""
+    from peft_export.runtime.cpu import cpu_info
+
+    int8 = (manifest.extra or {}).get("int8") if manifest.precision == "int8" else None
+    gate_cpu = (int8 or {}).get("cpu_at_gate") or {}
+    here = cpu_info()
+    if not gate_cpu or gate_cpu.get("int8_class") == here["int8_class"]:
+        return None
+    msg = (f"this int8 export was gated on a {gate_cpu.get('int8_class')} CPU ({gate_cpu.get('model')}); this one is "
+           f"{here['int8_class']} ({here['model']}): its gate figures were not measured here")
+    log.warning(msg)
+    return msg
 
 
 class OnnxBackend:
@@ -56,18 +90,14 @@ class OnnxBackend:
         if missing:
             raise UsageError(f"onnxruntime provider {missing[0]} is not available here (available: "
                              f"{', '.join(available)})")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
         self.providers = providers
         try:
-            self.encoder = ort.InferenceSession(str(m.path_of(self.out_dir, "encoder")), opts, providers=providers)
-            self.decoder = ort.InferenceSession(str(m.path_of(self.out_dir, "decoder_lowres")), opts,
-                                                providers=providers)
+            self.encoder = ort_session(m.path_of(self.out_dir, "encoder"), providers, threads=threads)
+            self.decoder = ort_session(m.path_of(self.out_dir, "decoder_lowres"), providers, threads=threads)
         except Exception as exc:  # ORT raises its own exception types for broken graphs
-            raise DataError(f"{self.out_dir}: onnxruntime cannot load the export: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"{self.out_dir}: onnxruntime cannot load the export: {first_line(exc)}") from None
         self._enc_input = self.encoder.get_inputs()[0].name
+        warn_int8_cpu(m)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """``x``: the preprocessed (1, 3, S, S) float32 tensor, or for a baked graph the resized uint8 image."""

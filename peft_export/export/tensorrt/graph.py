@@ -20,9 +20,7 @@ from peft_export.errors import DataError, MissingDependencyError
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # ONNX Runtime's integer-operator int8 formats (quantize_dynamic; QOperator format): CPU kernels, no TensorRT
 INTEGER_INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
-SYMMETRIC_INT8_HINT = ("re-export with symmetric int8 quantization (ONNX Runtime: quantize_static(..., "
-                       "activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options="
-                       "{'ActivationSymmetric': True, 'WeightSymmetric': True}))")
+SYMMETRIC_INT8_HINT = "re-export with --precision int8 --int8-target tensorrt"
 _RUNTIME = "computed at run time"  # a zero point that is not a constant of the graph
 
 

@@ -1,0 +1,491 @@
+"""Static, calibrated, accuracy-aware int8 of the image encoder (QDQ), the same on every x86 CPU (torch-free).
+
+1. **Calibrate**: ONNX Runtime's static quantizer (``quantize_static``, QDQ format, MinMax ranges) runs the fp32
+   encoder on the calibration images (:mod:`peft_export.export.calibration`) and records every activation range.
+2. **Format**: weights int8, symmetric, per output channel, with 7-bit range (``reduce_range``: |w| <= 64) so that
+   x86 kernels without VNNI cannot saturate (see :mod:`peft_export.runtime.cpu`): results do not depend on the CPU.
+   Activations per tensor: uint8 asymmetric for ONNX Runtime on CPUs (``target="cpu"``), or int8 symmetric
+   (zero point 0) for TensorRT's explicit quantization (``target="tensorrt"``; ONNX Runtime runs it too).
+3. **Sensitivity**: one pass over a few calibration images measures, for every MatMul/Conv, the relative error
+   of its own output when its inputs and weights are quantized (fake quantization with the calibrated ranges).
+4. **Mixed precision**: the most sensitive nodes stay float. A binary search finds the fewest float nodes for
+   which the gate passes: int8 encoder + float decoder vs the fp32 encoder + the same decoder, on the held-out
+   gate images, one box and one point prompt per object; the gate value is the smaller of the box and the point
+   mean mask IoU. When only an all-float encoder passes, the export is refused with the best reachable IoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from peft_export.errors import MissingDependencyError, PeftExportError, UsageError, VerificationError, first_line
+from peft_export.export.calibration import CalibrationSets, CalImage
+from peft_export.imaging import PreprocessSpec
+from peft_export.metrics import mask_ious
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "tensorrt")
+MODES = ("static", "dynamic")
+OP_TYPES = ("MatMul", "Conv")
+WEIGHT_QMAX = 64  # reduce_range: int8 weights in [-64, 64]
+SENSITIVITY_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    mode: str = "static"  # static: calibrated QDQ; dynamic: activation ranges measured at run time (MatMul)
+    target: str = "cpu"
+    calibration: str | None = None  # None: the checkpoint's training data, else sample:dsb2018
+    calibration_images: int = 16
+    gate_images: int = 8
+    gate_objects: int = 16  # prompts per kind and gate image (evenly chosen over the labelled objects)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown --int8-mode {self.mode!r}; choose static or dynamic")
+        if self.mode == "dynamic" and self.target == "tensorrt":
+            raise UsageError("--int8-mode dynamic runs on ONNX Runtime CPUs only; TensorRT needs --int8-mode static")
+        if self.target not in TARGETS:
+            raise UsageError(f"unknown --int8-target {self.target!r}; choose cpu or tensorrt")
+        if min(self.calibration_images, self.gate_images, self.gate_objects) < 1:
+            raise UsageError("--calibration-images, --gate-images and the gate's objects per image must be >= 1")
+
+
+@dataclass
+class GateFigures:
+    box_mean: float
+    box_min: float
+    point_mean: float
+    point_min: float
+    embedding_rel_error: float
+    objects: int
+
+    @property
+    def value(self) -> float:
+        return min(self.box_mean, self.point_mean)
+
+    def to_dict(self) -> dict:
+        return {"box_mean_iou": self.box_mean, "box_min_iou": self.box_min, "point_mean_iou": self.point_mean,
+                "point_min_iou": self.point_min, "embedding_rel_error": self.embedding_rel_error,
+                "objects": self.objects, "gate_value": self.value}
+
+
+@dataclass
+class Int8Result:
+    model: onnx.ModelProto
+    gate: GateFigures
+    threshold: float
+    record: dict = field(default_factory=dict)  # the manifest's extra["int8"]
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+
+def encoder_inputs(images: list[CalImage], spec: PreprocessSpec, baked: bool) -> list[tuple[np.ndarray, object]]:
+    """(encoder feed, geometry) per image, exactly as the runtime prepares them."""
+    from peft_export.runtime.backend import prepare_input
+
+    be = SimpleNamespace(preprocess=spec, baked=baked)
+    return [prepare_input(be, c.image, name=c.name) for c in images]
+
+
+def gate_prompts(image: CalImage, prepared, multimask: bool, max_objects: int = 16
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """Box and point prompts (model space) for a gate image: one per labelled object (at most ``max_objects``,
+    evenly chosen), else a 4x4 grid."""
+    from peft_export.data.objects import Objects, objects_from_labels
+    from peft_export.runtime.evaluate import prompts_for
+
+    if image.labels is not None:
+        objects = objects_from_labels(image.labels)
+    else:
+        h, w = prepared.original_hw
+        xs, ys = np.meshgrid((np.arange(4) + 0.5) * w / 4, (np.arange(4) + 0.5) * h / 4)
+        pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+        half = np.float32(max(h, w) / 16)
+        boxes = np.concatenate([np.maximum(pts - half, 0), np.minimum(pts + half, [w, h])], 1).astype(np.float32)
+        objects = Objects(np.arange(1, 17), boxes, pts)
+    if len(objects) > max_objects:
+        keep = np.unique(np.linspace(0, len(objects) - 1, max_objects).round().astype(int))
+        objects = Objects(objects.ids[keep], objects.boxes[keep], objects.points[keep])
+    return {kind: prompts_for(objects, prepared, kind, multimask) for kind in ("box", "point")}
+
+
+class _Chain:
+    """An encoder session and the float decoder: image -> masks at the original size for the gate prompts."""
+
+    def __init__(self, encoder, decoder, mask_size: tuple[int, int]):
+        self.encoder, self.decoder, self.mask_size = encoder, decoder, mask_size
+        self.enc_input = encoder.get_inputs()[0].name
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        return self.encoder.run(None, {self.enc_input: x})[0]
+
+    def decode(self, embedding, coords, labels, mask_input=None):
+        from peft_export.runtime.backend import mask_prompt_inputs
+
+        mi, has = mask_prompt_inputs(len(coords), mask_input, self.mask_size)
+        return self.decoder.run(["low_res_masks", "iou_predictions"], {
+            "image_embeddings": embedding, "point_coords": coords, "point_labels": labels, "mask_input": mi,
+            "has_mask_input": has})
+
+
+@dataclass
+class _Reference:
+    feeds: list
+    prompts: list
+    embeddings: list
+    masks: list  # per image: {kind: (N, H, W) bool}
+
+
+def _masks(chain: _Chain, emb, prepared, prompts) -> dict[str, np.ndarray]:
+    from peft_export.runtime.evaluate import predict_objects
+
+    return {kind: predict_objects(chain, emb, prepared, c, lab, mm)[0] for kind, (c, lab, mm) in prompts.items()}
+
+
+def gate_figures(chain: _Chain, ref: _Reference) -> GateFigures:
+    per = {"box": [], "point": []}
+    errs = []
+    for (x, prepared), prompts, emb_ref, masks_ref in zip(ref.feeds, ref.prompts, ref.embeddings, ref.masks):
+        emb = chain.embed(x)
+        errs.append(float(np.linalg.norm(emb - emb_ref) / max(np.linalg.norm(emb_ref), 1e-12)))
+        got = _masks(chain, emb, prepared, prompts)
+        for kind in per:
+            per[kind].append(mask_ious(got[kind], masks_ref[kind]))
+    box, point = np.concatenate(per["box"]), np.concatenate(per["point"])
+    return GateFigures(float(box.mean()), float(box.min()), float(point.mean()), float(point.min()),
+                       float(np.mean(errs)), len(box))
+
+
+# ---- ONNX Runtime's quantizer ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # it logs "consider pre-processing" on the root logger
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over prepared encoder feeds."""
+
+    def __init__(self, name: str, feeds: list[np.ndarray]):
+        self.name, self.feeds, self.i = name, feeds, 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return {self.name: self.feeds[self.i - 1]}
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def _ort_quantization():
+    import inspect
+
+    try:
+        from onnxruntime import quantization as q
+    except ImportError:
+        raise MissingDependencyError("int8 export needs onnxruntime's quantization tools: pip install onnxruntime") \
+            from None
+    if "calibration_cache_path" not in inspect.signature(q.quantize_static).parameters:
+        raise MissingDependencyError("int8 export needs a newer onnxruntime (quantize_static with "
+                                     "calibration_cache_path): pip install -U onnxruntime")
+    return q
+
+
+class Quantizer:
+    """``quantize_static`` on one fp32 encoder, calibrating once and reusing the ranges for every variant."""
+
+    def __init__(self, model: onnx.ModelProto, workdir: Path, target: str, mode: str = "static"):
+        self.q = _ort_quantization()
+        self.dir = workdir
+        self.src = workdir / "fp32.onnx"
+        model = without_initializer_value_info(model)
+        big = model.ByteSize() > 1800 * 2**20
+        onnx.save_model(model, self.src, save_as_external_data=big)
+        self.cache = workdir / "calibration.json"
+        self.target, self.mode = target, mode
+        self.input_name = model.graph.input[0].name
+        self.count = 0
+
+    def settings(self) -> dict:
+        q = self.q
+        sym = self.target == "tensorrt"
+        return dict(quant_format=q.QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=q.QuantType.QInt8 if sym else q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                    op_types_to_quantize=list(OP_TYPES), calibrate_method=q.CalibrationMethod.MinMax,
+                    # TensorRT's Q/DQ are int8 only: its biases stay float (no int32 bias DequantizeLinear)
+                    extra_options={"ActivationSymmetric": sym, "WeightSymmetric": True, "QuantizeBias": not sym})
+
+    def calibrate(self, feeds: list[np.ndarray]) -> Path:
+        """Record the activation ranges (the cache every later call reuses); returns the all-int8 QDQ model."""
+        return self.quantize([], feeds)
+
+    def quantize(self, exclude: list[str], feeds: list[np.ndarray] | None = None) -> Path:
+        """The int8 model with the nodes in ``exclude`` left float (``feeds``: calibrate, static QDQ)."""
+        self.count += 1
+        dst = self.dir / f"int8_{self.count}.onnx"
+        reader = _Reader(self.input_name, feeds) if feeds is not None else None
+        with _quiet():
+            try:
+                if self.mode == "dynamic" and feeds is None:
+                    self.q.quantize_dynamic(str(self.src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                                            reduce_range=True, weight_type=self.q.QuantType.QInt8,
+                                            nodes_to_exclude=list(exclude))
+                else:
+                    self.q.quantize_static(str(self.src), str(dst), reader, nodes_to_exclude=list(exclude),
+                                           calibration_cache_path=str(self.cache), **self.settings())
+            except Exception as exc:  # the quantizer raises many types; one line for the user
+                raise PeftExportError(f"onnxruntime int8 quantization failed: {first_line(exc)}") from exc
+        return dst
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        data = load_tensors_data(self.cache)
+        out = {}
+        for name, td in data.data.items():
+            lo, hi = td.range_value if hasattr(td, "range_value") else td
+            out[name] = (float(np.asarray(lo).min()), float(np.asarray(hi).max()))
+        return out
+
+
+def without_initializer_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter records value_info for initializers too; the quantizer rewrites some weights under the same
+    name, and a stale entry then fails its shape inference: drop them."""
+    inits = {i.name for i in model.graph.initializer}
+    stale = [v for v in model.graph.value_info if v.name in inits]
+    if not stale:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [v for v in out.graph.value_info if v.name not in inits]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep)
+    return out
+
+
+# ---- per-node sensitivity ----------------------------------------------------------------------------
+
+def node_module(node: onnx.NodeProto) -> str:
+    """The PyTorch module a node came from (the exporter's name scopes), or ''."""
+    import ast
+
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in ast.literal_eval(p.value) if s]
+            except (ValueError, SyntaxError):
+                return ""
+            return scopes[-2] if len(scopes) > 1 else (scopes[0] if scopes else "")
+    return ""
+
+
+def _fake_quant_weight(w: np.ndarray, axis: int) -> np.ndarray:
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.maximum(np.abs(w).max(axis=red, keepdims=True) / WEIGHT_QMAX, 1e-12)
+    return (np.clip(np.round(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX) * scale).astype(np.float32)
+
+
+def _act_params(lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        return np.array(max(-lo, hi) / 127 or 1e-12, np.float32), np.array(0, np.int8)
+    scale = (hi - lo) / 255 or 1e-12
+    return np.array(scale, np.float32), np.array(round(-lo / scale), np.uint8)
+
+
+def sensitivity_graph(model: onnx.ModelProto, ranges: dict, symmetric: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` plus, for every MatMul/Conv, a copy on fake-quantized inputs and weights and two scalar outputs:
+    ``||y_q - y||^2`` and ``||y||^2``. Returns the graph and the candidate node names."""
+    g = onnx.ModelProto()
+    g.CopyFrom(model)
+    graph = g.graph
+    inits = {i.name: i for i in graph.initializer}
+    extra_nodes, extra_inits, names = [], [], []
+    mk = helper.make_node
+    for node in list(graph.node):
+        if node.op_type not in OP_TYPES or not node.name:
+            continue
+        p = f"sens/{node.name}/"
+        ins = []
+        for k, x in enumerate(node.input):
+            if x in inits and k == 1:
+                w = numpy_helper.to_array(inits[x])
+                extra_inits.append(numpy_helper.from_array(_fake_quant_weight(w, 0 if node.op_type == "Conv" else
+                                                                              w.ndim - 1), p + "w"))
+                ins.append(p + "w")
+            elif x in inits or not x or x not in ranges:
+                ins.append(x)
+            else:
+                s, z = _act_params(*ranges[x], symmetric)
+                extra_inits += [numpy_helper.from_array(s, p + f"s{k}"), numpy_helper.from_array(z, p + f"z{k}")]
+                extra_nodes += [mk("QuantizeLinear", [x, p + f"s{k}", p + f"z{k}"], [p + f"q{k}"]),
+                                mk("DequantizeLinear", [p + f"q{k}", p + f"s{k}", p + f"z{k}"], [p + f"dq{k}"])]
+                ins.append(p + f"dq{k}")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = p + "node"
+        del copy.input[:], copy.output[:]
+        copy.input.extend(ins)
+        copy.output.append(p + "y")
+        extra_nodes += [copy, mk("Sub", [p + "y", node.output[0]], [p + "d"]),
+                        mk("ReduceSumSquare", [p + "d"], [p + "err"], keepdims=0),
+                        mk("ReduceSumSquare", [node.output[0]], [p + "ref"], keepdims=0)]
+        graph.output.extend([helper.make_tensor_value_info(p + "err", onnx.TensorProto.FLOAT, []),
+                             helper.make_tensor_value_info(p + "ref", onnx.TensorProto.FLOAT, [])])
+        names.append(node.name)
+    graph.node.extend(extra_nodes)
+    graph.initializer.extend(extra_inits)
+    return g, names
+
+
+def node_sensitivity(model: onnx.ModelProto, ranges: dict, feeds: list[np.ndarray], symmetric: bool
+                     ) -> dict[str, float]:
+    """Relative error of each MatMul/Conv output under int8 quantization of its own inputs and weights."""
+    from peft_export.runtime.onnx_backend import ort_session
+
+    graph, names = sensitivity_graph(model, ranges, symmetric)
+    sess = ort_session(graph)
+    outs = [o.name for o in sess.get_outputs()]
+    err = dict.fromkeys(names, 0.0)
+    for x in feeds:
+        r = dict(zip(outs, sess.run(None, {model.graph.input[0].name: x})))
+        for n in names:
+            err[n] += float(np.sqrt(r[f"sens/{n}/err"] / max(float(r[f"sens/{n}/ref"]), 1e-30))) / len(feeds)
+    return err
+
+
+# ---- the search --------------------------------------------------------------------------------------
+
+def _candidates(model: onnx.ModelProto, mode: str) -> set[str]:
+    """Nodes the quantizer may turn int8: MatMul/Conv (static), MatMul with constant weights (dynamic)."""
+    inits = {i.name for i in model.graph.initializer}
+    if mode == "dynamic":
+        return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    return {n.name for n in model.graph.node if n.op_type in OP_TYPES}
+
+
+class _Search:
+    """Gate trials over 'the k most sensitive nodes stay float', binary-searched for the smallest passing k."""
+
+    def __init__(self, quant: Quantizer, ref: _Reference, decoder, mask_size, say):
+        from peft_export.runtime.onnx_backend import ort_session
+
+        self.quant, self.ref, self.dec, self.mask_size, self.say = quant, ref, decoder, mask_size, say
+        self.session = ort_session
+        self.order: list[str] = []
+        self.trials: dict[int, tuple[GateFigures, Path]] = {}
+
+    def trial(self, k: int, path: Path | None = None) -> GateFigures:
+        path = path or self.quant.quantize(self.order[:k])
+        figures = gate_figures(_Chain(self.session(path), self.dec, self.mask_size), self.ref)
+        self.trials[k] = (figures, path)
+        self.say(f"int8: {k} of {len(self.order)} node(s) float -> gate {figures.value:.4f}")
+        return figures
+
+    def smallest_passing(self, threshold: float, first: GateFigures) -> int:
+        if first.value >= threshold:
+            return 0
+        lo, hi = 0, len(self.order)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.trial(mid).value >= threshold:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+
+def _reference(fp32: _Chain, sets: CalibrationSets, spec, baked: bool, multimask: bool,
+               max_objects: int) -> _Reference:
+    gate_in = encoder_inputs(sets.gate, spec, baked)
+    prompts = [gate_prompts(c, prep, multimask, max_objects) for c, (_, prep) in zip(sets.gate, gate_in)]
+    embs = [fp32.embed(x) for x, _ in gate_in]
+    masks = [_masks(fp32, e, prep, p) for e, (_, prep), p in zip(embs, gate_in, prompts)]
+    return _Reference(gate_in, prompts, embs, masks)
+
+
+def quantize_encoder(encoder: onnx.ModelProto, decoder: onnx.ModelProto, spec: PreprocessSpec,
+                     sets: CalibrationSets, *, threshold: float, options: Int8Options, baked: bool,
+                     multimask: bool, mask_size: tuple[int, int],
+                     progress: Callable[[str], None] | None = None) -> Int8Result:
+    """The int8 encoder with the fewest float nodes that passes the gate; see the module docstring."""
+    from peft_export.runtime.cpu import cpu_info
+    from peft_export.runtime.onnx_backend import ort_session
+
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peft-export-int8-") as tmp:
+        quant = Quantizer(encoder, Path(tmp), options.target, options.mode)
+        dec = ort_session(decoder)
+        ref = _reference(_Chain(ort_session(quant.src), dec, mask_size), sets, spec, baked, multimask,
+                         options.gate_objects)
+        cal = [x for x, _ in encoder_inputs(sets.calibration, spec, baked)]
+        say(f"int8: calibrating on {len(cal)} image(s)")
+        full = quant.calibrate(cal)
+        say("int8: per-node sensitivity")
+        sens = node_sensitivity(encoder, quant.ranges(), cal[:SENSITIVITY_IMAGES], options.target == "tensorrt")
+        allowed = _candidates(encoder, options.mode)
+        sens = {n: e for n, e in sens.items() if n in allowed}
+        search = _Search(quant, ref, dec, mask_size, say)
+        search.order = sorted(sens, key=lambda n: -sens[n])
+        first = search.trial(0, full if options.mode == "static" else None)
+        k = search.smallest_passing(threshold, first)
+        if k >= len(search.order):
+            best = max(search.trials.values(), key=lambda t: t[0].value)[0]
+            raise VerificationError(
+                f"the int8 gate (box and point mean mask IoU vs fp32 >= {threshold:g}) cannot be met with any "
+                f"encoder node in int8: the best reachable was {best.value:.4f} (box {best.box_mean:.4f}, point "
+                f"{best.point_mean:.4f}); lower --int8-iou or export fp32/fp16; nothing written")
+        figures, path = search.trials[k]
+        model = onnx.load_model(path, load_external_data=True)
+    record = _record(model, encoder, sens, search.order[:k], figures, threshold, options, sets, search.trials,
+                     time.perf_counter() - t0, cpu_info())
+    return Int8Result(model, figures, threshold, record)
+
+
+def _record(model, encoder, sens, floats, figures, threshold, options, sets, trials, seconds, cpu) -> dict:
+    by_name = {n.name: n for n in encoder.graph.node}
+    rank = {n: i + 1 for i, n in enumerate(sorted(sens, key=lambda n: -sens[n]))}
+    counts = {op: sum(1 for n in model.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return {
+        "format": "qdq" if options.mode == "static" else "dynamic", "mode": options.mode, "target": options.target,
+        "quantizer": f"onnxruntime.quantization.quantize_{options.mode}",
+        "weights": f"int8 symmetric per output channel, 7-bit range [-{WEIGHT_QMAX}, {WEIGHT_QMAX}] (reduce_range)",
+        "activations": "uint8 asymmetric per tensor, range measured at run time" if options.mode == "dynamic"
+        else "int8 symmetric per tensor (zero point 0)" if options.target == "tensorrt"
+        else "uint8 asymmetric per tensor, calibrated",
+        "calibration": {**sets.describe(), "method": "MinMax", "notes": sets.notes},
+        "ops": ["MatMul"] if options.mode == "dynamic" else list(OP_TYPES), "graphs": ["encoder"],
+        "float32_graphs": ["decoder", "decoder_lowres"],
+        "candidates": len(sens), "quantized_nodes": len(sens) - len(floats), "qdq_nodes": counts,
+        "float_nodes": [{"node": n, "op": by_name[n].op_type, "module": node_module(by_name[n]),
+                         "sensitivity_rank": rank[n], "relative_error": round(sens[n], 5),
+                         "reason": f"quantizing it alone gives a {sens[n]:.1%} output error (rank {rank[n]} of "
+                                   f"{len(sens)}); kept float so that the gate passes"} for n in floats],
+        "gate": {**figures.to_dict(), "threshold": threshold, "rule": "min(box, point) mean mask IoU vs the fp32 "
+                 "encoder with the same float decoder, on the gate images", "images": len(sets.gate)},
+        "search": [{"float_nodes": k, **t[0].to_dict()} for k, t in sorted(trials.items())],
+        "cpu_at_gate": cpu, "seconds": round(seconds, 1),
+    }
