@@ -5,7 +5,7 @@ Cases, timed round-robin (one call of each case per round, so that machine load 
   torch_peft       PyTorch eager, the unmerged PEFT model (adapters as separate modules)
   ort_vanilla      ONNX Runtime, the un-PEFT model's fp32 export
   ort_merged_fp32  ONNX Runtime, the merged PEFT model's fp32 export (merge-and-export)
-  ort_merged_int8  ONNX Runtime, the merged PEFT model's int8 export (encoder MatMuls quantized)
+  ort_merged_int8  ONNX Runtime, the merged PEFT model's int8 export (static QDQ; gate at 0: every node int8)
 Mask IoU of each precision vs PyTorch fp32 is the parity gate's figure (DSB2018 tile, whole ONNX chain).
 
     python benchmarks/export_latency.py                      # lite_medsam + LoRA late:4 (perturbed adapters)
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
+    from peft_export.data.dataset import sample_image
     from peft_export.export import ExportOptions, Thresholds, export_model
     from peft_export.export.exporter import Prepared
-    from peft_export.export.parity import sample_image
     from peft_export.imaging import preprocess
     from peft_export.models.loading import load_model
     from peft_export.peft import merge_peft
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     vanilla = loaded.model.eval()
     peft_model, config = _perturbed_peft_model(vanilla, spec.name, args.peft, args.blocks, 1, args.scale)
     merged = merge_peft(copy.deepcopy(peft_model)).eval()
-    image, sample = sample_image(spec.preprocess)
+    image, sample = sample_image(spec.preprocess.img_size)
     x = preprocess(image, spec.preprocess).tensor
 
     tmp = Path(tempfile.mkdtemp(prefix="export-latency-"))
@@ -82,12 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                                      ExportOptions(precision=prec, thresholds=loose))
     export_seconds = time.perf_counter() - t_start
 
-    def session(folder: Path):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        return ort.InferenceSession(str(folder / "encoder.onnx"), opts, providers=["CPUExecutionProvider"])
+    from peft_export.runtime.onnx_backend import ort_session
 
-    sessions = {k: session(tmp / k) for k in exports}
+    sessions = {k: ort_session(tmp / k / "encoder.onnx") for k in exports}
     xt = torch.from_numpy(x)
 
     def torch_call(m):

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from peft_export import __version__
-from peft_export.errors import PeftExportError
+from peft_export.errors import PeftExportError, first_line
 from peft_export_cli import common
 from peft_export_cli.commands import (
     benchmark,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless debugging
         if os.environ.get("PEFT_EXPORT_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, default="")
         common.err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} "
                          "(set PEFT_EXPORT_DEBUG=1 for the traceback and please report it)", highlight=False)
         return 1

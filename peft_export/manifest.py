@@ -25,7 +25,7 @@ from typing import Any
 
 from peft_export.data.io import atomic_write
 from peft_export.data.samples import sha256_file
-from peft_export.errors import DataError, VerificationError
+from peft_export.errors import DataError, VerificationError, first_line
 from peft_export.imaging import PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -81,7 +81,7 @@ def read_json_document(path: Path, fmt: str, max_version: int, what: str) -> dic
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{path} is not valid JSON: {first_line(exc)}") from None
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise DataError(f"{path} is not a peft-export {what}")
     if int(data.get("format_version", 0)) > max_version:

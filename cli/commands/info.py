@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from peft_export import __version__
+from peft_export.errors import first_line
 from peft_export_cli import common
 
 
@@ -37,13 +38,13 @@ def collect() -> dict:
             if torch.cuda.is_available() else []
         devices["cpu_threads"] = torch.get_num_threads()
     except Exception as exc:  # report, do not fail
-        devices["torch_error"] = str(exc).splitlines()[0]
+        devices["torch_error"] = first_line(exc)
     try:
         import onnxruntime as ort
 
         devices["onnxruntime_providers"] = ort.get_available_providers()
     except Exception as exc:
-        devices["onnxruntime_error"] = str(exc).splitlines()[0]
+        devices["onnxruntime_error"] = first_line(exc)
     try:
         import tensorrt  # noqa: F401
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from peft_export.bench.common import machine_info, peak_rss_mib, run_isolated, stats, write_results
 from peft_export.errors import PeftExportError, UsageError
+from peft_export.prompts import box_prompts
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -158,8 +159,7 @@ def _sample(backend, n_prompts: int):
     x0 = rng.uniform(0, w * 0.7, n_prompts)
     y0 = rng.uniform(0, h * 0.7, n_prompts)
     boxes = np.stack([x0, y0, x0 + rng.uniform(8, w * 0.3, n_prompts), y0 + rng.uniform(8, h * 0.3, n_prompts)], 1)
-    coords = prep.transform_boxes(boxes.astype(np.float32)).reshape(-1, 2, 2)
-    labels = np.tile(np.array([[2, 3]], np.float32), (n_prompts, 1))
+    coords, labels = box_prompts(prep.transform_boxes(boxes.astype(np.float32)))
     return x, prep, coords, labels
 
 

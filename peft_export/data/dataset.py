@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from peft_export.data.io import IMAGE_SUFFIXES, read_image
 from peft_export.data.samples import dsb2018, relabel_sequential
-from peft_export.errors import DataError, UsageError
+from peft_export.errors import DataError, PeftExportError, UsageError
 from peft_export.imaging import as_rgb
 
 log = logging.getLogger("peft_export")
@@ -65,6 +65,23 @@ def dsb2018_tiles(split: str = "val") -> list[Sample]:
         lab = remove_small(np.array(labels[y: y + DSB_TILE, x: x + DSB_TILE]), MIN_FRAGMENT_AREA)
         out.append(Sample(img, lab.astype(np.int32), f"dsb2018_{split}_y{y}_x{x}"))
     return out
+
+
+def sample_image(img_size: int) -> tuple[np.ndarray, str]:
+    """The image the merge check, the export parity gate and the engine comparison run on: the DSB2018 validation
+    tile when the sample data is installed, else a fixed synthetic nuclei image of ``img_size`` (uint8)."""
+    try:
+        tile = dsb2018_tiles("val")[0]
+        return tile.image, tile.name
+    except (PeftExportError, ImportError, OSError):
+        rng = np.random.default_rng(0)
+        size = int(img_size)
+        yy, xx = np.mgrid[:size, :size]
+        img = rng.normal(20, 5, (size, size))
+        for _ in range(12):
+            cy, cx, r = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size, rng.uniform(0.04, 0.1) * size
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.uniform(100, 200)
+        return np.clip(img, 0, 255).astype(np.uint8), "synthetic nuclei image (sample data not installed)"
 
 
 def check_labels(labels: np.ndarray, name: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.errors import DataError
+from peft_export.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
@@ -30,8 +30,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             with Image.open(p) as im:
                 arr = np.asarray(im)
     except Exception as exc:  # any decoder failure is a user-facing "unreadable image"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read image {p}: {reason}") from None
+        raise DataError(f"cannot read image {p}: {first_line(exc)}") from None
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # channel-first tif -> channel-last

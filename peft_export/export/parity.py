@@ -1,8 +1,8 @@
 """The parity gate: run the exported graphs with ONNX Runtime and compare them with the PyTorch model.
 
-Sample: the real DSB2018 validation tile when the sample data is installed (else a fixed random image, as
-:func:`peft_export.peft.merge.sample_input` does), the merge check's prompts (three boxes, two points) plus two
-box+point prompts (N = 3 points, so a second point count is exercised), once without and once with a previous
+Sample: :func:`peft_export.data.dataset.sample_image` (the real DSB2018 validation tile when the sample data is
+installed), the merge check's prompts (three boxes, two points) plus two box+point prompts (N = 3 points, so a
+second point count is exercised), once without and once with a previous
 mask as ``mask_input``. ``decoder.onnx`` (Meta's signature) runs a box, a point and a box+point prompt (one at a
 time, with and without mask input) at two original image sizes of different aspect ratios.
 The PyTorch side is computed once per model (cached by a digest of its structure and weights), so exporting one
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peft_export.errors import PeftExportError
 from peft_export.imaging import (
     PreprocessSpec,
     normalize_and_pad,
@@ -89,34 +88,18 @@ class ParityReport:
 
 # ---- sample ------------------------------------------------------------------------------------------
 
-def sample_image(spec: PreprocessSpec, seed: int = 0) -> tuple[np.ndarray, str]:
-    """The raw sample image: the DSB2018 val tile if installed, else the fixed random image of sample_input."""
-    try:
-        from peft_export.data.dataset import dsb2018_tiles
-
-        tile = dsb2018_tiles("val")[0]
-        return tile.image, tile.name
-    except PeftExportError:
-        rng = np.random.default_rng(seed)
-        return (rng.integers(0, 255, (spec.img_size, spec.img_size), dtype=np.uint8),
-                "random image (sample data not installed)")
-
-
 def baked_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """What a baked-preprocessing encoder takes: the resized image, rounded to uint8 (H', W', 3)."""
     return np.clip(np.round(resize_for_model(image, spec)), 0, 255).astype(np.uint8)
 
 
 def sample_prompts(resized_hw: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """Prompt groups (coords (B, N, 2), labels (B, N)) in model-input pixels; and the prompt count."""
+    """Prompt groups (coords (B, N, 2), labels (B, N)) in model-input pixels; and the prompt count: the merge
+    check's boxes and points (N = 2), then two box + point prompts (N = 3)."""
     from peft_export.peft.merge import sample_prompts as merge_prompts
+    from peft_export.prompts import sample_prompts as spread
 
-    c, lab = merge_prompts(resized_hw)
-    h, w = resized_hw
-    box_pt = np.array([[[0.15 * w, 0.15 * h], [0.55 * w, 0.5 * h], [0.3 * w, 0.3 * h]],
-                       [[0.45 * w, 0.4 * h], [0.95 * w, 0.9 * h], [0.6 * w, 0.7 * h]]], np.float32)
-    box_lab = np.array([[2.0, 3.0, 1.0], [2.0, 3.0, 0.0]], np.float32)
-    groups = [(c.numpy().astype(np.float32), lab.numpy().astype(np.float32)), (box_pt, box_lab)]
+    groups = [merge_prompts(resized_hw), spread(resized_hw, 3, 2, seed=2)]
     return groups, sum(len(g[0]) for g in groups)
 
 
@@ -224,7 +207,9 @@ def model_digest(sam) -> str:
 @torch.no_grad()
 def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
     """The expensive part (encoder + every decoder round), cached for the last model by :func:`model_digest`."""
-    image, sample = sample_image(spec)
+    from peft_export.data.dataset import sample_image
+
+    image, sample = sample_image(spec.img_size)
     key = repr((model_digest(sam), sample, spec.to_dict(), baked))
     hit = _REFERENCE_CACHE.get(key)
     if hit is not None:

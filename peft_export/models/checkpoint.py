@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peft_export.errors import CheckpointError
+from peft_export.errors import CheckpointError, first_line
 
 FORMAT = "peft-export"
 FORMAT_VERSION = 1
@@ -59,11 +59,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _torch_load(path: Path) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -83,7 +78,7 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt file?)") from None
     except Exception as exc:  # torch.load raises many types for garbage input (KeyError, EOFError, ...)
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt file?): {_first_line(exc)}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt file?): {first_line(exc)}"
         ) from None
 
 

@@ -3,13 +3,12 @@
 Prompts use Meta's ONNX convention so that every backend computes the same thing:
 ``point_coords`` (B, N, 2) in model-input pixels, ``point_labels`` (B, N) with 1 = positive point,
 0 = negative point, 2/3 = top-left/bottom-right box corner, -1 = padding. A prompt without a box needs one
-padding point (0, 0)/-1 appended (:func:`pad_points` does that), exactly as segment_anything's
+padding point (0, 0)/-1 appended (:func:`peft_export.prompts.pad_points` does that), exactly as segment_anything's
 ``PromptEncoder`` does for points-only prompts.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
@@ -75,20 +74,3 @@ class PromptDecoder(nn.Module):
         b, c, h, w = up.shape
         masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
         return masks, md.iou_prediction_head(iou_token_out)
-
-
-def pad_points(coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Append SAM's padding point (0, 0)/-1 to point-only prompts (B, N, 2)/(B, N)."""
-    coords = np.asarray(coords, np.float32)
-    labels = np.asarray(labels, np.float32)
-    b = coords.shape[0]
-    return (np.concatenate([coords, np.zeros((b, 1, 2), np.float32)], axis=1),
-            np.concatenate([labels, -np.ones((b, 1), np.float32)], axis=1))
-
-
-def box_points(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (B, 4) x0,y0,x1,y1 -> corner points (B, 2, 2) with labels 2, 3."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    coords = boxes.reshape(-1, 2, 2)
-    labels = np.tile(np.array([[2, 3]], np.float32), (boxes.shape[0], 1))
-    return coords, labels

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from peft_export.errors import PeftExportError, VerificationError
+from peft_export.errors import VerificationError
 from peft_export.imaging import PreprocessSpec, preprocess
 from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.peft.core import is_mergeable, merge_peft, peft_state
@@ -41,31 +41,23 @@ class MergeReport:
         return dict(self.__dict__)
 
 
-def sample_input(spec: PreprocessSpec, seed: int = 0) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """A preprocessed sample image: the DSB2018 val tile if installed, else a fixed random image."""
-    try:
-        from peft_export.data.dataset import dsb2018_tiles
+def sample_input(spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """The preprocessed sample image (:func:`peft_export.data.dataset.sample_image`), its name and resized size."""
+    from peft_export.data.dataset import sample_image
 
-        tile = dsb2018_tiles("val")[0]
-        prepared = preprocess(tile.image, spec)
-        return prepared.tensor, tile.name, prepared.resized_hw
-    except PeftExportError:
-        rng = np.random.default_rng(seed)
-        img = rng.integers(0, 255, (spec.img_size, spec.img_size), dtype=np.uint8)
-        prepared = preprocess(img, spec)
-        return prepared.tensor, "random image (sample data not installed)", prepared.resized_hw
+    image, name = sample_image(spec.img_size)
+    prepared = preprocess(image, spec)
+    return prepared.tensor, name, prepared.resized_hw
 
 
-def sample_prompts(resized_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Three boxes and two single points (with padding) spread over the image, in model-input pixels."""
-    h, w = resized_hw
-    boxes = torch.tensor([[0.1 * w, 0.1 * h, 0.4 * w, 0.35 * h], [0.5 * w, 0.45 * h, 0.9 * w, 0.8 * h],
-                          [0.2 * w, 0.6 * h, 0.35 * w, 0.95 * h]])
-    box_coords = boxes.reshape(3, 2, 2)
-    box_labels = torch.tensor([[2.0, 3.0]] * 3)
-    pts = torch.tensor([[[0.3 * w, 0.3 * h], [0.0, 0.0]], [[0.7 * w, 0.6 * h], [0.0, 0.0]]])
-    pt_labels = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
-    return torch.cat([box_coords, pts]), torch.cat([box_labels, pt_labels])
+    from peft_export.prompts import pad_points
+    from peft_export.prompts import sample_prompts as spread
+
+    boxes = spread(resized_hw, 2, 3, seed=0)
+    points = pad_points(*spread(resized_hw, 1, 2, seed=1))
+    return np.concatenate([boxes[0], points[0]]), np.concatenate([boxes[1], points[1]])
 
 
 @torch.no_grad()
@@ -74,7 +66,7 @@ def compare_models(a: Sam, b: Sam, spec: PreprocessSpec) -> dict:
     x, name, resized = sample_input(spec)
     xt = torch.from_numpy(x)
     ea, eb = a.image_encoder(xt), b.image_encoder(xt)
-    coords, labels = sample_prompts(resized)
+    coords, labels = (torch.from_numpy(v) for v in sample_prompts(resized))
     h, w = a.prompt_encoder.image_embedding_size
     mask_in = torch.zeros(len(coords), 1, 4 * h, 4 * w)
     has = torch.zeros(len(coords))

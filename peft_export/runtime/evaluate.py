@@ -22,6 +22,7 @@ import numpy as np
 from peft_export.data.objects import objects_from_labels
 from peft_export.imaging import Prepared, upscale_masks
 from peft_export.metrics import iou_matrix, mask_iou, masks_to_labels, mean_segmentation_accuracy
+from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, select_masks
 
 PROMPT_TYPES = ("box", "point")
@@ -47,14 +48,10 @@ def prompts_for(objects, prepared: Prepared, kind: str, multimask: bool = True
     """Model-space prompts (coords, labels) for every object, and whether to use multimask output."""
     n = len(objects)
     if kind == "box":
-        coords = prepared.transform_boxes(objects.boxes).reshape(n, 2, 2)
-        labels = np.tile(np.array([[2, 3]], np.float32), (n, 1))
-        return coords, labels, False
+        return (*box_prompts(prepared.transform_boxes(objects.boxes)), False)
     if kind == "point":
         pts = prepared.transform_coords(objects.points).reshape(n, 1, 2)
-        coords = np.concatenate([pts, np.zeros((n, 1, 2), np.float32)], axis=1)
-        labels = np.tile(np.array([[1, -1]], np.float32), (n, 1))
-        return coords, labels, multimask
+        return (*pad_points(pts, np.ones((n, 1), np.float32)), multimask)
     raise ValueError(f"unknown prompt type {kind!r}; choose from {PROMPT_TYPES}")
 
 

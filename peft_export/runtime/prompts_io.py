@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.errors import DataError
+from peft_export.errors import DataError, first_line
 
 
 def _load(path: str | Path):
@@ -33,7 +33,7 @@ def _load(path: str | Path):
         try:
             return json.loads(text), p
         except ValueError as exc:
-            raise DataError(f"{p} is not valid JSON: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"{p} is not valid JSON: {first_line(exc)}") from None
     if p.suffix.lower() in (".csv", ".txt"):
         rows = list(csv.DictReader(text.splitlines()))
         if not rows:

@@ -20,6 +20,7 @@ import numpy as np
 
 from peft_export.errors import DataError, UsageError
 from peft_export.imaging import Prepared, upscale_masks
+from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, prepare_input, select_masks
 
 
@@ -113,16 +114,16 @@ class Segmenter:
             self.check_inside(bx.reshape(-1, 2), "box corner")
             if b is not None and bx.shape[0] != b:
                 raise DataError(f"{bx.shape[0]} boxes but {b} point prompts: give one box per prompt")
-            parts_c.append(prep.transform_boxes(bx).reshape(-1, 2, 2))
-            parts_l.append(np.tile(np.array([[2, 3]], np.float32), (bx.shape[0], 1)))
+            c, lab = box_prompts(prep.transform_boxes(bx))
+            parts_c.append(c)
+            parts_l.append(lab)
             b = bx.shape[0]
         if b is None:
             raise UsageError("give points and/or boxes")
         coords = np.concatenate(parts_c, axis=1)
         labs = np.concatenate(parts_l, axis=1)
         if boxes is None:  # SAM's padding point for prompts without a box
-            coords = np.concatenate([coords, np.zeros((b, 1, 2), np.float32)], axis=1)
-            labs = np.concatenate([labs, -np.ones((b, 1), np.float32)], axis=1)
+            coords, labs = pad_points(coords, labs)
         return coords, labs
 
     def predict(self, points=None, labels=None, boxes=None, mask_input=None, multimask: bool | None = None,

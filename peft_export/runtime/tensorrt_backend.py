@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from peft_export.data.samples import sha256_file
-from peft_export.errors import DataError, MissingDependencyError, PeftExportError, UsageError, VerificationError
+from peft_export.errors import (
+    DataError,
+    MissingDependencyError,
+    PeftExportError,
+    UsageError,
+    VerificationError,
+    first_line,
+)
 from peft_export.imaging import PreprocessSpec
 from peft_export.manifest import Manifest, read_json_document, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs
@@ -52,7 +59,7 @@ def import_tensorrt():
                                      "that need no Python TensorRT)") from None
     except OSError as exc:  # the wheel is there but its shared libraries cannot be loaded
         raise MissingDependencyError(f"TensorRT is installed but cannot load its libraries "
-                                     f"({str(exc).splitlines()[0]}); reinstall it: {INSTALL}") from None
+                                     f"({first_line(exc)}); reinstall it: {INSTALL}") from None
     return trt
 
 

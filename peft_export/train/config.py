@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from peft_export.errors import UsageError
+from peft_export.errors import UsageError, first_line
 from peft_export.peft.options import PeftConfig, config_keys, peft_config_from
 
 RECIPES = ("auto", "study", "cpu")
@@ -146,8 +146,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except UsageError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read config file {p}: {first}") from None
+        raise UsageError(f"cannot read config file {p}: {first_line(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_export.models.prompt_decoder import PromptDecoder
+from peft_export.prompts import box_prompts, pad_points
 from peft_export.train.data import View
 
 DICE_EPS = 1e-7
@@ -101,7 +102,7 @@ def _first_prompts(kind: str, boxes: np.ndarray, target: np.ndarray,
     """Each object's box (``kind == "box"``) or one random positive point: coords (P, n, 2), labels (P, n)."""
     p = len(boxes)
     if kind == "box":
-        return boxes.reshape(p, 2, 2).astype(np.float32), np.tile(np.array([[2.0, 3.0]], np.float32), (p, 1))
+        return box_prompts(boxes)
     coords = np.zeros((p, 1, 2), np.float32)
     for n in range(p):
         coords[n, 0] = _sample_pixel(target[n], rng)
@@ -149,8 +150,7 @@ def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind
         coords = np.concatenate([base_c, extra_c], axis=1)
         labels = np.concatenate([base_l, extra_l], axis=1)
         if kind == "point":  # points-only prompts carry SAM's padding point
-            coords = np.concatenate([coords, np.zeros((p, 1, 2), np.float32)], axis=1)
-            labels = np.concatenate([labels, -np.ones((p, 1), np.float32)], axis=1)
+            coords, labels = pad_points(coords, labels)
         masks, iou_pred = decoder(embedding, torch.from_numpy(coords).to(device),
                                   torch.from_numpy(labels).to(device), mask_in, has_mask)
         multi = settings.multimask and k == 0 and kind == "point"

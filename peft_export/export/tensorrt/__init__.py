@@ -50,12 +50,11 @@ from peft_export.export.tensorrt.plan import (
     resolve_precision,
     trtexec_command,
 )
-from peft_export.export.tensorrt.verify import check_parity, sample_image, sample_prompts
+from peft_export.export.tensorrt.verify import check_parity
 
 __all__ = [
     "DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "PRECISIONS", "BuildPlan", "EngineOptions", "EnginePlan", "GraphFacts",
     "Prepared", "Progress", "Resolved", "TensorSpec", "build_engines", "check_parity", "check_range",
     "decoder_profile", "encoder_profile", "existing_outputs", "installed_capabilities", "parse_size",
-    "plan_engines", "preflight", "qdq_refusal", "read_onnx", "resolve_precision", "sample_image",
-    "sample_prompts", "trtexec_command",
+    "plan_engines", "preflight", "qdq_refusal", "read_onnx", "resolve_precision", "trtexec_command",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.errors import DataError, MissingDependencyError
+from peft_export.errors import DataError, MissingDependencyError, first_line
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # ONNX Runtime's integer-operator int8 formats (quantize_dynamic; QOperator format): CPU kernels, no TensorRT
@@ -57,7 +57,7 @@ def read_onnx(path: Path) -> GraphFacts:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf errors have no common base class
-        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"cannot read {path}: {first_line(exc)}") from None
     inits = {i.name for i in model.graph.initializer}
 
     def spec(v) -> TensorSpec:

@@ -12,68 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.errors import PeftExportError
+from peft_export.data.dataset import sample_image
 from peft_export.export.tensorrt.options import DEFAULT_MIN_IOU
+from peft_export.metrics import mask_ious
+from peft_export.prompts import sample_prompts
 from peft_export.runtime.backend import mask_prompt_inputs, prepare_input
 from peft_export.runtime.tensorrt_backend import EngineRunner
 
 _MAX = ("masks_abs", "masks_rel", "iou_abs")  # running worst: max of these, min of the IoUs
 
 
-def sample_image(img_size: int) -> tuple[np.ndarray, str]:
-    """The DSB2018 validation tile when the sample data is installed, else a fixed synthetic nuclei image.
-
-    Same signature as the shared ``peft_export.data.samples.sample_image`` that is to replace it."""
-    try:
-        from peft_export.data.dataset import dsb2018_tiles
-
-        tile = dsb2018_tiles("val")[0]
-        return tile.image, tile.name
-    except (PeftExportError, ImportError, OSError):
-        rng = np.random.default_rng(0)
-        size = int(img_size)
-        yy, xx = np.mgrid[:size, :size]
-        img = rng.normal(20, 5, (size, size))
-        for _ in range(12):
-            cy, cx, r = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size, rng.uniform(0.04, 0.1) * size
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.uniform(100, 200)
-        return np.clip(img, 0, 255).astype(np.uint8), "synthetic nuclei image (sample data not installed)"
-
-
-def sample_prompts(resized_hw: tuple[int, int], n_points: int, count: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` prompts of ``n_points`` each in model-input pixels: a box (+ points) when n_points >= 2,
-    else single points; labels 1/0 for points, 2/3 for box corners."""
-    h, w = resized_hw
-    rng = np.random.default_rng(seed)
-    coords = np.zeros((count, n_points, 2), np.float32)
-    labels = np.zeros((count, n_points), np.float32)
-    for i in range(count):
-        k = 0
-        if n_points >= 2:
-            x0, y0 = rng.uniform(0.05, 0.6) * w, rng.uniform(0.05, 0.6) * h
-            x1, y1 = x0 + rng.uniform(0.1, 0.35) * w, y0 + rng.uniform(0.1, 0.35) * h
-            coords[i, :2] = [[x0, y0], [min(x1, w - 1), min(y1, h - 1)]]
-            labels[i, :2] = [2, 3]
-            k = 2
-        coords[i, k:] = rng.uniform(0.05, 0.95, (n_points - k, 2)) * [w, h]
-        labels[i, k:] = 1 if k == 0 else rng.integers(0, 2, n_points - k)
-        if k == 0:
-            labels[i, 0] = 1
-    return coords, labels
-
-
 # ---- figures -------------------------------------------------------------------------------------------------
-
-def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU per leading index of two boolean mask stacks (N, ...); 1.0 where both masks are empty.
-
-    To be replaced by ``peft_export.metrics.mask_ious`` (same contract) once it exists."""
-    a = np.asarray(a, bool).reshape(len(a), -1)
-    b = np.asarray(b, bool).reshape(len(b), -1)
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
-
 
 def _iou(logits: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """(mean, smallest) IoU of logits > 0 over every mask of a (B, M, H, W) output."""
