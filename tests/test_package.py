@@ -109,3 +109,42 @@ def test_info_json(run_cli):
     assert data["versions"]["torch"]
     assert "CPUExecutionProvider" in data["devices"]["onnxruntime_providers"]
     assert data["samples"]["lite_medsam weights"].endswith("lite_medsam.pth")
+
+
+# import name -> distribution, where they differ
+_DIST_OF = {"yaml": "pyyaml", "PIL": "pillow", "onnx_ir": "onnx-ir", "skimage": "scikit-image",
+            "segment_anything": "segment-anything", "cuda": "cuda-python", "onnxslim": "onnxslim",
+            "onnxruntime": "onnxruntime-gpu", "bioimageio": "bioimageio.core", "torch_em": "torch-em"}
+# optional integrations imported lazily behind a clear "install X" message (extras, or absent on purpose)
+_OPTIONAL = {"tensorrt", "cuda", "onnxslim", "bioimageio", "polygraphy", "micro_sam", "torch_em", "tomllib"}
+
+
+def _third_party_imports(root: Path) -> dict[str, str]:
+    import ast
+
+    std = set(sys.stdlib_module_names)
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top not in std and top not in ("peft_export", "peft_export_cli"):
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_library_import_is_declared():
+    """Each third-party module the library or the CLI imports is a dependency (or, when optional, an extra)."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {Requirement(r).name.lower() for r in data["project"]["dependencies"]}
+    extras = {Requirement(r).name.lower() for reqs in data["project"]["optional-dependencies"].values()
+              for r in reqs}
+    missing = []
+    for top, where in {**_third_party_imports(ROOT / "peft_export"), **_third_party_imports(ROOT / "cli")}.items():
+        dist = _DIST_OF.get(top, top).lower()
+        if dist in declared or (top in _OPTIONAL and (dist in extras or top in ("micro_sam", "tomllib"))):
+            continue
+        missing.append(f"{top} ({where})")
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
