@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomllib
 from packaging.markers import Marker
@@ -148,3 +149,67 @@ def test_every_library_import_is_declared():
             continue
         missing.append(f"{top} ({where})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+# what a microscope PC needs for the torch-free runtime (the README's list: keep both in step)
+RUNTIME_DISTRIBUTIONS = ("numpy", "scipy", "pillow", "tifffile", "onnxruntime")
+CLI_DISTRIBUTIONS = ("typer", "click", "rich")
+
+
+def _closure(dists) -> set[str]:
+    """The distributions and, recursively, what they require (without extras)."""
+    seen: set[str] = set()
+    todo = [d.lower() for d in dists]
+    while todo:
+        d = todo.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        try:
+            reqs = md.requires("onnxruntime-gpu" if d == "onnxruntime" else d) or []
+        except md.PackageNotFoundError:
+            continue
+        for r in (Requirement(x) for x in reqs):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name.lower())
+    return seen
+
+
+def _modules_of(dists: set[str]) -> set[str]:
+    dists = dists | ({"onnxruntime-gpu"} if "onnxruntime" in dists else set())
+    norm = {d.replace("_", "-") for d in dists}
+    return {mod for mod, owners in md.packages_distributions().items()
+            if any(o.lower().replace("_", "-") in norm for o in owners)}
+
+
+def test_runtime_runs_with_only_its_listed_dependencies(tiny_export, tmp_path):
+    """`peft-export predict` (and the Segmenter under it) in a process where importing anything but the standard
+    library, our packages and the listed distributions (and what they require) fails: no torch, no onnx."""
+    allowed = _modules_of(_closure(RUNTIME_DISTRIBUTIONS + CLI_DISTRIBUTIONS)) | {"peft_export", "peft_export_cli"}
+    assert "torch" not in allowed and "onnx" not in allowed  # (typer itself requires pydantic)
+    image = tmp_path / "img.tif"
+    import tifffile
+
+    tifffile.imwrite(image, (np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8))
+    (tmp_path / "boxes.json").write_text("[[5, 5, 40, 30]]")
+    code = f"""
+import importlib.abc, sys
+ALLOWED = {sorted(allowed)!r}
+STD = set(sys.stdlib_module_names)
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in STD or top in ALLOWED or top.startswith("_"):
+            return None
+        raise ImportError(f"blocked: {{name}} is not a listed runtime dependency")
+sys.meta_path.insert(0, Block())
+from peft_export_cli.app import main
+code = main(["predict", {str(tiny_export.out_dir)!r}, {str(image)!r}, "--boxes", {str(tmp_path / "boxes.json")!r},
+             "-o", {str(tmp_path / "labels.tif")!r}, "--json"])
+assert code == 0, code
+assert "torch" not in sys.modules and "onnx" not in sys.modules
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PEFT_EXPORT_NO_COLOR": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "labels.tif").exists()
