@@ -1,6 +1,6 @@
-"""Hand-written ONNX pieces around the traced graphs (torch-free): baked preprocessing and Meta's decoder.
+"""The ONNX pieces around the traced graphs (torch-free): baked preprocessing and Meta's decoder signature.
 
-Both are written node by node instead of traced, so that nothing can be frozen from a dummy input:
+Both are written as array code with onnxscript (not traced, so nothing can be frozen from a dummy input):
 
 - :func:`preprocessing_model`: ``image`` uint8 (H', W', 3), already resized so that max(H', W') == S ->
   (1, 3, S, S) float32, exactly :func:`peft_export.imaging.normalize_and_pad` (``sam``: (x - mean) / std,
@@ -14,25 +14,127 @@ Both are written node by node instead of traced, so that nothing can be frozen f
   the best of masks 1..3 by predicted IoU), done with arithmetic; for models whose multimask outputs were not
   trained (LiteMedSAM) always mask 0.
 
-:func:`attach_before` / :func:`attach_after` splice such a piece onto a graph (renaming what joins them).
+:func:`bake_preprocessing` / :func:`attach_meta_postprocessing` splice such a piece onto a traced graph.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+from onnxscript import FLOAT, UINT8, script
+from onnxscript import opset18 as op
 
 from peft_export.imaging import PreprocessSpec
 
 OPSET = 18  # Resize/Pad/ReduceMax with axes inputs or attributes need opset >= 18
-
 _F = TensorProto.FLOAT
 
 
-def _const(name: str, value, dtype=None) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+# ---- the pieces, as array code -----------------------------------------------------------------------------
 
+def _preprocessing_function(spec: PreprocessSpec):
+    s = np.array([spec.img_size, spec.img_size], np.int64)
+    mean, std = np.asarray(spec.pixel_mean, np.float32), np.asarray(spec.pixel_std, np.float32)
+    eps = np.array(1e-8, np.float32)
+    if spec.mode not in ("sam", "minmax"):
+        raise ValueError(f"unknown preprocessing mode {spec.mode!r}")
+    sam = spec.mode == "sam"
+
+    @script()
+    def preprocess(image: UINT8) -> FLOAT:  # (height, width, 3) -> (1, 3, S, S)
+        x = op.Cast(image, to=1)
+        if sam:
+            norm = (x - op.Constant(value=mean)) / op.Constant(value=std)
+        else:
+            lo = op.ReduceMin(x, keepdims=1)
+            norm = (x - lo) / op.Max(op.ReduceMax(x, keepdims=1) - lo, op.Constant(value=eps))
+        nchw = op.Unsqueeze(op.Transpose(norm, perm=[2, 0, 1]), [0])
+        pads = op.Concat([0, 0], op.Constant(value=s) - op.Slice(op.Shape(nchw), [2], [4]), axis=0)
+        image_preprocessed = op.Pad(nchw, pads, None, [2, 3])
+        return image_preprocessed
+
+    return preprocess
+
+
+def _postprocessing_function(img_size: int, *, single_mask: bool, multimask: bool):
+    square = np.array([img_size, img_size], np.int64)
+    s64, half = np.array(float(img_size), np.float64), np.array(0.5, np.float64)
+    reweight = np.array([[1000.0, 0.0, 0.0, 0.0]], np.float32)
+    meta_choice, first_only = single_mask and multimask, single_mask and not multimask
+
+    @script()
+    def postprocess(all_masks: FLOAT, all_iou: FLOAT, point_labels: FLOAT, orig_im_size: FLOAT):
+        # (B, 4, h, w), (B, 4), (B, N), (2,) -> masks (B, M, H, W), iou_predictions (B, M), low_res_masks (B, M, h, w)
+        if meta_choice:  # Meta's select_masks: score = iou + (num_points - 2.5) * [1000, 0, 0, 0]; best = argmax
+            num_points = op.Cast(op.Slice(op.Shape(point_labels), [1], [2]), to=1)
+            best = op.ArgMax(all_iou + (num_points - 2.5) * op.Constant(value=reweight), axis=1, keepdims=1)
+            iou_predictions = op.GatherElements(all_iou, best, axis=1)
+            mshape = op.Shape(all_masks)
+            index = op.Expand(op.Unsqueeze(best, [2, 3]),
+                              op.Concat(op.Slice(mshape, [0], [1]), [1], op.Slice(mshape, [2], [4]), axis=0))
+            low_res_masks = op.GatherElements(all_masks, index, axis=1)
+        elif first_only:  # multimask outputs untrained: the single-mask output
+            low_res_masks = op.Slice(all_masks, [0], [1], [1])
+            iou_predictions = op.Slice(all_iou, [0], [1], [1])
+        else:
+            low_res_masks = op.Identity(all_masks)
+            iou_predictions = op.Identity(all_iou)
+        up = op.Resize(low_res_masks, None, None, op.Constant(value=square), mode="linear",
+                       coordinate_transformation_mode="half_pixel", axes=[2, 3])
+        orig64 = op.Cast(orig_im_size, to=11)
+        scaled = orig64 * (op.Constant(value=s64) / op.ReduceMax(orig64, keepdims=1))
+        resized = op.Cast(op.Floor(scaled + op.Constant(value=half)), to=7)
+        cropped = op.Slice(up, [0, 0], resized, [2, 3])
+        masks = op.Resize(cropped, None, None, op.Cast(orig_im_size, to=7), mode="linear",
+                          coordinate_transformation_mode="half_pixel", axes=[2, 3])
+        return masks, iou_predictions, low_res_masks
+
+    return postprocess
+
+
+def _nodes(fn, prefix: str, keep: set[str]) -> tuple[list, list]:
+    """A script function's nodes and initializers, every internal name prefixed (the names in ``keep`` are its
+    interface to the graph it joins)."""
+    model = fn.to_model_proto()
+    rename = {v: v if v in keep else prefix + v for n in model.graph.node for v in (*n.input, *n.output) if v}
+    nodes = []
+    for n in model.graph.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.input[:] = [rename.get(v, v) for v in n.input]
+        c.output[:] = [rename[v] for v in n.output]
+        c.name = prefix + (n.name or n.op_type)
+        nodes.append(c)
+    inits = []
+    for i in model.graph.initializer:
+        c = onnx.TensorProto()
+        c.CopyFrom(i)
+        c.name = prefix + i.name
+        inits.append(c)
+    return nodes, inits
+
+
+def preprocessing_nodes(spec: PreprocessSpec, inp: str = "image", out: str = "image_preprocessed",
+                        prefix: str = "pre/") -> tuple[list, list]:
+    """Nodes + initializers: uint8 (H', W', 3) ``inp`` -> float32 (1, 3, S, S) ``out``."""
+    nodes, inits = _nodes(_preprocessing_function(spec), prefix, {"image", "image_preprocessed"})
+    for n in nodes:
+        n.input[:] = [inp if v == "image" else v for v in n.input]
+        n.output[:] = [out if v == "image_preprocessed" else v for v in n.output]
+    return nodes, inits
+
+
+def postprocessing_nodes(img_size: int, *, single_mask: bool, multimask: bool, prefix: str = "post/"
+                         ) -> tuple[list, list]:
+    """Nodes + initializers: ``all_masks`` (B,4,h,w), ``all_iou`` (B,4), ``point_labels``, ``orig_im_size`` ->
+    Meta's ``masks``, ``iou_predictions``, ``low_res_masks`` (M = 1 with ``single_mask`` else 4)."""
+    fn = _postprocessing_function(img_size, single_mask=single_mask, multimask=multimask)
+    return _nodes(fn, prefix, {"all_masks", "all_iou", "point_labels", "orig_im_size", "masks", "iou_predictions",
+                               "low_res_masks"})
+
+
+# ---- the pieces alone (tests) ------------------------------------------------------------------------------
 
 def _model(nodes, inputs, outputs, inits, opset: int = OPSET) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "piece", inputs, outputs, initializer=inits)
@@ -42,116 +144,12 @@ def _model(nodes, inputs, outputs, inits, opset: int = OPSET) -> onnx.ModelProto
     return model
 
 
-# ---- baked preprocessing -----------------------------------------------------------------------------
-
-def preprocessing_nodes(spec: PreprocessSpec, inp: str = "image", out: str = "image_preprocessed",
-                        prefix: str = "pre/") -> tuple[list, list]:
-    """Nodes + initializers: uint8 (H', W', 3) ``inp`` -> float32 (1, 3, S, S) ``out``."""
-    p = prefix
-    n = helper.make_node
-    s = int(spec.img_size)
-    nodes = [n("Cast", [inp], [p + "x"], to=_F)]
-    inits = []
-    if spec.mode == "sam":
-        inits += [_const(p + "mean", np.asarray(spec.pixel_mean, np.float32)),
-                  _const(p + "std", np.asarray(spec.pixel_std, np.float32))]
-        nodes += [n("Sub", [p + "x", p + "mean"], [p + "centred"]),
-                  n("Div", [p + "centred", p + "std"], [p + "norm"])]
-    elif spec.mode == "minmax":
-        inits += [_const(p + "eps", np.float32(1e-8))]
-        nodes += [n("ReduceMin", [p + "x"], [p + "lo"], keepdims=1),
-                  n("ReduceMax", [p + "x"], [p + "hi"], keepdims=1),
-                  n("Sub", [p + "hi", p + "lo"], [p + "range"]),
-                  n("Max", [p + "range", p + "eps"], [p + "den"]),
-                  n("Sub", [p + "x", p + "lo"], [p + "centred"]),
-                  n("Div", [p + "centred", p + "den"], [p + "norm"])]
-    else:
-        raise ValueError(f"unknown preprocessing mode {spec.mode!r}")
-    inits += [_const(p + "axes0", np.array([0], np.int64)), _const(p + "hw_start", np.array([2], np.int64)),
-              _const(p + "hw_end", np.array([4], np.int64)), _const(p + "size", np.array([s, s], np.int64)),
-              _const(p + "zeros2", np.array([0, 0], np.int64)), _const(p + "pad_axes", np.array([2, 3], np.int64))]
-    nodes += [
-        n("Transpose", [p + "norm"], [p + "chw"], perm=[2, 0, 1]),
-        n("Unsqueeze", [p + "chw", p + "axes0"], [p + "nchw"]),
-        n("Shape", [p + "nchw"], [p + "shape"]),
-        n("Slice", [p + "shape", p + "hw_start", p + "hw_end"], [p + "hw"]),
-        n("Sub", [p + "size", p + "hw"], [p + "pad_end"]),
-        n("Concat", [p + "zeros2", p + "pad_end"], [p + "pads"], axis=0),
-        n("Pad", [p + "nchw", p + "pads", "", p + "pad_axes"], [out], mode="constant"),
-    ]
-    return nodes, inits
-
-
 def preprocessing_model(spec: PreprocessSpec) -> onnx.ModelProto:
     """The baked preprocessing alone: ``image`` uint8 (height, width, 3) -> ``image_preprocessed`` (1,3,S,S)."""
     nodes, inits = preprocessing_nodes(spec)
     s = int(spec.img_size)
     return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.UINT8, ["height", "width", 3])],
                   [helper.make_tensor_value_info("image_preprocessed", _F, [1, 3, s, s])], inits)
-
-
-# ---- Meta's decoder post-processing ------------------------------------------------------------------
-
-def postprocessing_nodes(img_size: int, *, single_mask: bool, multimask: bool, masks_in: str = "all_masks",
-                         iou_in: str = "all_iou", labels_in: str = "point_labels",
-                         orig_in: str = "orig_im_size", prefix: str = "post/") -> tuple[list, list]:
-    """Nodes + initializers: all four low-res masks (B,4,h,w) + IoUs (B,4) -> masks, iou_predictions,
-    low_res_masks (Meta's outputs; M = 1 with ``single_mask`` else 4)."""
-    p = prefix
-    n = helper.make_node
-    s = int(img_size)
-    nodes: list = []
-    inits: list = []
-    if single_mask and multimask:
-        # Meta's select_masks: score = iou + (num_points - 2.5) * [1000, 0, 0, 0]; best = argmax
-        inits += [_const(p + "reweight", np.array([[1000.0, 0.0, 0.0, 0.0]], np.float32)),
-                  _const(p + "two_and_half", np.float32(2.5)), _const(p + "one", np.array([1], np.int64)),
-                  _const(p + "sl_start", np.array([1], np.int64)), _const(p + "sl_end", np.array([2], np.int64))]
-        nodes += [
-            n("Shape", [labels_in], [p + "labels_shape"]),
-            n("Slice", [p + "labels_shape", p + "sl_start", p + "sl_end"], [p + "num_points_i"]),
-            n("Cast", [p + "num_points_i"], [p + "num_points"], to=_F),
-            n("Sub", [p + "num_points", p + "two_and_half"], [p + "np_off"]),
-            n("Mul", [p + "np_off", p + "reweight"], [p + "bias"]),
-            n("Add", [iou_in, p + "bias"], [p + "score"]),
-            n("ArgMax", [p + "score"], [p + "best"], axis=1, keepdims=1),  # (B, 1)
-            n("GatherElements", [iou_in, p + "best"], ["iou_predictions"], axis=1),
-            n("Shape", [masks_in], [p + "mshape"]),
-            n("Slice", [p + "mshape", p + "zero1", p + "one"], [p + "bdim"]),
-            n("Slice", [p + "mshape", p + "two1", p + "four1"], [p + "hwdim"]),
-            n("Concat", [p + "bdim", p + "one", p + "hwdim"], [p + "idx_shape"], axis=0),
-            n("Unsqueeze", [p + "best", p + "axes23"], [p + "best4"]),
-            n("Expand", [p + "best4", p + "idx_shape"], [p + "best_idx"]),
-            n("GatherElements", [masks_in, p + "best_idx"], ["low_res_masks"], axis=1),
-        ]
-        inits += [_const(p + "zero1", np.array([0], np.int64)), _const(p + "two1", np.array([2], np.int64)),
-                  _const(p + "four1", np.array([4], np.int64)), _const(p + "axes23", np.array([2, 3], np.int64))]
-    elif single_mask:  # multimask outputs untrained: the single-mask output
-        inits += [_const(p + "m0", np.array([0], np.int64)), _const(p + "m1", np.array([1], np.int64))]
-        nodes += [n("Slice", [masks_in, p + "m0", p + "m1", p + "m1"], ["low_res_masks"]),
-                  n("Slice", [iou_in, p + "m0", p + "m1", p + "m1"], ["iou_predictions"])]
-    else:
-        nodes += [n("Identity", [masks_in], ["low_res_masks"]), n("Identity", [iou_in], ["iou_predictions"])]
-    inits += [
-        _const(p + "square", np.array([s, s], np.int64)),
-        _const(p + "s64", np.float64(s)), _const(p + "half", np.float64(0.5)),
-        _const(p + "crop_start", np.array([0, 0], np.int64)), _const(p + "crop_axes", np.array([2, 3], np.int64)),
-    ]
-    resize = dict(mode="linear", coordinate_transformation_mode="half_pixel", axes=[2, 3])
-    nodes += [
-        n("Resize", ["low_res_masks", "", "", p + "square"], [p + "up"], **resize),
-        n("Cast", [orig_in], [p + "orig64"], to=TensorProto.DOUBLE),
-        n("ReduceMax", [p + "orig64"], [p + "longest"], keepdims=1),
-        n("Div", [p + "s64", p + "longest"], [p + "scale"]),
-        n("Mul", [p + "orig64", p + "scale"], [p + "scaled"]),
-        n("Add", [p + "scaled", p + "half"], [p + "scaled_h"]),
-        n("Floor", [p + "scaled_h"], [p + "resized_f"]),
-        n("Cast", [p + "resized_f"], [p + "resized"], to=TensorProto.INT64),
-        n("Slice", [p + "up", p + "crop_start", p + "resized", p + "crop_axes"], [p + "cropped"]),
-        n("Cast", [orig_in], [p + "orig_i"], to=TensorProto.INT64),
-        n("Resize", [p + "cropped", "", "", p + "orig_i"], ["masks"], **resize),
-    ]
-    return nodes, inits
 
 
 def meta_postprocessing_model(img_size: int, mask_hw: tuple[int, int], *, single_mask: bool,
@@ -174,16 +172,10 @@ def meta_postprocessing_model(img_size: int, mask_hw: tuple[int, int], *, single
 
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
+        node.input[:] = [new if v == old else v for v in node.input]
+        node.output[:] = [new if v == old else v for v in node.output]
         for attr in node.attribute:  # subgraphs (If/Loop) see outer names too
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _rename_uses(attr.g, old, new)
-            for g in attr.graphs:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
                 _rename_uses(g, old, new)
 
 
@@ -195,20 +187,21 @@ def _check_free(graph: onnx.GraphProto, names: set[str]) -> None:
         raise ValueError(f"cannot splice: names already used in the graph: {sorted(clash)[:3]}")
 
 
-def _ensure_opset(model: onnx.ModelProto, minimum: int = OPSET) -> None:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < minimum:
-            raise ValueError(f"graph has opset {op.version}; the hand-written pieces need >= {minimum}")
+def _copy_checked(model: onnx.ModelProto, minimum: int = OPSET) -> onnx.ModelProto:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < minimum:
+            raise ValueError(f"graph has opset {o.version}; the hand-written pieces need >= {minimum}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def bake_preprocessing(encoder: onnx.ModelProto, spec: PreprocessSpec, input_name: str = "image") -> onnx.ModelProto:
     """Encoder with float (1,3,S,S) input ``image`` -> encoder with uint8 (height, width, 3) input ``image``."""
-    _ensure_opset(encoder)
-    model = onnx.ModelProto()
-    model.CopyFrom(encoder)
+    model = _copy_checked(encoder)
     g = model.graph
-    old_inputs = [i for i in g.input if i.name == input_name]
-    if not old_inputs:
+    old = [i for i in g.input if i.name == input_name]
+    if not old:
         raise ValueError(f"encoder graph has no input {input_name!r}")
     nodes, inits = preprocessing_nodes(spec, inp=input_name, out="pre/image_preprocessed")
     _check_free(g, {o for nd in nodes for o in nd.output} | {i.name for i in inits})
@@ -217,34 +210,30 @@ def bake_preprocessing(encoder: onnx.ModelProto, spec: PreprocessSpec, input_nam
     del g.node[:]
     g.node.extend(nodes + old_nodes)
     g.initializer.extend(inits)
-    new_in = helper.make_tensor_value_info(input_name, TensorProto.UINT8, ["height", "width", 3])
-    idx = list(g.input).index(old_inputs[0])
-    g.input.remove(old_inputs[0])
-    g.input.insert(idx, new_in)
+    idx = list(g.input).index(old[0])
+    g.input.remove(old[0])
+    g.input.insert(idx, helper.make_tensor_value_info(input_name, TensorProto.UINT8, ["height", "width", 3]))
     return model
 
 
 def attach_meta_postprocessing(lowres: onnx.ModelProto, img_size: int, *, single_mask: bool,
                                multimask: bool) -> onnx.ModelProto:
     """TensorRT-friendly decoder (-> low_res_masks, iou_predictions, all four) -> Meta's decoder signature."""
-    _ensure_opset(lowres)
-    model = onnx.ModelProto()
-    model.CopyFrom(lowres)
+    model = _copy_checked(lowres)
     g = model.graph
     out_names = [o.name for o in g.output]
     if out_names != ["low_res_masks", "iou_predictions"]:
         raise ValueError(f"decoder outputs are {out_names}, expected low_res_masks, iou_predictions")
-    mask_type = g.output[0].type.tensor_type
-    dims = [d.dim_value for d in mask_type.shape.dim]
+    dims = [d.dim_value for d in g.output[0].type.tensor_type.shape.dim]
+    bdim = g.output[0].type.tensor_type.shape.dim[0].dim_param or "B"
     nodes, inits = postprocessing_nodes(img_size, single_mask=single_mask, multimask=multimask)
-    _check_free(g, {"all_masks", "all_iou", "masks", "orig_im_size"} |
-                {o for nd in nodes for o in nd.output if o not in ("low_res_masks", "iou_predictions")} |
-                {i.name for i in inits})
+    interface = {"low_res_masks", "iou_predictions", "point_labels"}
+    _check_free(g, {"all_masks", "all_iou", "masks", "orig_im_size"} | {i.name for i in inits} |
+                {o for nd in nodes for o in nd.output if o not in interface})
     _rename_uses(g, "low_res_masks", "all_masks")
     _rename_uses(g, "iou_predictions", "all_iou")
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    bdim = mask_type.shape.dim[0].dim_param or "B"
     m = 1 if single_mask else 4
     del g.output[:]
     g.output.extend([
