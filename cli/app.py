@@ -21,6 +21,7 @@ from peft_export_cli.commands import (
     finetune,
     info,
     merge,
+    package,
     predict,
 )
 
@@ -73,7 +74,7 @@ class _RichWarnings(logging.Handler):
             common.err.print(msg, highlight=False, style="dim")
 
 
-for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, info):
+for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, package, info):
     module.register(app)
 
 

@@ -34,7 +34,8 @@ def _predict_points(seg, prompts):
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`)."),
+        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`), "
+                                       "or a bioimage.io package from `peft-export package` (model.zip)."),
         image: Path = typer.Argument(..., help="2D image: tif, png or jpg; grayscale or RGB; uint8/uint16/float."),
         output: Path = typer.Option(..., "--output", "-o", help="Instance label image to write (.tif, .png, .npy)."),
         boxes: Path = typer.Option(None, "--boxes", help="Box prompts, JSON or CSV (x0,y0,x1,y1): one object each."),
@@ -82,7 +83,10 @@ def register(app: typer.Typer) -> None:
         img = read_image(image)
         box_arr = read_boxes(boxes) if boxes else None
         point_prompts = read_points(points) if points else None
-        seg = Segmenter(out_dir, backend=backend)
+        from peft_export.runtime.package import is_package  # bioimage.io packages (peft-export package)
+
+        make = Segmenter.from_package if is_package(out_dir) else Segmenter
+        seg = make(out_dir, backend=backend)
         seg.set_image(img, name=image.name)
         if box_arr is not None:
             pred = seg.predict(boxes=box_arr)

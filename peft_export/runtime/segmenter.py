@@ -65,6 +65,18 @@ class Segmenter:
         self.prepared: Prepared | None = None
         self.embedding: np.ndarray | None = None
 
+    # ---- bioimage.io packages (peft-export package; peft_export.runtime.package) ------------------------
+    @classmethod
+    def from_package(cls, path: str | os.PathLike, backend: str = "onnxruntime",
+                     providers: list[str] | None = None, **kwargs) -> Segmenter:
+        """A Segmenter on a package made by ``peft-export package`` (.zip, its folder or rdf.yaml); ONNX Runtime."""
+        from peft_export.runtime.package import package_backend
+
+        if backend != "onnxruntime":
+            raise UsageError(f"a bioimage.io package runs with ONNX Runtime, not {backend}")
+        return cls(backend=package_backend(path, providers), **kwargs)
+    # ---- end bioimage.io packages ------------------------------------------------------------------------
+
     @property
     def multimask(self) -> bool:
         return bool(getattr(self.backend, "multimask", True))
