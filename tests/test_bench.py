@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -94,9 +95,12 @@ def test_train_cuda_unavailable_is_a_skip_not_a_crash(tmp_path, run_cli):
         pytest.skip("a CUDA device is present: the no-CUDA path cannot be exercised")
     code, out, err = run_cli("benchmark", "train", "--model", "tinyvit_tiny", "--placements", "late:1",
                              "--device", "cuda", "--steps", "1", "--no-memory", "-o", str(tmp_path / "r"), "--json")
-    assert code == 0, err
+    # nothing was measured: a failure with the reasons, and the record of what was skipped is still written
+    assert code == 1 and "nothing was measured" in err and "CUDA is not available" in err, err
     case = json.loads(out)["cases"][0]
     assert "CUDA is not available" in case["skipped"]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["cases"][0]["skipped"] == case["skipped"]
+    assert (tmp_path / "r" / "train.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_train_memory_is_measured_in_a_fresh_process(tmp_path, run_cli):
@@ -174,6 +178,61 @@ def test_infer_benchmark_cases_ratios_and_skips(lite_export_fp32, run_cli, tmp_p
     assert "encoder_median_ms" not in trt and ("TensorRT" in trt["skipped"] or "build-engine" in trt["skipped"])
     assert [r["case"] for r in rows] == [c["case"] for c in results["cases"]]
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_infer_that_measures_nothing_fails_with_the_reasons(tiny_export, run_cli, tmp_path):
+    """Every case skipped (an fp32 export, only int8 asked for; no TensorRT engines): exit 1, reasons, record."""
+    out = tmp_path / "infer"
+    code, _, err = run_cli("benchmark", "infer", str(tiny_export.out_dir), "--backends", "onnxruntime,tensorrt",
+                           "--precisions", "int8", "--runs", "1", "--no-memory", "-o", str(out))
+    assert code == 1 and "nothing was measured" in err and "not asked for" in err, err
+    results, _ = _read(out)
+    assert all("skipped" in c for c in results["cases"]) and (out / "latency.png").is_file()
+
+
+# ---- the one-shot GPU check (benchmarks/gpu_check.sh): only its CPU paths run here ------------------------------
+
+def test_gpu_check_dry_run_writes_every_part_with_its_reason(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["kind"] == "gpu_check" and report["dry_run"] is True
+    assert report["environment"]["torch"] and report["environment"]["cpu"]
+    assert list(report["parts"]) == ["tests", "train", "encoder", "onnxruntime", "tensorrt"]
+    for name, part in report["parts"].items():
+        assert part["status"] == "skipped" and part["reason"], (name, part)
+
+
+def test_gpu_check_encoder_part_on_cpu(tmp_path):
+    """The measuring code of the encoder part (run on a GPU by the script) on a CPU with vit_tiny: merged and
+    unmerged LoRA give the same embedding; both are timed."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    ctx = gpu_check.Ctx(device="cpu", dry_run=False, deadline=time.monotonic() + 300, work=tmp_path,
+                        model="vit_tiny", runs=2)
+    part = gpu_check.run_part("encoder", ctx)
+    assert part["status"] == "ok", part
+    fp32 = part["fp32"]
+    assert fp32["unmerged_ms"] > 0 and fp32["merged_ms"] > 0
+    assert fp32["max_abs_diff"] <= 1e-4 * max(1.0, fp32["max_abs_reference"])
+    assert "bf16" not in part  # bf16 is measured on CUDA only
+    dry = gpu_check.run_part("encoder", gpu_check.Ctx(device="cpu", dry_run=True, deadline=time.monotonic() + 60,
+                                                      work=tmp_path))
+    assert dry["status"] == "skipped"
 
 
 def test_infer_bad_inputs(tmp_path, run_cli):

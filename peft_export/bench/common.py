@@ -7,9 +7,12 @@ import csv
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +85,97 @@ def run_isolated(function: str, kwargs: dict, timeout: float = 3600) -> dict:
     """
     # the allocator tuning (peft_export._malloc) keeps freed memory and fragments the heap: peak RSS would then
     # measure the allocator, not the case (ViT-B all-block LoRA: >15 GB with it, 9.8 GB without)
-    env = {**os.environ, "PEFT_EXPORT_MALLOC_TUNING": "0"}
+    return run_worker(function, kwargs, timeout=timeout, malloc_tuning=False)
+
+
+def run_worker(function: str, kwargs: dict, *, on_event: Callable[[dict], None] | None = None,
+               log: Path | None = None, timeout: float | None = None, malloc_tuning: bool = False) -> dict:
+    """Call ``function(**kwargs)`` in a fresh Python process and return its JSON result (the last line it prints).
+
+    Lines the function prints as JSON objects with an ``"event"`` key are passed to ``on_event`` as they come
+    (progress). stderr goes to ``log`` (else a temporary file); a failure returns ``{"error": <its last line>}``.
+    The worker runs in its own session: Ctrl-C reaches this process only, which forwards one SIGINT to the
+    worker (finetune then saves a resumable checkpoint), waits for it to end and raises KeyboardInterrupt.
+    """
+    env = {**os.environ, "PEFT_EXPORT_MALLOC_TUNING": "1" if malloc_tuning else "0", "PYTHONUNBUFFERED": "1"}
     payload = json.dumps({"function": function, "kwargs": kwargs})
-    proc = subprocess.run([sys.executable, "-m", "peft_export.bench._worker"], input=payload, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"isolated run failed: {tail}"}
-    return json.loads(lines[-1])
+    with (open(log, "w") if log is not None else tempfile.TemporaryFile("w+")) as err:
+        proc = subprocess.Popen([sys.executable, "-m", "peft_export.bench._worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+        timed_out: list[bool] = []
+        timer = threading.Timer(timeout, lambda: (timed_out.append(True), proc.kill())) if timeout else None
+        if timer is not None:
+            timer.start()
+        result = None
+        restore = _sigterm_as_interrupt()
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+            for line in proc.stdout:
+                if not line.startswith("{"):
+                    continue
+                obj = json.loads(line)
+                if "event" in obj and on_event is not None:
+                    on_event(obj)
+                elif "event" not in obj:
+                    result = obj
+            code = proc.wait()
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise
+        finally:
+            restore()
+            if timer is not None:
+                timer.cancel()
+        if code in (130, -signal.SIGINT):  # the worker was interrupted (finetune saved a checkpoint): so is this
+            raise KeyboardInterrupt
+        if code != 0 or result is None:
+            err.flush()
+            tail = _last_line(Path(log) if log is not None else err)
+            why = f"timed out after {timeout:g} s" if timed_out else f"exit {code}"
+            return {"error": f"isolated run failed ({why}): {tail}"}
+    return result
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """While a worker runs, SIGTERM stops it like Ctrl-C (no orphan keeps running); returns the restorer."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    prev = signal.signal(signal.SIGTERM, _raise)
+    return lambda: signal.signal(signal.SIGTERM, prev)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 120) -> None:
+    """One SIGINT (a finetune saves and exits), then SIGKILL if it has not ended within ``grace_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _last_line(src) -> str:
+    if isinstance(src, Path):
+        text = src.read_text(errors="replace") if src.exists() else ""
+    else:
+        src.seek(0)
+        text = src.read()
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def nothing_measured(rows: list[dict]) -> str | None:
+    """The one-line reason when no case of a benchmark was measured (every one skipped), else None."""
+    if any("skipped" not in r for r in rows):
+        return None
+    reasons = "; ".join(f"{r['case']}: {r['skipped']}" for r in rows) or "no cases"
+    return f"nothing was measured, every case was skipped ({reasons})"
 
 
 def write_results(out_dir: Path, results: dict, rows: list[dict]) -> tuple[Path, Path]:

@@ -59,6 +59,56 @@ def plot_train(path: Path, results: dict) -> Path:
     return _save(plt, fig, path, f"{results['settings']['model']} training cost vs placement", results["machine"])
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_study(path: Path, results: dict) -> Path:
+    """Quality vs training memory and vs step time: one point per case (colour: method, marker: placement), the
+    Pareto front of each panel, the best-quality margin and the recommended case ringed."""
+    plt = _plt()
+    s, rec = results["settings"], results["recommendation"]
+    metric = s["metric"]
+    rows = [r for r in results["cases"] if "skipped" not in r and r.get(metric) is not None]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    placements = list(dict.fromkeys(r["placement"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, (key, label, front) in zip(axes, (("train_memory_mib", f"training memory (MiB, {s['memory_kind']})",
+                                               "pareto_train_memory"),
+                                              ("step_median_s", "training step time (median s)",
+                                               "pareto_step_time"))):
+        pts = [r for r in rows if r.get(key) is not None]
+        for r in pts:
+            ax.scatter(r[key], r[metric], color=colors[methods.index(r["method"]) % len(colors)],
+                       marker=_MARKERS[placements.index(r["placement"]) % len(_MARKERS)], s=55, zorder=3)
+            ax.annotate(r["case"], (r[key], r[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        line = sorted((r for r in pts if r.get(front)), key=lambda r: r[key])
+        if line:
+            ax.step([r[key] for r in line], [r[metric] for r in line], where="post", color="0.5", lw=1,
+                    ls="--", zorder=2, label="Pareto front")
+        if rec.get("case"):
+            ax.axhline(rec["best_value"] - rec["margin"], color="#c44e52", lw=0.8, ls=":",
+                       label=f"best - margin ({rec['margin']:g})")
+            for r in pts:
+                if r["case"] == rec["case"]:
+                    ax.scatter(r[key], r[metric], s=260, facecolors="none", edgecolors="#c44e52", lw=1.6,
+                               zorder=4, label=f"recommended: {r['case']}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        if not pts:
+            ax.text(0.5, 0.5, "no case was measured", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_ylabel(s.get("metric_label", metric))
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=m)
+               for i, m in enumerate(methods)]
+    handles += [plt.Line2D([], [], color="0.3", marker=_MARKERS[i % len(_MARKERS)], ls="", label=p)
+                for i, p in enumerate(placements)]
+    axes[0].legend(handles=handles, fontsize=7, loc="lower right", title="method / placement", title_fontsize=7)
+    if rows:
+        axes[1].legend(fontsize=7, loc="lower right")
+    title = f"{s['model']} on {s['data']}: quality vs cost, {s['budget']} per case"
+    return _save(plt, fig, path, title, results["machine"])
+
+
 def _save(plt, fig, path: Path, title: str, machine: dict) -> Path:
     """Title with the hardware it was measured on, then an atomic PNG write."""
     fig.suptitle(f"{title} — {machine['cpu']} ({machine['cpu_count']} cores)"

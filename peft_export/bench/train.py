@@ -44,6 +44,8 @@ class TrainSettings:
     seed: int = 0
     rank: int | None = None  # LoRA/FacT rank (None: the method's default)
     checkpoint: str | None = None  # weights; None: the bundled ones, else random (cost does not depend on values)
+    precision: str = "fp32"  # fp16 / bf16: CUDA autocast (+ GradScaler), as finetune --precision
+    extra: dict[str, Any] = field(default_factory=dict)  # further finetune options (e.g. instance_decoder=True)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -76,8 +78,8 @@ class CaseRunner:
         cfg = resolve_config(cli_values=dict(
             model=s.model, data=s.data, peft=method, blocks=placement, iterations=10**9, batch_size=s.batch_size,
             objects_per_image=s.objects_per_image, sub_iterations=s.sub_iterations, lr=1e-4, val_before=False,
-            device=s.device, precision="fp32", trunk_cache="memory" if s.trunk_cache else "off", seed=s.seed,
-            **({"rank": s.rank} if s.rank is not None else {}),
+            device=s.device, precision=s.precision, trunk_cache="memory" if s.trunk_cache else "off", seed=s.seed,
+            **s.extra, **({"rank": s.rank} if s.rank is not None else {}),
             **({"checkpoint": s.checkpoint} if s.checkpoint else {})))
         self.trainer = Trainer(cfg, scratch, force=True)
         self.trainer.setup()
@@ -301,7 +303,9 @@ def _measure_memory(cases: list[TrainCase], rows: list[dict], s: TrainSettings, 
 
 
 def measure_case_memory(method: str, placement: str, settings: dict) -> dict:
-    """Peak memory of one case alone: set up, then warm-up + up to 2 steps (run in a fresh process)."""
+    """Peak memory of one case alone: set up, then warm-up + up to 2 steps (run in a fresh process).
+
+    Also returns the timed steps' seconds (after the warm-up) and the case's parameter counts."""
     s = TrainSettings(**settings)
     scratch = Path(tempfile.mkdtemp(prefix="peft_export_bench_mem_"))
     try:
@@ -309,13 +313,12 @@ def measure_case_memory(method: str, placement: str, settings: dict) -> dict:
         if runner.trainer.device.type == "cuda":
             runner._torch.cuda.reset_peak_memory_stats(runner.trainer.device)
         setup = runner.current_memory_mib()
-        for _ in range(s.warmup + min(s.steps, 2)):
-            runner.step()
+        times = [runner.step()[0] for _ in range(s.warmup + min(s.steps, 2))][s.warmup:]
         peak = runner.peak_memory_mib()
         runner.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"peak_memory_mib": peak, "setup_memory_mib": setup}
+    return {"peak_memory_mib": peak, "setup_memory_mib": setup, "step_s": times, "info": runner.info}
 
 
 def _units(s: TrainSettings) -> int:
