@@ -16,6 +16,7 @@ from peft_export_cli import common
 from peft_export_cli.commands import (
     benchmark,
     build_engine,
+    embed,
     evaluate,
     export,
     finetune,
@@ -74,7 +75,7 @@ class _RichWarnings(logging.Handler):
             common.err.print(msg, highlight=False, style="dim")
 
 
-for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, package, info):
+for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, embed, package, info):
     module.register(app)
 
 

@@ -281,8 +281,10 @@ def test_trtexec_lines_from_real_export(real_export, run_cli, tmp_path):
         assert args["memPoolSize"] == "workspace:2048" and args["timingCacheFile"] == str(cache.resolve())
         # fp32 export, fp32 engine: strongly typed (TensorRT 10 opt-in), no precision flag, TF32 off
         assert "stronglyTyped" in args and "noTF32" in args and "skipInference" in args and "fp16" not in args
-    if not manifest.baked_preprocessing:
-        assert not any(k.endswith("Shapes") for k in enc)  # a static encoder needs no profile
+    if not manifest.baked_preprocessing:  # the encoder's batch axis: tiles 1..--encoder-batch (default 4), opt 4
+        s = int(manifest.preprocess_spec.img_size)
+        assert [_shapes(enc[k])["image"] for k in ("minShapes", "optShapes", "maxShapes")] == [
+            (1, 3, s, s), (4, 3, s, s), (4, 3, s, s)]
     # the profile against the graph itself: ONNX Runtime runs the decoder at the min and max shapes
     sess = ort.InferenceSession(str(real_export / "decoder_lowres.onnx"), providers=["CPUExecutionProvider"])
     c, h, w = manifest.embedding

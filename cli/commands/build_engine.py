@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         min_batch: int = typer.Option(1, "--min-batch", help="Fewest prompts per decoder call."),
         opt_batch: int = typer.Option(16, "--opt-batch", help="Prompts per call the decoder is tuned for."),
         max_batch: int = typer.Option(64, "--max-batch", help="Most prompts per call (larger batches are split)."),
+        encoder_batch: int = typer.Option(4, "--encoder-batch", help="Most image tiles per encoder call (the "
+                                          "encoder profile's opt and max; predict --batch-size up to it)."),
         workspace: str = typer.Option("4GiB", "--workspace", help="TensorRT workspace limit, e.g. 4GiB, 512MiB "
                                                                   "(a plain number is MiB)."),
         timing_cache: Path = typer.Option(None, "--timing-cache", help="Timing cache file: read if it exists, "
@@ -68,9 +70,9 @@ def register(app: typer.Typer) -> None:
 
         opts = EngineOptions(precision=precision, min_points=min_points, opt_points=opt_points,
                              max_points=max_points, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                             workspace=workspace, timing_cache=str(timing_cache.expanduser().resolve())
-                             if timing_cache else None, tf32=tf32, verify=not no_verify, tolerance=tolerance,
-                             min_iou=min_iou, device=device)
+                             encoder_batch=encoder_batch, workspace=workspace,
+                             timing_cache=str(timing_cache.expanduser().resolve()) if timing_cache else None,
+                             tf32=tf32, verify=not no_verify, tolerance=tolerance, min_iou=min_iou, device=device)
         if print_trtexec:
             _print_trtexec(out_dir, opts, json_out)
         else:

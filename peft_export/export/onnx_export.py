@@ -191,12 +191,18 @@ DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ["low_res_masks", "iou_predictions"]
 
 
+ENCODER_MAX_BATCH = 4096  # the symbolic batch axis' upper bound (any realistic batch of tiles)
+
+
 def trace_encoder(sam, opset: int = DEFAULT_OPSET) -> Traced:
-    """image (1, 3, S, S) float32 -> image_embeddings (1, C, h, w)."""
+    """image (B, 3, S, S) float32 -> image_embeddings (B, C, h, w), with a dynamic batch axis B: the runtime
+    embeds the tiles of a large image in batches (the parity gate checks batch 1 and batch 2)."""
     enc = sam.image_encoder.eval()
     s = int(sam.image_encoder.img_size)
-    x = torch.zeros(1, 3, s, s)
-    return trace(enc, (x,), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS, opset=opset, key="encoder")
+    x = torch.zeros(2, 3, s, s)  # example batch 2: neither 0 nor 1, so that nothing specialises on it
+    b = torch.export.Dim("B", min=1, max=ENCODER_MAX_BATCH)
+    return trace(enc, (x,), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS, dynamic_shapes=({0: b},),
+                 opset=opset, key="encoder")
 
 
 def trace_decoder_lowres(sam, opset: int = DEFAULT_OPSET) -> Traced:

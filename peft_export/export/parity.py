@@ -11,6 +11,8 @@ model at several precisions in one process runs the PyTorch model once.
 fp32: max |diff| of the image embedding, the low-res mask logits and IoUs of ``decoder_lowres.onnx``, and the
 upscaled masks of ``decoder.onnx`` (decoders fed the PyTorch embedding, so each graph is checked on its own),
 each against ``atol + rtol * max|reference|``.
+Batch axis (every precision): the encoder run on the sample and its mirror image together (batch 2) gives what
+each gives alone (batch 1) — fp32 within the same tolerance, fp16 / int8 within a relative error of 1e-3.
 fp16 / int8: mask IoU (logits > 0) of the whole ONNX chain (encoder -> decoder, masks at the original size) vs
 the fp32 PyTorch model, mean over prompts >= the threshold (0.99 fp16, 0.95 int8); Meta's decoder likewise.
 All figures are recorded in the manifest; a failed check is an error and the export is discarded.
@@ -272,10 +274,44 @@ def _session(path: Path):
     return ort_session(path)
 
 
+def _batch_figures(session, ref: _Reference, emb_1: np.ndarray, fig: dict) -> None:
+    """The batch axis: the sample and its mirror image embedded together (batch 2) must give what each gives
+    alone (batch 1). Skipped for encoders without a batch axis (baked preprocessing, exports before it)."""
+    dim = session.get_inputs()[0].shape[0] if len(session.get_inputs()[0].shape) == 4 else None
+    if isinstance(dim, int) or dim is None:
+        fig["encoder_batch"] = {"checked": False, "reason": "the encoder input has no batch axis"}
+        return
+    mirror = np.ascontiguousarray(ref.feed_image[..., ::-1])
+    both = session.run(None, {"image": np.concatenate([ref.feed_image, mirror])})[0]
+    alone = session.run(None, {"image": mirror})[0]
+    diff = max(max_abs(both[:1], emb_1), max_abs(both[1:], alone))
+    rel = max(float(np.linalg.norm(both[:1] - emb_1) / max(np.linalg.norm(emb_1), 1e-12)),
+              float(np.linalg.norm(both[1:] - alone) / max(np.linalg.norm(alone), 1e-12)))
+    fig["encoder_batch"] = {"checked": True, "batch": 2, "max_abs_diff": diff, "rel_error": rel}
+
+
+def batch_checks(fig: dict, tol: Thresholds, precision: str) -> list[Check]:
+    """Batch 2 vs batch 1 of the exported encoder: fp32 by max |diff| (the fp32 tolerance), fp16 / int8 by the
+    relative error of the embedding (their kernels may round differently per batch size)."""
+    b = fig.get("encoder_batch") or {}
+    if not b.get("checked"):
+        return []
+    if precision == "fp32":
+        return [Check("encoder batch 2 vs batch 1 max |diff|", b["max_abs_diff"],
+                      tol.atol + tol.rtol * fig["embedding_scale"], "max")]
+    return [Check("encoder batch 2 vs batch 1 relative error", b["rel_error"], BATCH_REL_ERROR, "max",
+                  f"max |diff| {b['max_abs_diff']:.3g}")]
+
+
+BATCH_REL_ERROR = 1e-3
+
+
 def _encoder_figures(folder: Path, ref: _Reference, fig: dict, source_encoder: Path | None) -> np.ndarray:
     """Embedding figures; returns the ONNX embedding the whole-chain figures use. ``source_encoder``: for int8,
     the fp32 graph that was quantized (compared with PyTorch like an fp32 export)."""
-    emb_o = _session(folder / "encoder.onnx").run(None, {"image": ref.feed_image})[0]
+    session = _session(folder / "encoder.onnx")
+    emb_o = session.run(None, {"image": ref.feed_image})[0]
+    _batch_figures(session, ref, emb_o, fig)
     checked = emb_o if source_encoder is None else _session(source_encoder).run(None, {"image": ref.feed_image})[0]
     fig["embedding_max_abs_diff"] = max_abs(checked, ref.embedding)
     fig["embedding_scale"] = float(np.abs(ref.embedding).max())
@@ -387,4 +423,5 @@ def run_parity(sam, preprocess_spec: PreprocessSpec, folder: Path, *, precision:
         ]
         fig["meta_mask_iou_mean"] = float(np.mean(meta_ious))
         fig["iou_threshold"] = limit
+    report.checks += batch_checks(fig, tol, precision)
     return report

@@ -12,7 +12,8 @@ from peft_export.imaging import Prepared, PreprocessSpec, normalize_and_pad, res
 class Backend(Protocol):
     """One SAM model behind two calls. Arrays are numpy float32.
 
-    ``embed(x)``: preprocessed image (1, 3, S, S) -> image embedding (1, C, h, w).
+    ``embed(x)``: preprocessed images (B, 3, S, S) -> image embeddings (B, C, h, w). ``max_batch`` (optional):
+    how many images one call takes (1 when absent, e.g. a static-batch graph; None: any number).
     ``decode(embedding, coords, labels, mask_input)``: prompts in Meta's convention (coords (B, N, 2) in
     model-input pixels, labels (B, N) with 1/0 points, 2/3 box corners, -1 padding), optional previous
     low-res logits (B, 1, 4h, 4w) -> all four low-res mask logits (B, 4, 4h, 4w) and IoU predictions (B, 4);

@@ -10,20 +10,27 @@ Reported per prompt type: mean IoU over all objects, and mSA (mean segmentation 
 0.5…0.95) of the instance segmentation painted from the per-object masks (higher predicted IoU wins overlaps),
 averaged over images. ``auto`` (segment everything, no prompts from the labels): mean IoU is each true
 object's best IoU with any predicted instance.
+
+Images larger than the model input are embedded in tiles at native resolution (see
+:mod:`peft_export.runtime.tiling`): each object's prompt is decoded in the tile whose core holds it. Masks are
+kept as crops (:mod:`peft_export.runtime.pieces`), so memory follows the image, not the number of objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from peft_export.data.objects import objects_from_labels
 from peft_export.imaging import Prepared, upscale_masks
-from peft_export.metrics import iou_matrix, mask_iou, masks_to_labels, mean_segmentation_accuracy
+from peft_export.metrics import iou_matrix, mean_segmentation_accuracy
 from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, select_masks
+from peft_export.runtime.pieces import paint, piece_iou, rescale_piece
+from peft_export.runtime.tiling import Tiling
 
 PROMPT_TYPES = ("box", "point")
 ALL_PROMPT_TYPES = (*PROMPT_TYPES, "auto")
@@ -70,31 +77,61 @@ def predict_objects(backend: Backend, embedding: np.ndarray, prepared: Prepared,
     return np.concatenate(masks), np.concatenate(scores)
 
 
-def evaluate(backend: Backend, samples: Sequence, prompts: Sequence[str] = PROMPT_TYPES, *,
-             min_area: int = 1, progress: Callable[[int], None] | None = None, auto_config=None) -> dict:
-    """Evaluate ``backend`` on ``samples`` (objects with ``.image`` and ``.labels``). Returns a JSON-able dict."""
+def object_pieces(seg, objects, kind: str, batch_size: int = 32) -> tuple[list, np.ndarray]:
+    """One prompt per object (its box, or its most interior point) on the segmenter's current image: pieces at
+    the original image size and predicted IoUs. Tiled images decode each prompt in its tile."""
+    n = len(objects)
+    if kind == "box":
+        pieces, out = seg.decode_pieces(boxes=objects.boxes, batch_size=batch_size)
+    elif kind == "point":
+        pieces, out = seg.decode_pieces(points=objects.points.reshape(n, 1, 2), labels=np.ones((n, 1), np.float32),
+                                        batch_size=batch_size)
+    else:
+        raise ValueError(f"unknown prompt type {kind!r}; choose from {PROMPT_TYPES}")
+    plan = seg.plan
+    return [rescale_piece(p, plan.scaled_hw, plan.original_hw) for p in pieces], out.scores
+
+
+def _prompted(seg, sample, objects, kind: str) -> tuple[list[float], float]:
+    pieces, scores = object_pieces(seg, objects, kind)
+    boxes = ndimage.find_objects(sample.labels)
+    ious = [piece_iou(p, sample.labels, int(i), boxes[int(i) - 1]) for p, i in zip(pieces, objects.ids)]
+    painted = paint(pieces, sample.labels.shape, order=np.argsort(scores, kind="stable"))
+    return ious, mean_segmentation_accuracy(painted, sample.labels)
+
+
+def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMPT_TYPES, *,
+             min_area: int = 1, progress: Callable[[int], None] | None = None, auto_config=None,
+             tiling: Tiling | None = None, batch_size: int = 4, per_image: list | None = None) -> dict:
+    """Evaluate ``backend`` on ``samples`` (objects with ``.image`` and ``.labels``; any iterable, read one at a
+    time). ``tiling``: how images are embedded (default: tiled when larger than the model input); ``per_image``:
+    a list that receives one record per image. Returns a JSON-able dict {prompt type: figures}."""
     from peft_export.runtime.segmenter import Segmenter
 
     results = {p: PromptResult() for p in prompts}
-    seg = Segmenter(backend=backend)
+    seg = Segmenter(backend=backend, tiling=tiling, batch_size=batch_size)
     for sample in samples:
-        seg.set_image(sample.image, name=getattr(sample, "name", "image"))
-        prepared, embedding = seg.prepared, seg.embedding
-        objects = objects_from_labels(sample.labels, min_area=min_area)
+        name = getattr(sample, "name", "image")
+        plan = seg.set_image(sample.image, name=name)
+        labels = np.asarray(sample.labels)
+        objects = objects_from_labels(labels, min_area=min_area)
+        record = {"name": name, "objects": len(objects), "tiles": len(plan.grid)}
         for kind in prompts:
             if kind == "auto":
                 pred_labels = seg.segment_everything(config=auto_config)
-                iou = iou_matrix(pred_labels, sample.labels)
-                results[kind].ious.extend((iou.max(axis=0) if iou.shape[0] else np.zeros(iou.shape[1])).tolist())
-                results[kind].msa.append(mean_segmentation_accuracy(pred_labels, sample.labels))
+                iou = iou_matrix(pred_labels, labels)
+                ious = (iou.max(axis=0) if iou.shape[0] else np.zeros(iou.shape[1])).tolist()
+                msa = mean_segmentation_accuracy(pred_labels, labels)
+                record["auto_instances"] = int(iou.shape[0])
+            elif len(objects) == 0:
                 continue
-            if len(objects) == 0:
-                continue
-            coords, labels, multimask = prompts_for(objects, prepared, kind, getattr(backend, "multimask", True))
-            masks, scores = predict_objects(backend, embedding, prepared, coords, labels, multimask)
-            for m, i in zip(masks, objects.ids):
-                results[kind].ious.append(mask_iou(m, sample.labels == i))
-            results[kind].msa.append(mean_segmentation_accuracy(masks_to_labels(masks, scores), sample.labels))
+            else:
+                ious, msa = _prompted(seg, sample, objects, kind)
+            results[kind].ious.extend(ious)
+            results[kind].msa.append(msa)
+            record[kind] = {"mean_iou": float(np.mean(ious)) if ious else float("nan"), "msa": msa}
+        if per_image is not None:
+            per_image.append(record)
         if progress is not None:
             progress(1)
     return {kind: r.summary() for kind, r in results.items()}

@@ -68,6 +68,15 @@ def warn_int8_cpu(manifest: Manifest) -> str | None:
     return msg
 
 
+def encoder_max_batch(shape, baked: bool) -> int | None:
+    """Images per encoder call from the graph's input shape: None (any) for a symbolic batch axis; 1 for the
+    static-batch encoders of exports made before the batch axis, and for baked preprocessing (one HWC image)."""
+    if baked or not shape:
+        return 1
+    dim = shape[0]
+    return None if not isinstance(dim, int) else max(1, dim)
+
+
 class OnnxBackend:
     """Implements :class:`peft_export.runtime.backend.Backend` over ``encoder.onnx`` + ``decoder_lowres.onnx``."""
 
@@ -96,13 +105,20 @@ class OnnxBackend:
             self.decoder = ort_session(m.path_of(self.out_dir, "decoder_lowres"), providers, threads=threads)
         except Exception as exc:  # ORT raises its own exception types for broken graphs
             raise DataError(f"{self.out_dir}: onnxruntime cannot load the export: {first_line(exc)}") from None
-        self._enc_input = self.encoder.get_inputs()[0].name
+        enc_in = self.encoder.get_inputs()[0]
+        self._enc_input = enc_in.name
+        self.max_batch = encoder_max_batch(enc_in.shape, self.baked)
         warn_int8_cpu(m)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
-        """``x``: the preprocessed (1, 3, S, S) float32 tensor, or for a baked graph the resized uint8 image."""
-        feed = np.ascontiguousarray(x, np.uint8 if self.baked else np.float32)
-        return self.encoder.run(None, {self._enc_input: feed})[0]
+        """``x``: preprocessed (B, 3, S, S) float32 images (B > 1 needs an encoder exported with a batch axis;
+        a static-batch encoder runs them one by one), or for a baked graph the resized uint8 image."""
+        if self.baked:
+            return self.encoder.run(None, {self._enc_input: np.ascontiguousarray(x, np.uint8)})[0]
+        x = np.ascontiguousarray(x, np.float32)
+        if self.max_batch is None or len(x) <= self.max_batch:
+            return self.encoder.run(None, {self._enc_input: x})[0]
+        return np.concatenate([self.encoder.run(None, {self._enc_input: x[i: i + 1]})[0] for i in range(len(x))])
 
     def decode(self, embedding, coords, labels, mask_input=None):
         coords = np.ascontiguousarray(coords, np.float32)

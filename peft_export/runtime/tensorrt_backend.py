@@ -388,6 +388,9 @@ class TensorRTBackend:
             raise DataError(f"{self.out_dir}: encoder.engine should have one input, has {self.encoder.inputs}")
         self._enc_input = self.encoder.inputs[0]
         self._enc_output = "image_embeddings" if "image_embeddings" in self.encoder.outputs else self.encoder.outputs[0]
+        enc_prof = self.encoder.profile.get(self._enc_input)
+        # images per encoder call: the profile's batch range (engines of batch-axis exports), else 1
+        self.max_batch = 1 if self.baked or enc_prof is None else int(enc_prof[2][0])
         absent = [n for n in (*DECODER_INPUTS, *DECODER_OUTPUTS) if n not in (*self.decoder.inputs,
                                                                               *self.decoder.outputs)]
         if absent:
@@ -401,10 +404,15 @@ class TensorRTBackend:
         self.points_range = (prof[0][1], prof[2][1])
 
     def embed(self, x: np.ndarray) -> np.ndarray:
-        """``x``: the preprocessed (1, 3, S, S) float32 tensor, or for a baked graph the resized uint8 image."""
-        feed = np.ascontiguousarray(x, np.uint8 if self.baked else np.float32)
-        out = self.encoder.run({self._enc_input: feed})[self._enc_output]
-        return out.astype(np.float32, copy=False)
+        """``x``: preprocessed (B, 3, S, S) float32 images (run in chunks of the engine profile's largest batch),
+        or for a baked graph the resized uint8 image."""
+        if self.baked:
+            out = self.encoder.run({self._enc_input: np.ascontiguousarray(x, np.uint8)})[self._enc_output]
+            return out.astype(np.float32, copy=False)
+        x = np.ascontiguousarray(x, np.float32)
+        outs = [self.encoder.run({self._enc_input: x[s: s + self.max_batch]})[self._enc_output]
+                for s in range(0, len(x), self.max_batch)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
 
     def decode(self, embedding, coords, labels, mask_input=None):
         coords = np.asarray(coords, np.float32)

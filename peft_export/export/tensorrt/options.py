@@ -40,6 +40,7 @@ class EngineOptions:
     min_batch: int = 1
     opt_batch: int = 16
     max_batch: int = 64
+    encoder_batch: int = 4  # tiles per encoder call: the encoder profile's opt and max (min 1)
     workspace: str | int = "4GiB"
     timing_cache: str | None = None
     tf32: bool = False  # allow TF32 math in fp32 layers (faster on Ampere+, not fp32-exact)
@@ -53,6 +54,8 @@ class EngineOptions:
             raise UsageError(f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}")
         check_range("points", self.min_points, self.opt_points, self.max_points)
         check_range("batch", self.min_batch, self.opt_batch, self.max_batch)
+        if self.encoder_batch < 1:
+            raise UsageError(f"--encoder-batch must be at least 1, got {self.encoder_batch}")
         parse_size(self.workspace)
         if not 0 < self.tolerance < 1:
             raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")

@@ -33,12 +33,14 @@ def decoder_profile(inputs: list[TensorSpec], opts: EngineOptions) -> Profile:
                     "points" if axis == 1 and t.name in POINT_INPUTS else None, ranges, "decoder_lowres.onnx")
 
 
-def encoder_profile(inputs: list[TensorSpec], img_size: int) -> Profile:
-    """The encoder input is static (1, 3, S, S); with baked preprocessing it is the resized uint8 image
-    (h', w', 3) whose longest side is S: its dynamic height/width range over 1..S (opt S)."""
-    ranges = {"side": (1, img_size, img_size)}
-    return _profile(inputs, lambda t, axis: "side" if axis in (0, 1) and len(t.dims) == 3 else None, ranges,
-                    "encoder.onnx")
+def encoder_profile(inputs: list[TensorSpec], img_size: int, batch: int = 1) -> Profile:
+    """The encoder input (B, 3, S, S): a dynamic batch axis B (current exports) ranges over 1..``batch`` (opt
+    ``batch``: the runtime fills batches of tiles); exports before the batch axis are static (1, 3, S, S). With baked
+    preprocessing it is the resized uint8 image (h', w', 3) whose longest side is S: its dynamic height/width
+    range over 1..S (opt S)."""
+    ranges = {"side": (1, img_size, img_size), "batch": (1, batch, batch)}
+    return _profile(inputs, lambda t, axis: "side" if axis in (0, 1) and len(t.dims) == 3 else
+                    "batch" if axis == 0 and len(t.dims) == 4 else None, ranges, "encoder.onnx")
 
 
 def _profile(inputs, role_of, ranges, fname) -> Profile:
@@ -254,7 +256,7 @@ def _engine_plan(out_dir: Path, manifest: Manifest, role: str, opts: EngineOptio
     else:
         if len(graph.inputs) != 1:
             raise DataError(f"{onnx_path.name} should have one input, has {[t.name for t in graph.inputs]}")
-        profile = encoder_profile(graph.inputs, int(manifest.preprocess_spec.img_size))
+        profile = encoder_profile(graph.inputs, int(manifest.preprocess_spec.img_size), opts.encoder_batch)
     return EnginePlan(role, onnx_path.name, engine_name, graph, profile)
 
 

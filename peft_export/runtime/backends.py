@@ -1,0 +1,66 @@
+"""Opening a backend: an export folder with ONNX Runtime or TensorRT, or (for evaluation) a PyTorch model.
+
+This module never imports torch itself: the PyTorch backend is imported only when a checkpoint or zoo model
+is evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peft_export.errors import UsageError
+
+RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
+EVALUATION_BACKENDS = ("auto", "torch", *RUNTIME_BACKENDS)
+
+
+def open_backend(out_dir: str | os.PathLike, backend: str = "onnxruntime", providers: list[str] | None = None):
+    """A runtime backend for an export folder."""
+    if backend == "onnxruntime":
+        from peft_export.runtime.onnx_backend import OnnxBackend
+
+        return OnnxBackend(out_dir, providers)
+    if backend == "tensorrt":
+        from peft_export.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(out_dir)
+    raise UsageError(f"unknown runtime backend {backend!r}; choose onnxruntime or tensorrt")
+
+
+def is_export_folder(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names an export folder (a manifest, or at least ONNX files) rather than a model."""
+    from peft_export.manifest import MANIFEST_NAME
+
+    p = Path(model)
+    return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob("*.onnx")))
+
+
+def make_backend(model: str, checkpoint: str | None, backend: str = "auto", device: str = "auto"):
+    """A backend for evaluation and a description of it: PyTorch for checkpoints and zoo names, a runtime backend
+    (ONNX Runtime unless ``backend`` says tensorrt) for export folders. Returns (backend, description dict)."""
+    if backend not in EVALUATION_BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(EVALUATION_BACKENDS)}")
+    export = is_export_folder(model)
+    if backend == "auto":
+        backend = "onnxruntime" if export else "torch"
+    if export:
+        if backend == "torch":
+            raise UsageError(f"{model} is an export folder: evaluate it with --backend onnxruntime or tensorrt")
+        if checkpoint is not None:
+            raise UsageError("--checkpoint does not apply to an export folder")
+        be = open_backend(model, backend)
+        m = be.manifest
+        return be, {"model": m.model, "source": str(model), "peft": m.source.get("peft"), "backend": backend,
+                    "precision": m.precision}
+    if backend != "torch":
+        raise UsageError(f"--backend {backend} runs export folders; export {model} first "
+                         "(peft-export export / merge-and-export) or use --backend torch")
+    from peft_export.devices import resolve_device
+    from peft_export.models.loading import load_model
+    from peft_export.models.torch_backend import TorchBackend
+
+    loaded = load_model(model, checkpoint)
+    be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask)
+    return be, {"model": loaded.spec.name, "source": loaded.source, "peft": loaded.peft, "backend": "torch",
+                "precision": "fp32"}

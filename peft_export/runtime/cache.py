@@ -1,0 +1,119 @@
+"""An on-disk cache of image embeddings (``peft-export embed``; ``Segmenter(cache=...)``; ``predict --embeddings``).
+
+A cache folder belongs to one export: ``cache.json`` records the sha256 of the export's encoder graph (what
+determines an embedding: the same encoder gives the same embeddings whatever the decoder), its model,
+precision, embedding shape and preprocessing; a folder made with another export is refused. Each entry is one
+image (or one plane of a stack) under one tiling recipe::
+
+    <key>.npy    float32 (tiles, C, h, w): every tile's embedding, memory-mapped when read
+    <key>.json   the image's name, shape and digest, the recipe (tiled, tile, halo, scale), the tile windows
+
+``key`` = sha256 of (the image's pixels, shape and dtype; the recipe; the encoder's sha256). Entries are written
+atomically (``.npy`` first, ``.json`` last: an entry without its ``.json`` is incomplete and recomputed), so
+several processes (shards of a job array) can fill one cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from peft_export.data.io import atomic_write
+from peft_export.errors import DataError, UsageError, first_line
+from peft_export.manifest import read_json_document
+
+log = logging.getLogger(__name__)
+
+CACHE_META = "cache.json"
+CACHE_FORMAT = "peft-export-embeddings"
+CACHE_FORMAT_VERSION = 1
+
+
+def export_identity(backend) -> dict:
+    """What an embedding depends on, from a runtime backend's manifest (export folders only)."""
+    m = getattr(backend, "manifest", None)
+    if m is None or "encoder" not in m.files:
+        raise UsageError("an embedding cache needs an export folder (ONNX Runtime or TensorRT backend), not a "
+                         "PyTorch model")
+    return {"encoder_sha256": m.files["encoder"]["sha256"], "model": m.model, "precision": m.precision,
+            "embedding": list(m.embedding), "preprocess": m.preprocess,
+            "baked_preprocessing": bool(m.baked_preprocessing)}
+
+
+class EmbeddingCache:
+    """``get(key)`` / ``put(key, embeddings, meta)`` over a cache folder of one export."""
+
+    def __init__(self, folder: str | os.PathLike, identity: dict, *, create: bool = True):
+        self.folder = Path(folder)
+        self.identity = identity
+        meta_path = self.folder / CACHE_META
+        if meta_path.is_file():
+            data = read_json_document(meta_path, CACHE_FORMAT, CACHE_FORMAT_VERSION, "embedding cache")
+            theirs = data.get("export", {})
+            if theirs.get("encoder_sha256") != identity["encoder_sha256"]:
+                raise DataError(f"{self.folder} holds embeddings of another export ({theirs.get('model')}, encoder "
+                                f"sha256 {str(theirs.get('encoder_sha256'))[:12]}…; this export's is "
+                                f"{identity['encoder_sha256'][:12]}…): use another cache folder for this export")
+        elif self.folder.is_file():
+            raise DataError(f"embedding cache {self.folder} is a file, not a folder")
+        elif self.folder.is_dir() and any(self.folder.iterdir()):
+            raise DataError(f"{self.folder} is not an embedding cache (it has no {CACHE_META}); give an empty or new "
+                            "folder")
+        elif not create:
+            raise DataError(f"embedding cache not found: {self.folder} (make one with `peft-export embed`)")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            doc = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "export": identity,
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
+
+    @property
+    def encoder_sha256(self) -> str:
+        return self.identity["encoder_sha256"]
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.folder / f"{key}.npy", self.folder / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        npy, meta = self.paths(key)
+        return npy.is_file() and meta.is_file()
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The entry's embeddings (memory-mapped, read-only), or None when it is missing or unreadable."""
+        npy, meta = self.paths(key)
+        if not (npy.is_file() and meta.is_file()):
+            return None
+        try:
+            return np.load(npy, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            log.warning("embedding cache entry %s is unreadable (%s): recomputing it", npy.name, first_line(exc))
+            return None
+
+    def put(self, key: str, embeddings: np.ndarray, meta: dict) -> None:
+        npy, meta_path = self.paths(key)
+        arr = np.ascontiguousarray(embeddings, np.float32)
+
+        def _save(tmp: Path):
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+
+        atomic_write(npy, _save)
+        doc = {**meta, "shape": list(arr.shape), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
+
+
+def open_cache(cache, backend) -> EmbeddingCache | None:
+    """``cache``: None, a folder, or an :class:`EmbeddingCache` (checked against ``backend``'s export)."""
+    if cache is None:
+        return None
+    identity = export_identity(backend)
+    if isinstance(cache, EmbeddingCache):
+        if cache.encoder_sha256 != identity["encoder_sha256"]:
+            raise DataError(f"{cache.folder} holds embeddings of another export; use another cache folder")
+        return cache
+    return EmbeddingCache(cache, identity)
