@@ -85,3 +85,46 @@ def masks_to_labels(masks: np.ndarray, scores: np.ndarray | None = None) -> np.n
     for i in order:  # low score first, so high scores are painted last and win
         labels[masks[i]] = i + 1
     return labels
+
+
+# ---- instance segmentation without prompts (automatic segmentation) -------------------------------------------
+
+def instance_scores(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict:
+    """One image's automatic segmentation against its labels: mSA, and precision / recall / F1 of instances matched
+    one-to-one at IoU > ``threshold`` (0.5: a match is unique), the object counts and each true object's best IoU
+    (mean)."""
+    iou = iou_matrix(pred, gt)
+    n_pred, n_true = iou.shape
+    tp = int((iou > threshold).sum())
+    precision = tp / n_pred if n_pred else float(n_true == 0)
+    recall = tp / n_true if n_true else float(n_pred == 0)
+    f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else 1.0
+    best = iou.max(axis=0) if n_pred else np.zeros(n_true)
+    return {"msa": mean_segmentation_accuracy(pred, gt), "precision": precision, "recall": recall, "f1": f1,
+            "tp": tp, "fp": n_pred - tp, "fn": n_true - tp, "objects_pred": n_pred, "objects_true": n_true,
+            "mean_iou": float(best.mean()) if n_true else float("nan")}
+
+
+def matched_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Object-matched IoU of two label images: each object's best IoU with the other's objects, averaged, the
+    lower of both directions (1.0 when both are empty)."""
+    iou = iou_matrix(a, b)
+    if iou.size == 0:
+        return 1.0 if iou.shape == (0, 0) else 0.0
+    return float(min(iou.max(axis=1).mean(), iou.max(axis=0).mean()))
+
+
+def merge_instance_scores(per_image: list[dict]) -> dict:
+    """Over images: mSA and mean IoU averaged per image (as ``evaluate`` does), precision / recall / F1 from the
+    summed matches, summed object counts."""
+    if not per_image:
+        return {"msa": float("nan"), "precision": float("nan"), "recall": float("nan"), "f1": float("nan"),
+                "tp": 0, "fp": 0, "fn": 0, "objects_pred": 0, "objects_true": 0, "mean_iou": float("nan"), "images": 0}
+    tp, fp, fn = (sum(r[k] for r in per_image) for k in ("tp", "fp", "fn"))
+    n_pred, n_true = tp + fp, tp + fn
+    return {"msa": float(np.mean([r["msa"] for r in per_image])),
+            "precision": tp / n_pred if n_pred else float(n_true == 0),
+            "recall": tp / n_true if n_true else float(n_pred == 0),
+            "f1": 2 * tp / (n_pred + n_true) if n_pred + n_true else 1.0,
+            "tp": tp, "fp": fp, "fn": fn, "objects_pred": n_pred, "objects_true": n_true,
+            "mean_iou": float(np.nanmean([r["mean_iou"] for r in per_image])), "images": len(per_image)}

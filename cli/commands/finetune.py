@@ -17,6 +17,7 @@ TRAIN = "Training"
 DATA = "Data"
 VAL = "Validation"
 RUN = "Run"
+AIS = "Automatic instance segmentation"
 
 
 def _opt(*names, help: str, panel: str = TRAIN, **kw):
@@ -53,6 +54,11 @@ class _CliEvents:
         common.info(f"[bold]{info['model']}[/] + {peft['method']} on blocks {peft['blocks'] or '-'} "
                     f"({peft['placement']}); trainable: encoder {params['image_encoder']:,}, prompt encoder + mask "
                     f"decoder {params['prompt_encoder'] + params['mask_decoder']:,} of {params['all_parameters']:,}")
+        inst = info.get("instance_decoder")
+        if inst:
+            common.info(f"instance decoder ({inst['levels']} upsampling levels, {inst['features']} features): "
+                        f"{params['instance_decoder']:,} parameters, "
+                        f"{'trained alone (SAM frozen)' if inst['only'] else 'trained jointly (loss added)'}")
         common.info(f"{info['train_patches']} training patch(es), {info['val_images']} validation image(s); "
                     f"{info['steps_per_epoch']} step(s)/epoch, {info['epochs']} epoch(s); device {info['device']} "
                     f"{info['precision']}, {info['world_size']} process(es); "
@@ -80,7 +86,8 @@ class _CliEvents:
 
     def validation(self, rec: dict) -> None:
         val = rec.get("val") or {}
-        parts = [f"{k} IoU {v['mean_iou']:.3f}" for k, v in val.items()]
+        parts = [f"instance mSA {v['msa']:.3f} F1 {v['f1']:.3f} ({v['objects_pred']}/{v['objects_true']} objects)"
+                 if k == "instance" else f"{k} IoU {v['mean_iou']:.3f}" for k, v in val.items()]
         if parts:
             self.val = "val " + ", ".join(parts)
         self._refresh()
@@ -111,7 +118,8 @@ def _result_table(summary: dict) -> Table:
         return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
 
     for k in sorted(set(before) | set(best)):
-        table.add_row(k, fmt(before, k, "mean_iou"), fmt(before, k, "msa"), fmt(best, k, "mean_iou"),
+        name = "automatic (instance decoder)" if k == "instance" else k
+        table.add_row(name, fmt(before, k, "mean_iou"), fmt(before, k, "msa"), fmt(best, k, "mean_iou"),
                       fmt(best, k, "msa"))
     return table
 
@@ -126,6 +134,16 @@ def register(app: typer.Typer) -> None:
                           "[default: lite_medsam].", panel=TRAIN),
         checkpoint: str = _opt("--checkpoint", "-c", help="Base weights for --model (lite_medsam: bundled).",
                                panel=TRAIN),
+        instance_decoder: bool = typer.Option(None, "--instance-decoder/--no-instance-decoder", help="Also train "
+                                              "micro-sam's instance decoder (foreground, centre and boundary "
+                                              "distance maps for automatic segmentation without prompts), its loss "
+                                              "added to the prompt losses; merge-and-export writes it as "
+                                              "instance_decoder.onnx \\[default: off].", rich_help_panel=AIS),
+        instance_decoder_only: bool = typer.Option(None, "--instance-decoder-only", help="Train only the instance "
+                                                   "decoder on the frozen model (cheapest: with the trunk cache the "
+                                                   "encoder runs once per patch); e.g. on a finetuned run: --model "
+                                                   "RUN/best.pt. Validation metric: the automatic segmentation's "
+                                                   "mSA.", rich_help_panel=AIS),
         data: str = _opt("--data", "-d", help="DIR with images/ + labels/ (optional train/ val/ sub-folders), or "
                          "sample:dsb2018 [default: sample:dsb2018].", panel=DATA),
         val: str = _opt("--val", help="Validation DIR (default: the val split of --data, if it has one).",
@@ -163,7 +181,9 @@ def register(app: typer.Typer) -> None:
         val_prompts: str = _opt("--val-prompts", help="Prompt types to validate: box, point [default: box,point].",
                                 panel=VAL),
         val_metric: str = _opt("--val-metric", help="Metric for best.pt, the scheduler and early stopping: box, "
-                               "point or mean (mean IoU) [default: box].", panel=VAL),
+                               "point or mean (mean IoU), or instance (the instance decoder's automatic "
+                               "segmentation mSA) [default: box; instance with --instance-decoder-only].",
+                               panel=VAL),
         val_before: bool = typer.Option(None, "--val-before/--no-val-before", help="Validate before training "
                                         "(epoch 0 in metrics.jsonl) [default: on].", rich_help_panel=VAL),
         trunk_cache: str = _opt("--trunk-cache", help="auto, memory, disk, off: cache the frozen encoder trunk's "
@@ -200,6 +220,9 @@ def register(app: typer.Typer) -> None:
         Example (bundled LiteMedSAM weights and DSB2018 nuclei, a few CPU-minutes):
         [bold]peft-export finetune --model lite_medsam --data sample:dsb2018 --peft lora --rank 32
         --blocks late:4 --out runs/lora_late4[/]
+
+        Automatic segmentation (micro-sam's AIS): add [bold]--instance-decoder[/]; then
+        [bold]peft-export predict EXPORT_DIR image.tif --auto -o labels.tif[/] segments without prompts.
         """
         given = dict(locals())  # the options, by parameter name
         from peft_export.train import configure_run, finetune, read_config_file

@@ -7,6 +7,9 @@ Accepted inputs:
 - this project's own checkpoints (``format == "peft-export"``), which record the model name, the PEFT
   configuration and the package versions.
 
+Either kind may hold an instance decoder's weights under ``decoder_state`` (micro-sam's key: torch-em UNETR names
+without the ``encoder.`` part), see :mod:`peft_export.models.instance_decoder`.
+
 Everything is loaded with ``torch.load(..., weights_only=True)``.
 """
 
@@ -43,6 +46,16 @@ class Checkpoint:
     @property
     def merged(self) -> bool:
         return bool(self.meta.get("merged", False))
+
+    @property
+    def decoder_state(self) -> dict[str, torch.Tensor] | None:
+        """The instance decoder's weights (micro-sam's and our ``decoder_state``), or None."""
+        state = self.raw.get("decoder_state")
+        if state is None or (isinstance(state, dict) and not state):
+            return None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{self.path}: decoder_state is not a state dict of tensors")
+        return dict(state)
 
 
 def versions() -> dict[str, str]:

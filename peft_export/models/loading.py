@@ -26,6 +26,7 @@ class LoadedModel:
     peft: dict | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    instance_decoder: Any = None  # InstanceDecoder (eval) when the checkpoint holds a decoder_state
 
 
 def default_weights(name: str) -> Path | None:
@@ -83,7 +84,12 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
             apply_peft_config(sam, peft_cfg, spec.name)
         load_state_dict_into(sam, ckpt.state_dict, spec.name, source=str(path))
     sam.eval()
-    return LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)
+    loaded = LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)
+    if ckpt is not None and ckpt.decoder_state is not None:
+        from peft_export.models.instance_decoder import decoder_from_state
+
+        loaded.instance_decoder = decoder_from_state(ckpt.decoder_state, sam, spec.name, source=str(path))
+    return loaded
 
 
 def load_for_merge(checkpoint: str | Path, *, source: str = "auto", model: str | None = None,

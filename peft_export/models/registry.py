@@ -32,6 +32,9 @@ class ModelSpec:
     multimask: bool = True
     # segment_anything's own registry key for the same architecture (the "vanilla builder")
     segment_anything_key: str | None = None
+    # width of a fresh instance decoder's finest level (models/instance_decoder.py): torch-em's 64 for SAM's models
+    # (micro-sam's checkpoints); 32 for LiteMedSAM, whose decoder runs 2 levels at 256x256 (a third of the CPU time)
+    instance_features: int = 64
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -106,12 +109,13 @@ _SPECS = [
               partial(_build_tinyvit, MOBILE_SAM)),
     ModelSpec("lite_medsam", "tinyvit", 256, "minmax",
               "LiteMedSAM: TinyViT-5M encoder, 256 input, [0,1] min-max preprocessing (real weights bundled)",
-              partial(_build_tinyvit, LITE_MEDSAM), multimask=False),
+              partial(_build_tinyvit, LITE_MEDSAM), multimask=False, instance_features=32),
     ModelSpec("vit_tiny", "vit", 256, "sam", "tiny SAM ViT (embed 96, depth 4) for fast tests; random weights",
               partial(_build_vit, 96, 4, 3, (1, 3), img_size=256, window=8, prompt_dim=64, mlp_dim=128,
-                      dec_heads=4), test_only=True),
+                      dec_heads=4), test_only=True, instance_features=8),
     ModelSpec("tinyvit_tiny", "tinyvit", 64, "minmax", "tiny TinyViT (4 stages, 4 attention blocks) for fast tests",
-              partial(_build_tinyvit, TINY_TINYVIT, prompt_dim=32, mlp_dim=64, dec_heads=2), test_only=True),
+              partial(_build_tinyvit, TINY_TINYVIT, prompt_dim=32, mlp_dim=64, dec_heads=2), test_only=True,
+              instance_features=8),
 ]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}

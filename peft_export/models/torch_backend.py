@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from peft_export.errors import UsageError
 from peft_export.imaging import PreprocessSpec
 from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.runtime.backend import mask_prompt_inputs
@@ -15,8 +16,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: Sam, preprocess: PreprocessSpec, device: str | torch.device = "cpu",
-                 multimask: bool = True):
+                 multimask: bool = True, instance_decoder: torch.nn.Module | None = None):
         self.model = model.eval().to(device)
+        self.instance_decoder = instance_decoder  # models/instance_decoder.py, optional
         self.multimask = multimask
         self.device = torch.device(device)
         self.preprocess = preprocess
@@ -39,3 +41,20 @@ class TorchBackend:
         m, has = (torch.from_numpy(a).to(self.device) for a in mask_prompt_inputs(b, mask_input, self.mask_input_size))
         masks, iou = self.decoder(emb, c, lab, m, has)
         return masks.float().cpu().numpy(), iou.float().cpu().numpy()
+
+    @property
+    def instance_decoder_available(self) -> bool:
+        return self.instance_decoder is not None
+
+    @torch.inference_mode()
+    def instance_maps(self, embedding: np.ndarray) -> np.ndarray:
+        """Image embedding (B, C, h, w) -> the instance decoder's (B, 3, S, S) maps (eval mode)."""
+        if self.instance_decoder is None:
+            raise UsageError("this model has no instance decoder")
+        was_training = self.instance_decoder.training
+        self.instance_decoder.eval()
+        try:
+            emb = torch.from_numpy(np.ascontiguousarray(embedding, np.float32)).to(self.device)
+            return self.instance_decoder(emb).float().cpu().numpy()
+        finally:
+            self.instance_decoder.train(was_training)

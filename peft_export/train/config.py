@@ -10,6 +10,10 @@ Presets
 - ``cpu``: the same recipe scaled to a few CPU-minutes on small data: fewer objects per image and
   sub-iterations, a higher learning rate, a handful of epochs. Chosen with measurements (README, issue 4).
 - ``auto`` (default): ``study`` on CUDA, ``cpu`` otherwise.
+
+Instance decoder (micro-sam's AIS): ``instance_decoder`` trains it jointly, its loss added to the prompt losses;
+``instance_decoder_only`` trains only it on the frozen model (then ``val_metric`` defaults to ``instance``, the
+automatic segmentation's mSA on the validation images).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ TRUNK_CACHE = ("auto", "memory", "disk", "off")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 MULTIMASK = ("auto", "on", "off")
-VAL_METRICS = ("box", "point", "mean")
+VAL_METRICS = ("box", "point", "mean", "instance")
 VAL_PROMPTS = ("box", "point")
 
 # the PEFT methods' options (peft/options.py): one field each, None = not given (the method's default)
@@ -45,6 +49,8 @@ class _TrainFields:
     checkpoint: str | None = None
     peft: str = "lora"
     blocks: str = "all"
+    instance_decoder: bool = False  # train micro-sam's instance decoder jointly (its loss added)
+    instance_decoder_only: bool = False  # train only the instance decoder; SAM stays frozen
     # data
     data: str = "sample:dsb2018"
     val: str | None = None
@@ -239,6 +245,9 @@ def resolve_config(file_values: dict[str, Any] | None = None, cli_values: dict[s
     _choice("recipe", recipe, RECIPES)
     preset = PRESETS["study" if recipe == "study" or (recipe == "auto" and cuda_available) else "cpu"]
     values = {**preset, **given}
+    if values.get("instance_decoder_only"):
+        values.setdefault("instance_decoder", True)
+        values.setdefault("val_metric", "instance")
     if "iterations" in given and "epochs" not in given:
         values["epochs"] = None
     cfg = TrainConfig(**values)
@@ -287,6 +296,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--val-prompts is empty; choose from box, point")
     if cfg.val_metric in ("box", "point") and cfg.val_metric not in cfg.val_prompts:
         raise UsageError(f"--val-metric {cfg.val_metric} needs {cfg.val_metric} in --val-prompts")
+    if cfg.instance_decoder_only and not cfg.instance_decoder:
+        raise UsageError("--instance-decoder-only trains the instance decoder: it cannot go with --no-instance-decoder")
+    if cfg.val_metric == "instance" and not cfg.instance_decoder:
+        raise UsageError("--val-metric instance needs an instance decoder (--instance-decoder)")
 
 
 def to_yaml(cfg: TrainConfig | dict) -> str:

@@ -1,7 +1,9 @@
 """One training step: the forward pass with its losses (:class:`StepModule`) and the update (:class:`TrainStep`).
 
 The step module returns the total loss and a dict of its named terms, so another loss (a jointly trained
-decoder) is one more entry, reported per epoch as ``train_<term>`` without further changes.
+decoder) is one more entry, reported per epoch as ``train_<term>`` without further changes. The instance decoder
+(micro-sam's AIS) adds ``instance_loss``: it runs on the same image embedding, one image at a time (its BatchNorm
+statistics are then those of one image however the batch is split over DDP ranks).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ class StepModule(nn.Module):
     ``1 / global_batch``, so the sum over ranks is the single-process mean.
     """
 
-    def __init__(self, model: nn.Module, settings: RecipeSettings):
+    def __init__(self, model: nn.Module, settings: RecipeSettings, instance_decoder: nn.Module | None = None,
+                 *, instance_only: bool = False):
         super().__init__()
         from peft_export.models.prompt_decoder import PromptDecoder
 
         self.model = model
         self.settings = settings
+        self.instance_decoder = instance_decoder  # registered: DDP averages its gradients too
+        self.instance_only = instance_only  # SAM frozen: no prompt losses, the embedding without autograd
         self._aux = {"decoder": PromptDecoder(model), "cache": None}  # not registered: shares model params
 
     def set_cache(self, cache: TrunkCache | None) -> None:
@@ -46,18 +51,37 @@ class StepModule(nn.Module):
 
     def forward(self, views, kind: str, rngs, weight: float):
         device = next(self.model.parameters()).device
-        emb = self.embed([v.tensor for v in views], device)
-        decoder = self._aux["decoder"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.instance_only):
+            emb = self.embed([v.tensor for v in views], device)
         total = emb.new_zeros((), dtype=torch.float32)
-        terms = {"mask_loss": 0.0, "iou_loss": 0.0}
+        terms: dict[str, float] = {}
         objects = 0
-        for i, (view, rng) in enumerate(zip(views, rngs)):
-            res = image_loss(decoder, emb[i: i + 1], view, kind, self.settings, rng)
-            total = total + res.loss * weight
-            terms["mask_loss"] += res.mask_loss * weight
-            terms["iou_loss"] += res.iou_loss * weight
-            objects += res.objects
+        if not self.instance_only:
+            terms = {"mask_loss": 0.0, "iou_loss": 0.0}
+            for i, (view, rng) in enumerate(zip(views, rngs)):
+                res = image_loss(self._aux["decoder"], emb[i: i + 1], view, kind, self.settings, rng)
+                total = total + res.loss * weight
+                terms["mask_loss"] += res.mask_loss * weight
+                terms["iou_loss"] += res.iou_loss * weight
+                objects += res.objects
+        if self.instance_decoder is not None:
+            terms["instance_loss"] = 0.0
+            for i, view in enumerate(views):
+                loss = self.view_instance_loss(emb[i: i + 1], view)
+                total = total + loss * weight
+                terms["instance_loss"] += float(loss.detach()) * weight
+                if self.instance_only:
+                    objects += len(view.ids)
         return total, terms, objects
+
+    def view_instance_loss(self, embedding: torch.Tensor, view) -> torch.Tensor:
+        """micro-sam's instance loss of one view: the decoder's maps inside the image area vs its distance targets."""
+        from peft_export.train.instance import instance_loss, instance_targets
+
+        rh, rw = view.resized_hw
+        maps = self.instance_decoder(embedding)[0, :, :rh, :rw].float()
+        target = torch.from_numpy(instance_targets(view.labels, view.ids)).to(maps.device)
+        return instance_loss(maps, target)
 
 
 class StepResult(NamedTuple):

@@ -119,23 +119,50 @@ class Trainer:
         return ckpt
 
     def _setup_model(self, ckpt) -> None:
-        """Model + PEFT (seeded: adapter initialisation is reproducible), or the run's own from its checkpoint."""
+        """Model + PEFT (seeded: adapter initialisation is reproducible), or the run's own from its checkpoint;
+        and the instance decoder when the run trains one."""
         from peft_export.peft import apply_peft, count_parameters, peft_state
 
         torch.manual_seed(self.cfg.seed)
+        base_decoder = None
         if ckpt is None:
-            self.model, self.base_source = self._base_model(self.spec.name)
-            self.peft_config = self.cfg.peft_config(warn=lambda text: self.events.message("warning: " + text))
-            apply_peft(self.model, self.peft_config, self.spec.name)
+            self.model, self.base_source, base_decoder = self._base_model(self.spec.name)
+            if peft_state(self.model) is not None:  # --instance-decoder-only on a finetuned (PEFT) checkpoint
+                self.peft_config = peft_state(self.model).config
+            else:
+                self.peft_config = self._run_peft_config()
+                apply_peft(self.model, self.peft_config, self.spec.name)
         else:
             from peft_export.models.loading import load_model
 
-            self.model = load_model(str(self.folder.latest)).model
+            loaded = load_model(str(self.folder.latest))
+            self.model, base_decoder = loaded.model, loaded.instance_decoder
             self.peft_config = peft_state(self.model).config
             self.base_source = ckpt.raw["training"].get("base_source", "")
+        self.instance_decoder = None
+        if self.cfg.instance_decoder:
+            from peft_export.train.instance import setup_instance_decoder
+
+            self.instance_decoder = setup_instance_decoder(self.model, self.spec, base_decoder,
+                                                           only=self.cfg.instance_decoder_only)
+            self.instance_decoder.to(self.device)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.counts = count_parameters(self.model)
+        if self.instance_decoder is not None:
+            self.params += list(self.instance_decoder.parameters())
+            self.counts["instance_decoder"] = sum(p.numel() for p in self.instance_decoder.parameters())
+            self.counts["total"] += self.counts["instance_decoder"]
+
+    def _run_peft_config(self):
+        warn = lambda text: self.events.message("warning: " + text)  # noqa: E731
+        if self.cfg.instance_decoder_only:
+            from peft_export.peft.options import peft_config_from
+
+            self.events.message("--instance-decoder-only: SAM (image encoder, prompt encoder, mask decoder) stays "
+                                "frozen and only the instance decoder trains; --peft/--blocks are not used")
+            return peft_config_from("frozen", None, {}, warn)
+        return self.cfg.peft_config(warn=warn)
 
     def _setup_step(self) -> None:
         cfg = self.cfg
@@ -147,9 +174,11 @@ class Trainer:
                                    metric=cfg.val_metric, dist=self.dist)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode=self.validator.mode, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)
-        self.step_module = StepModule(self.model, self.settings)
+        self.step_module = StepModule(self.model, self.settings, self.instance_decoder,
+                                      instance_only=cfg.instance_decoder_only)
         self._setup_cache()
         self.validator.cache = self.cache
+        self.validator.instance_decoder = self.instance_decoder
         self.step = TrainStep(self.dist.wrap(self.step_module), self.optimizer, precision=self.precision,
                               batch_size=cfg.batch_size, dist=self.dist)
         self.rng = RngState(self.device)
@@ -157,6 +186,8 @@ class Trainer:
         for key, part in (("optimizer_state", self.optimizer), ("scheduler_state", self.scheduler),
                           ("scaler_state", self.step.scaler), ("rng_state", self.rng)):
             self.parts.add(key, part)
+        if self.instance_decoder is not None:  # micro-sam's key for the instance decoder's weights
+            self.parts.add("decoder_state", self.instance_decoder)
         steps = len(self.data.epoch_order(cfg.seed, 0, cfg.samples_per_epoch, cfg.batch_size)) // cfg.batch_size
         self.schedule = Schedule(steps, cfg.iterations or cfg.epochs * steps)
         self.loop = TrainingLoop(cfg, self.data, self.step, self.state, self.schedule, self.validator,
@@ -178,17 +209,20 @@ class Trainer:
         return name
 
     def _base_model(self, name: str):
+        """(model, where it came from, its instance decoder or None)."""
         from peft_export.models.loading import load_model
 
         model_arg = self.cfg.model
         if self.spec.test_only and self.cfg.checkpoint is None and model_arg == name:
             self.events.message(f"{name} is a test model: training from random weights")
-            return self.spec.build(), "random"
+            return self.spec.build(), "random", None
         loaded = load_model(model_arg, self.cfg.checkpoint)
-        if loaded.peft and not (loaded.checkpoint and loaded.checkpoint.merged):
-            raise UsageError(f"{loaded.source} already holds a PEFT method ({loaded.peft.get('method')}); merge it "
-                             "first (peft-export merge) or resume its run with --resume")
-        return loaded.model, loaded.source
+        unmerged = loaded.peft and not (loaded.checkpoint and loaded.checkpoint.merged)
+        if unmerged and not self.cfg.instance_decoder_only:
+            raise UsageError(f"{loaded.source} already holds a PEFT method ({loaded.peft.get('method')}); merge "
+                             "it first (peft-export merge), resume its run with --resume, or train an instance "
+                             "decoder on it with --instance-decoder-only")
+        return loaded.model, loaded.source, loaded.instance_decoder
 
     def _setup_cache(self) -> None:
         cfg = self.cfg
@@ -237,6 +271,11 @@ class Trainer:
         return save_checkpoint(self.folder.path / name, model_name=self.spec.name,
                                state_dict=self.model.state_dict(), peft=self.peft_config.to_dict(), extra=extra)
 
+    def _instance_info(self) -> dict | None:
+        if self.instance_decoder is None:
+            return None
+        return {"only": bool(self.cfg.instance_decoder_only), **self.instance_decoder.config.to_dict()}
+
     def _epoch_figures(self) -> dict:
         figures = {"peak_memory_mb": round(peak_memory_mb(self.device), 1)}
         if self.cache is not None:
@@ -253,12 +292,13 @@ class Trainer:
     def run(self) -> dict:
         cfg, s = self.cfg, self.state
         t_start = time.perf_counter()
-        set_train_mode(self.model)
+        set_train_mode(self.model, self.instance_decoder)
         info = {"model": self.spec.name, "peft": self.peft_config.to_dict(), "parameters": self.counts,
                 "device": str(self.device), "precision": self.precision, "world_size": self.dist.world,
                 "train_patches": len(self.data), "val_images": len(self.val_samples or []),
                 "steps_per_epoch": self.schedule.steps_per_epoch, "epochs": self.schedule.epochs,
-                "trunk_cache": self.cache_note, "multimask": self.settings.multimask}
+                "trunk_cache": self.cache_note, "multimask": self.settings.multimask,
+                "instance_decoder": self._instance_info()}
         if self.dist.main:
             self.events.start(self.schedule.total_iterations, s.pos.iteration, info)
         if not self.val_samples and self.dist.main and not self.resume:
@@ -287,13 +327,14 @@ class Trainer:
             "trainable_parameters": self.counts, "device": str(self.device), "precision": self.precision,
             "world_size": self.dist.world, "iterations": s.pos.iteration, "epochs": len(trained),
             "stopped": s.stopped, "seconds": round(seconds, 1), "train_seconds": round(s.train_seconds, 1),
-            "val_metric": f"{self.cfg.val_metric} mean IoU" if self.val_samples else "train loss",
+            "val_metric": (("instance mSA (automatic segmentation)" if self.cfg.val_metric == "instance" else
+                            f"{self.cfg.val_metric} mean IoU") if self.val_samples else "train loss"),
             "before": before and before.get("val"),
             "best": best and {"epoch": best["epoch"], "metric": best.get("val_metric", best.get("train_loss")),
                               "val": best.get("val")},
             "last": trained[-1] if trained else None,
             "trunk_cache": self.cache.stats() if self.cache is not None else self.cache_note,
-            "multimask": self.settings.multimask,
+            "multimask": self.settings.multimask, "instance_decoder": self._instance_info(),
             "checkpoints": {"best": str(self.folder.best), "latest": str(self.folder.latest)},
         }
 

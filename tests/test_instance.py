@@ -1,0 +1,326 @@
+"""The instance decoder (micro-sam's AIS): model, targets, watershed, metrics, checkpoints, training.
+
+Independent references: torch-em's own UNETR with the same weights (decoder), torch-em's
+``PerObjectDistanceTransform`` (targets) and ``watershed_from_center_and_boundary_distances`` (post-processing) —
+torch-em is installed with its dependencies as a test oracle (``pip install torch-em``); hand-counted label
+images (metrics); an uninterrupted run (resume); the frozen base checkpoint (decoder-only training).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peft_export.errors import CheckpointError
+
+TORCH_EM = "torch-em is the oracle here: pip install torch-em (with its dependencies)"
+
+
+def _torch_em(module: str):
+    try:
+        return pytest.importorskip(module, reason=TORCH_EM)
+    except ImportError:  # importorskip raises Skipped; a broken install raises ImportError inside
+        pytest.skip(TORCH_EM)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_sam():
+    from peft_export.models.registry import get_spec
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_spec("vit_tiny").build().eval()
+
+
+def _randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine values, so that a decoder that ignores them is caught."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.2)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the decoder vs torch-em's UNETR, through a micro-sam-style checkpoint
+@pytest.mark.parametrize("transpose", [False, True], ids=["interpolate", "transposed-conv"])
+def test_micro_sam_checkpoint_decoder_matches_torch_em_unetr(tmp_path, transpose):
+    """micro-sam builds its AIS decoder as torch-em's UNETR(backbone="sam", use_skip_connection=False,
+    final_activation="Sigmoid", out_channels=3) and saves ``{"model_state": {"sam.*"}, "decoder_state": ...}``.
+    Random weights (16 features to keep it quick; the key names and structure do not depend on it)."""
+    unetr_mod = _torch_em("torch_em.model.unetr")
+    from peft_export.models.loading import load_model
+
+    sam = _tiny_sam()
+    torch.manual_seed(1)
+    unetr = unetr_mod.UNETR(backbone="sam", encoder=sam.image_encoder, out_channels=3, use_sam_stats=True,
+                            final_activation="Sigmoid", use_skip_connection=False, resize_input=True,
+                            use_conv_transpose=transpose, initial_features=16)
+    _randomise_batchnorm(unetr)
+    unetr.eval()
+    decoder_state = {k: v for k, v in unetr.state_dict().items() if not k.startswith("encoder")}
+    ckpt = tmp_path / "micro_sam_best.pt"
+    torch.save({"model_state": {f"sam.{k}": v for k, v in sam.state_dict().items()}, "decoder_state": decoder_state,
+                "iteration": 10}, ckpt)
+    loaded = load_model("vit_tiny", ckpt)
+    assert loaded.checkpoint.kind == "micro-sam" and loaded.instance_decoder is not None
+    cfg = loaded.instance_decoder.config
+    assert (cfg.levels, cfg.features, cfg.upsampler) == (4, 16, "transpose" if transpose else "interpolate")
+    emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = unetr.decode((emb, None, None), (256, 256), (256, 256))  # torch-em's own path, incl. postprocessing
+        ours = loaded.instance_decoder(emb)
+    assert ours.shape == ref.shape == (1, 3, 256, 256)
+    assert float((ours - ref).abs().max()) <= 1e-4
+    assert float(ref.std()) > 1e-3  # the maps are not flat, so the comparison means something
+
+
+def _state(**changes) -> dict[str, torch.Tensor]:
+    from peft_export.models.instance_decoder import InstanceDecoder, InstanceDecoderConfig
+
+    cfg = dict(in_channels=64, levels=4, features=8)
+    cfg.update(changes)
+    return InstanceDecoder(InstanceDecoderConfig(**cfg)).state_dict()
+
+
+@pytest.mark.parametrize("state,match", [
+    (lambda: _state(in_channels=256), "takes 256-channel embeddings; vit_tiny's have 64"),
+    (lambda: _state(levels=2), "upsamples 4x; vit_tiny needs 16x"),
+    (lambda: {k: v for k, v in _state().items() if not k.startswith("decoder_head.block.4")},
+     "does not fit the instance decoder \\(missing decoder_head.block.4"),
+    (lambda: {"unet.conv.weight": torch.zeros(1)}, "not an instance decoder"),
+])
+def test_decoder_state_that_does_not_fit_the_model_is_refused(tmp_path, state, match):
+    from peft_export.models.loading import load_model
+
+    sam = _tiny_sam()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model_state": {f"sam.{k}": v for k, v in sam.state_dict().items()}, "decoder_state": state()}, ckpt)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model("vit_tiny", ckpt)
+    assert "\n" not in str(info.value)
+
+
+def test_model_sizes_and_output_resolution():
+    """Output at the model input size for SAM-style (16x) and LiteMedSAM-style (4x) embeddings; others refused."""
+    from peft_export.models.instance_decoder import InstanceDecoder, InstanceDecoderConfig, levels_for
+
+    assert levels_for(1024, 64) == 4 and levels_for(256, 64) == 2
+    with pytest.raises(CheckpointError, match="4x, 8x, 16x"):
+        levels_for(100, 64)
+    dec = InstanceDecoder(InstanceDecoderConfig(32, 2, 8)).eval()
+    with torch.no_grad():
+        out = dec(torch.randn(2, 32, 16, 16))
+    assert out.shape == (2, 3, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# targets and post-processing vs torch-em; metrics by hand
+def test_targets_match_torch_em_per_object_distance_transform(dsb_val):
+    label_mod = _torch_em("torch_em.transform.label")
+    from peft_export.data.dataset import load_samples
+    from peft_export.train.instance import instance_targets
+
+    trafo = label_mod.PerObjectDistanceTransform(distances=True, boundary_distances=True, directed_distances=False,
+                                                 foreground=True, instances=False, apply_label=False)
+    for sample in [*dsb_val, load_samples("sample:dsb2018", "train")[0]]:
+        ours = instance_targets(sample.labels)
+        ref = trafo(sample.labels)
+        assert ours.shape == ref.shape == (3, *sample.labels.shape)
+        assert float(np.abs(ours - ref).max()) <= 1e-5, sample.name
+    # objects not asked for are background
+    ids = np.unique(dsb_val[0].labels)[1:4]
+    part = instance_targets(dsb_val[0].labels, ids)
+    assert set(np.unique(dsb_val[0].labels[part[0] > 0])) == set(ids.tolist())
+
+
+def test_watershed_matches_torch_em_and_recovers_the_truth(dsb_val):
+    """Perfect maps with noise: the watershed gives torch-em's instances, and those are the hand-drawn nuclei."""
+    seg_mod = _torch_em("torch_em.util.segmentation")
+    from peft_export.metrics import instance_scores, matched_iou
+    from peft_export.runtime.instances import InstanceConfig, maps_to_instances
+    from peft_export.train.instance import instance_targets
+
+    labels = dsb_val[0].labels
+    noisy = instance_targets(labels) + np.random.default_rng(0).normal(0, 0.1, (3, *labels.shape))
+    maps = np.clip(noisy, 0, 1).astype(np.float32)
+    ours = maps_to_instances(maps, InstanceConfig(foreground_smoothing=0))  # torch-em's function does not smooth fg
+    ref = seg_mod.watershed_from_center_and_boundary_distances(maps[1], maps[2], maps[0])
+    assert matched_iou(ours, ref.astype(np.int64)) >= 0.999
+    truth = instance_scores(maps_to_instances(maps), labels)
+    assert truth["f1"] >= 0.9 and truth["msa"] >= 0.8, truth
+
+
+def test_instance_scores_count_matches_by_hand():
+    from peft_export.metrics import instance_scores, merge_instance_scores
+
+    gt = np.zeros((20, 20), np.int32)
+    gt[1:5, 1:5], gt[10:14, 10:14], gt[15:19, 1:5] = 1, 2, 3
+    pred = np.zeros_like(gt)
+    pred[1:5, 1:5] = 7  # exact
+    pred[10:14, 10:12] = 8  # half of object 2: IoU 0.5, not a match at > 0.5
+    pred[6:8, 15:19] = 9  # a false positive
+    s = instance_scores(pred, gt)
+    assert (s["tp"], s["fp"], s["fn"], s["objects_pred"], s["objects_true"]) == (1, 2, 2, 3, 3)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 3)
+    assert s["f1"] == pytest.approx(1 / 3) and s["mean_iou"] == pytest.approx(0.5)
+    empty = instance_scores(np.zeros_like(gt), np.zeros_like(gt))
+    assert empty["f1"] == empty["msa"] == 1.0
+    both = merge_instance_scores([s, instance_scores(gt, gt)])
+    assert (both["tp"], both["fp"], both["fn"]) == (4, 2, 2) and both["f1"] == pytest.approx(8 / 12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training: joint and decoder-only, resume, the checkpoint layout
+def _disks(rng, size=64, n=4):
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, n + 1):
+        for _ in range(50):
+            r = rng.uniform(5, 9)
+            cy, cx = rng.uniform(r, size - r, 2)
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            if not (labels[disk] > 0).any():
+                labels[disk] = i
+                break
+    image = 20 + 150 * (labels > 0) + rng.normal(0, 8, labels.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    import tifffile
+
+    root = tmp_path_factory.mktemp("synth_ais")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 1)):
+        for i in range(n):
+            image, labels = _disks(rng)
+            for kind, arr in (("images", image), ("labels", labels.astype(np.uint16))):
+                (root / split / kind).mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(root / split / kind / f"{split}{i}.tif", arr)
+    return root
+
+
+TINY = ["--model", "tinyvit_tiny", "--peft", "lora", "--rank", "4", "--blocks", "late:2", "--objects-per-image", "3",
+        "--sub-iterations", "1", "--val-prompts", "box", "--lr", "1e-3", "--no-val-before", "--quiet"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_joint_training_checkpoint_layout_and_exact_resume(run_cli, synth, tmp_path, monkeypatch):
+    """--instance-decoder: its loss is one more term; the checkpoint holds micro-sam's ``decoder_state``; Ctrl-C
+    (a KeyboardInterrupt inside step 3) and --resume give the uninterrupted run's decoder and losses."""
+    import peft_export.train.step as step_mod
+    from peft_export.models.checkpoint import read_checkpoint
+    from peft_export.models.loading import load_model
+
+    args = [*TINY, "--data", str(synth), "--iterations", "5", "--instance-decoder"]
+    ref = tmp_path / "ref"
+    code, _, err = run_cli("finetune", *args, "--out", str(ref))
+    assert code == 0, err
+    recs = _metrics(ref)
+    assert all(np.isfinite(r["train_instance_loss"]) and r["train_instance_loss"] > 0 for r in recs)
+    assert recs[-1]["train_loss"] > recs[-1]["train_instance_loss"]  # the prompt losses are still there
+    inst = recs[-1]["val"]["instance"]
+    assert {"msa", "f1", "precision", "recall", "objects_pred", "objects_true"} <= set(inst)
+    assert inst["objects_true"] == 4
+    ck = read_checkpoint(ref / "latest.pt")
+    assert ck.decoder_state is not None and "out_conv.weight" in ck.decoder_state
+    assert load_model(str(ref / "latest.pt")).instance_decoder.config.features == 8
+
+    real, calls = step_mod.image_loss, {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(step_mod, "image_loss", interrupt)
+    code, _, err = run_cli("finetune", *args, "--out", str(run))
+    assert code == 130, err
+    monkeypatch.setattr(step_mod, "image_loss", real)
+    code, _, err = run_cli("finetune", "--out", str(run), "--resume", "--quiet")
+    assert code == 0, err
+    a, b = read_checkpoint(ref / "latest.pt").decoder_state, read_checkpoint(run / "latest.pt").decoder_state
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["train_instance_loss"] for r in _metrics(run)] == pytest.approx(
+        [r["train_instance_loss"] for r in recs], rel=1e-6)
+    # a resumed run keeps training its decoder: asking to drop it is refused
+    code, _, err = run_cli("finetune", "--out", str(run), "--resume", "--no-instance-decoder")
+    assert code == 2 and "instance-decoder" in err
+
+
+def test_decoder_only_training_freezes_sam(run_cli, synth, tmp_path):
+    """--instance-decoder-only on a finetuned (PEFT) run: SAM's weights, adapters included, stay as they were; the
+    decoder trains; the encoder is cached whole; best.pt follows the automatic segmentation's mSA."""
+    from peft_export.models.checkpoint import read_checkpoint
+
+    base = tmp_path / "base"
+    code, _, err = run_cli("finetune", *TINY, "--data", str(synth), "--iterations", "2", "--out", str(base))
+    assert code == 0, err
+    run = tmp_path / "only"
+    code, out, err = run_cli("finetune", "--model", str(base / "best.pt"), "--data", str(synth), "--iterations", "4",
+                             "--lr", "1e-3", "--instance-decoder-only", "--no-val-before", "--out", str(run), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["val_metric"] == "instance mSA (automatic segmentation)"
+    assert summary["trunk_cache"]["split_before"] == "(whole encoder)"
+    assert summary["trainable_parameters"]["image_encoder"] == 0 == summary["trainable_parameters"]["mask_decoder"]
+    a, b = read_checkpoint(base / "best.pt"), read_checkpoint(run / "best.pt")
+    assert b.peft == a.peft  # the base run's LoRA, still mergeable by merge-and-export
+    for k, v in a.state_dict.items():
+        assert torch.equal(b.state_dict[k], v), k
+    assert a.decoder_state is None and b.decoder_state is not None
+    assert b.raw["training"]["config"]["val_metric"] == "instance"
+    assert set(_metrics(run)[-1]) >= {"train_instance_loss"} and "train_mask_loss" not in _metrics(run)[-1]
+
+
+def test_binary_mask_labels_are_split_into_objects_with_a_warning(run_cli, synth, tmp_path, caplog):
+    """Instance targets need instance labels: a binary mask is split into connected components (with a warning,
+    as for prompt training) and the decoder trains on those objects."""
+    import shutil
+
+    import tifffile
+
+    data = tmp_path / "binary"
+    shutil.copytree(synth, data)
+    for p in (data / "train" / "labels").glob("*.tif"):
+        tifffile.imwrite(p, (tifffile.imread(p) > 0).astype(np.uint8))
+    with caplog.at_level("WARNING", logger="peft_export"):
+        code, out, err = run_cli("finetune", *TINY, "--data", str(data), "--iterations", "1", "--instance-decoder",
+                                 "--out", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    assert "binary mask; split into 4 connected components" in caplog.text
+    assert json.loads(out)["last"]["train_instance_loss"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--instance-decoder-only", "--no-instance-decoder"], "cannot go with --no-instance-decoder"),
+    (["--val-metric", "instance"], "needs an instance decoder"),
+])
+def test_bad_instance_options_give_one_line(run_cli, synth, tmp_path, args, message):
+    code, _, err = run_cli("finetune", *TINY, "--data", str(synth), "--iterations", "1", "--out",
+                           str(tmp_path / "r"), *args)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
