@@ -300,24 +300,28 @@ def test_study_data_without_validation_split(tmp_path, run_cli):
     assert not (tmp_path / "r").exists()
 
 
-def test_study_instance_decoder_option(tmp_path, disks, run_cli):
-    """With finetune's instance decoder the option reaches both workers and AIS figures become columns; without
-    it, a clear refusal."""
-    from peft_export.bench.study import StudySettings, resolve_settings
-    from peft_export.bench.study_case import _memory_settings, finetune_values, quality_figures
-    from peft_export.train.config import field_names
+def test_study_with_the_instance_decoder_reports_ais(study, tmp_path, disks, run_cli, monkeypatch):
+    """--instance-decoder reaches finetune (trained with it, one step) and its AIS figures become columns."""
+    from peft_export.bench.study_case import quality_figures
 
     val = {"box": {"mean_iou": 0.8, "msa": 0.6, "objects": 4}, "instance": {"msa": 0.5, "f1": 0.7, "recall": 0.6}}
     assert quality_figures(val) == {"box_iou": 0.8, "box_msa": 0.6, "box_objects": 4.0, "ais_msa": 0.5,
                                     "ais_f1": 0.7, "ais_recall": 0.6}
-    if "instance_decoder" not in field_names():
-        code, _, err = run_cli(*_argv(disks, tmp_path / "r", "--instance-decoder"))
-        assert code == 2 and "instance decoder" in err and len(err.strip().splitlines()) == 1, err
-        return
-    s = resolve_settings(StudySettings(model="tinyvit_tiny", data=str(disks), instance_decoder=True,
-                                       metric="ais_msa"))
-    assert finetune_values("lora", "all", s, 3)["instance_decoder"] is True
-    assert _memory_settings(None, s)["extra"] == {"instance_decoder": True}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = _argv(disks, tmp_path / "r", "--instance-decoder", "--metric", "ais_msa")
+    argv[argv.index("--placements") + 1] = "late:1"
+    argv[argv.index("--budget") + 1] = "1"
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    case = res["cases"][0]
+    assert 0 <= case["ais_msa"] <= 1 and case["ais_objects_true"] == 4  # the validation image's 4 disks
+    assert "--instance-decoder" in case["finetune"] and res["recommendation"]["metric"] == "ais_msa"
+    # the decoder is trained too: same encoder adapters, more trainable parameters than the study without it
+    without = _cases(study)["lora late:1"]
+    assert case["trainable_encoder_params"] == without["trainable_encoder_params"] == _encoder_trainables("late:1")
+    assert case["trainable_params"] > without["trainable_params"]
+    assert "AIS mSA" in (tmp_path / "r" / "table.md").read_text()
 
 
 def test_study_that_measures_nothing_fails_with_the_reasons(tmp_path, disks, run_cli):
