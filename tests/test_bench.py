@@ -235,6 +235,27 @@ def test_gpu_check_encoder_part_on_cpu(tmp_path):
     assert dry["status"] == "skipped"
 
 
+def test_gpu_check_backend_timing_on_cpu(tiny_export):
+    """The ONNX Runtime / TensorRT parts' measuring helpers, on ONNX Runtime's CPU provider: the figures and
+    outputs come from the export (embedding of the manifest's shape, one low-res mask per box prompt)."""
+    import sys
+    from pathlib import Path
+
+    from peft_export.runtime.onnx_backend import OnnxBackend
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    backend = OnnxBackend(tiny_export.out_dir, ["CPUExecutionProvider"])
+    x, coords, labels = gpu_check._sample_inputs(backend.preprocess.img_size)
+    figures, (emb, low) = gpu_check._backend_figures(backend, x, coords, labels, "cpu", 2)
+    assert figures["encoder_ms"] > 0 and figures["decoder_ms"] > 0
+    assert emb.shape == backend.embedding_shape and low.shape[0] == len(coords) == 16
+    assert gpu_check._diff(emb, backend.embed(x)) == 0.0
+
+
 def test_infer_bad_inputs(tmp_path, run_cli):
     code, _, err = run_cli("benchmark", "infer", str(tmp_path), "-o", str(tmp_path / "r"))
     assert code != 0 and "manifest" in err and "Traceback" not in err
