@@ -212,6 +212,31 @@ def test_instance_package_gives_the_export_folders_maps(tiny_instance_package, t
     seg.set_image(tile)
     got = upscale_masks(seg.backend.instance_maps(seg.embedding)[0], 256, tile.shape, tile.shape)
     assert np.max(np.abs(got - want)) <= 1e-4
+    from peft_export.runtime.instances import maps_to_instances, segment_instances
+
+    labels = segment_instances(seg)  # the instance path of predict --auto, on the package
+    assert np.array_equal(labels, maps_to_instances(want)) and labels.max() > 0
+    assert np.array_equal(pkg.segment_instances(tile), labels)
+
+
+def test_package_with_the_real_instance_decoder_graph(tiny_export, tmp_path):
+    """The instance decoder the exporter writes (peft_export.export.instance: micro-sam's UNETR decoder traced with
+    torch.export; random weights here), composed and validated like the synthetic one."""
+    instance = pytest.importorskip("peft_export.export.instance", reason="the instance decoder has not landed")
+    from peft_export.manifest import read_manifest
+    from peft_export.models.instance_decoder import InstanceDecoder, InstanceDecoderConfig, levels_for
+
+    m = read_manifest(tiny_export.out_dir)
+    c, h, w = m.embedding
+    s = m.preprocess_spec.img_size
+    decoder = InstanceDecoder(InstanceDecoderConfig(c, levels_for(s, h), features=8))
+    graph = instance.trace(decoder, (c, h, w), m.opset).model
+    export = add_instance_decoder(tiny_export.out_dir, tmp_path / "onnx", decoder=graph)
+    result = build_package(export, tmp_path / "real.zip", PackageOptions(authors=AUTHORS))
+    _assert_validated(result)
+    assert result.kind == "instance" and result.own_check["max_abs_diff"] <= result.own_check["limit"]
+    tile = np.random.default_rng(1).random((200, 256)).astype(np.float32)
+    assert np.max(np.abs(open_package(result.path).predict(tile) - _export_maps(export, tile))) <= 1e-4
 
 
 # ---- the encoder path (LiteMedSAM, real weights) -----------------------------------------------------------
@@ -374,6 +399,18 @@ def test_cli_bad_input_one_line_each(run_cli, tiny_export, tmp_path, monkeypatch
     def no_sample(split="val"):
         raise MissingDependencyError("package 'stardist' is not installed")
 
+    code, _, err = run_cli("package", exp, "-o", out, "--author", "A", "--license", "Apache", "--no-validate")
+    assert code == 2 and "--license 'Apache'" in err and "SPDX" in err
+    code, _, err = run_cli("package", exp, "-o", out, "--author", "A/B", "--no-validate")
+    assert code == 2 and "--author 'A/B'" in err
+    import httpx
+
+    def offline(*args, **kwargs):
+        raise httpx.ConnectError("Name or service not known")
+
+    monkeypatch.setattr(httpx, "get", offline)  # bioimageio.spec looks GitHub users up: no network
+    code, _, err = run_cli("package", exp, "-o", out, "--author", "A", "--github-user", "someone-new", "--no-validate")
+    assert code == 2 and "--github-user 'someone-new'" in err and "api.github.com" in err
     monkeypatch.setattr(dataset, "dsb2018_tiles", no_sample)  # the samples extra missing
     code, _, err = run_cli("package", exp, "-o", out, "--author", "A")
     assert code == 2 and "--test-image" in err and "samples" in err

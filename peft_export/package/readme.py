@@ -175,9 +175,16 @@ folder this package came from ({how}).
 
 def render_readme(f: ReadmeFacts) -> str:
     cites = "\n".join(f"- {text}. doi:{doi}" for text, doi in f.cites)
-    limits = ("- A fixed square input tile; the model only saw images of the modality and scale it was finetuned on."
-              "\n- Each tile is min-max scaled by its own range, as in training: very dim or empty tiles are "
-              "stretched.")
+    limits = "- A fixed square input tile; the model only saw images of the modality and scale it was finetuned on."
+    if f.manifest.baked_preprocessing:
+        limits += "\n- The input is uint8 on a 0-255 scale: convert other images to it first (the graph normalises)."
+    elif f.manifest.preprocess_spec.mode == "minmax":
+        limits += ("\n- Each tile is min-max scaled by its own range, as in training: very dim or empty tiles are "
+                   "stretched.")
+    else:
+        limits += ("\n- Each tile is min-max scaled to 0-255 before SAM's mean/std. peft-export's export runtime does "
+                   "that for non-uint8 images but feeds uint8 images as they are, so on uint8 images whose range is "
+                   "not 0-255 this package's output differs from the export folder's.")
     head = (f"# {f.name}\n\n{pretty_model(f.manifest.model)}, exported to ONNX by peft-export. This package holds "
             f"**{_what(f)}**.\n")
     return "\n".join([head, _io_section(f), _post_section(f), _run_section(f), _model_section(f),

@@ -5,12 +5,14 @@ Only this module and :func:`peft_export.package.bioimageio.validate_package` imp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from peft_export.errors import UsageError, first_line
 from peft_export.manifest import Manifest
 from peft_export.package import content, docs
 from peft_export.package.readme import render_readme
@@ -54,7 +56,7 @@ def preprocessing_steps(manifest: Manifest) -> tuple[list[dict], list[str]]:
                                            "max_percentile": 100.0}}
     if spec.mode == "minmax":
         return [rng], ["`scale_range` over channel, y, x (percentiles 0 and 100): each tile min-max scaled to "
-                       "[0, 1] by its own range (LiteMedSAM's preprocessing)"]
+                       "[0, 1] by its own range (the model's preprocessing, as LiteMedSAM's)"]
     zmuv = {"id": "fixed_zero_mean_unit_variance",
             "kwargs": {"axis": "channel", "mean": list(spec.pixel_mean), "std": list(spec.pixel_std)}}
     return [rng, {"id": "scale_linear", "kwargs": {"gain": 255.0}}, zmuv], [
@@ -199,25 +201,60 @@ def _n_params(graph: list[Path]) -> int:
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
 
 
+# the description's fields that come from the user's options (a bad value is theirs to fix)
+USER_FIELDS = {("ModelDescr", "name"): "--name", ("ModelDescr", "license"): "--license",
+               ("ModelDescr", "tags"): "--tag", ("Author", "name"): "--author",
+               ("Author", "github_user"): "--github-user"}
+
+
+@contextmanager
+def _user_errors(options):
+    """bioimageio.spec's refusals of option values as one line naming the option (UsageError); a GitHub user it
+    cannot look up (no network) likewise. Anything else is ours and propagates."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        option = USER_FIELDS.get((exc.title, str(err["loc"][0]) if err["loc"] else ""))
+        if option is None:
+            raise
+        msg = err["msg"].split(" [")[0][:200]
+        if option == "--license":
+            msg = "not an SPDX licence identifier (e.g. Apache-2.0, MIT, CC-BY-4.0)"
+        elif "_has_no_slash" in msg:
+            msg = "no '/' or '\\' allowed"
+        raise UsageError(f"{option} {err.get('input')!r} is refused by bioimageio.spec: {msg}") from None
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise
+        raise UsageError(f"cannot check --github-user {options.github_user!r}: bioimageio.spec looks it up on "
+                         f"api.github.com, which is not reachable ({first_line(exc)}); connect to the internet or "
+                         "leave --github-user out (the zoo then asks for a maintainer at upload)") from None
+
+
 def model_description(stage: Path, manifest: Manifest, kind: str, graph: list[Path], attachments: list[Path],
                       facts: Facts, options):
-    """The ModelDescr of the staged folder (bioimageio.spec validates it here: a bad field raises)."""
+    """The ModelDescr of the staged folder (bioimageio.spec validates it here: a bad field raises; one the user's
+    options gave is a UsageError naming the option)."""
     from bioimageio.spec.generic.v0_3 import Author, CiteEntry
     from bioimageio.spec.model import v0_5 as v
 
     inp, out = _tensors(v, stage, manifest, kind, facts)
     external = v.FileDescr(source=graph[1]) if len(graph) > 1 else None
-    authors = [Author(name=n, github_user=options.github_user if i == 0 else None)
-               for i, n in enumerate(options.authors)]
-    return v.ModelDescr(
-        name=facts.name, description=docs.description(manifest, kind), authors=authors,
-        cite=[CiteEntry(text=t, doi=d) for t, d in facts.readme_facts.cites],
-        license=facts.license, tags=docs.tags(manifest, kind, tuple(options.tags)),
-        documentation=v.FileDescr(source=stage / "README.md"), covers=[v.FileDescr(source=stage / "cover.png")],
-        attachments=[v.FileDescr(source=p) for p in attachments], inputs=[inp], outputs=[out],
-        weights=v.WeightsDescr(onnx=v.OnnxWeightsDescr(source=graph[0], opset_version=manifest.opset,
-                                                       external_data=external)),
-        config=_config(manifest, kind, facts, _n_params(graph)))
+    with _user_errors(options):
+        authors = [Author(name=n, github_user=options.github_user if i == 0 else None)
+                   for i, n in enumerate(options.authors)]
+        return v.ModelDescr(
+            name=facts.name, description=docs.description(manifest, kind), authors=authors,
+            cite=[CiteEntry(text=t, doi=d) for t, d in facts.readme_facts.cites],
+            license=facts.license, tags=docs.tags(manifest, kind, tuple(options.tags)),
+            documentation=v.FileDescr(source=stage / "README.md"), covers=[v.FileDescr(source=stage / "cover.png")],
+            attachments=[v.FileDescr(source=p) for p in attachments], inputs=[inp], outputs=[out],
+            weights=v.WeightsDescr(onnx=v.OnnxWeightsDescr(source=graph[0], opset_version=manifest.opset,
+                                                           external_data=external)),
+            config=_config(manifest, kind, facts, _n_params(graph)))
 
 
 def save_rdf(descr, stage: Path) -> Path:
