@@ -102,9 +102,10 @@ def plot_study(path: Path, results: dict) -> Path:
                for i, m in enumerate(methods)]
     handles += [plt.Line2D([], [], color="0.3", marker=_MARKERS[i % len(_MARKERS)], ls="", label=p)
                 for i, p in enumerate(placements)]
-    axes[0].legend(handles=handles, fontsize=7, loc="lower right", title="method / placement", title_fontsize=7)
+    axes[0].legend(handles=handles, fontsize=7, loc="best", framealpha=0.8, title="method / placement",
+                   title_fontsize=7)
     if rows:
-        axes[1].legend(fontsize=7, loc="lower right")
+        axes[1].legend(fontsize=7, loc="best", framealpha=0.8)
     title = f"{s['model']} on {s['data']}: quality vs cost, {s['budget']} per case"
     return _save(plt, fig, path, title, results["machine"])
 
