@@ -257,6 +257,12 @@ def test_lite_encoder_package_passes_bioimageio_core(lite_encoder_package):
     from peft_export.data.dataset import dsb2018_tiles
 
     assert np.array_equal(test_in[0, 0], dsb2018_tiles("val")[0].image.astype(np.float32))  # the real tile
+    from PIL import Image
+
+    cover = np.asarray(Image.open(_extract(lite_encoder_package.path, "cover.png")))
+    assert cover.shape == (256, 512, 3)  # the tile | its objects segmented by box prompts (tinted, white borders)
+    white = (cover == 255).all(axis=-1)  # object borders; the plain tile only has its brightest pixel(s) white
+    assert white[:, 256:].sum() > 500 and white[:, :256].sum() < 20
 
 
 def _extract(zip_path: Path, name: str) -> Path:

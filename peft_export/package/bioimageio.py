@@ -205,8 +205,10 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         square = content.square_input(sample.image, manifest.preprocess_spec.img_size, name=sample.name)
         test_input = content.make_test_input(square, manifest.baked_preprocessing)
         expected, embedding = content.reference_output(export_dir, manifest, test_input, kind)
+        prompted = (content.prompted_labels(export_dir, manifest, square, sample.labels) if kind == "encoder"
+                    else None)  # the cover: the attached decoder on box prompts of the sample's objects
         facts = spec_descr.write_files(stage, manifest, kind, square, test_input, expected, embedding, sample,
-                                       options)
+                                       options, prompted)
         descr = spec_descr.model_description(stage, manifest, kind, graph, attachments, facts, options)
         spec_descr.save_rdf(descr, stage)
         seconds["build"] = round(time.perf_counter() - t0, 3)

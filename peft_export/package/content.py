@@ -24,6 +24,7 @@ class SampleImage:
     image: np.ndarray  # as read (2D grayscale or RGB, any dtype)
     name: str
     description: str
+    labels: np.ndarray | None = None  # instance labels (the DSB2018 tile's hand-drawn ones), for the cover
 
 
 def load_test_image(spec: str | None) -> SampleImage:
@@ -37,22 +38,49 @@ def load_test_image(spec: str | None) -> SampleImage:
             raise UsageError("no test image for the package's test tensors: the DSB2018 sample is not installed "
                              "(pip install 'peft-export[samples]'); or pass --test-image FILE") from None
         return SampleImage(tile.image, tile.name, "the DSB2018 validation tile (bottom-right 256x256 quadrant of the "
-                                                "stardist package's img2d.tif; BBBC038, Caicedo et al. 2019)")
+                                                "stardist package's img2d.tif; BBBC038, Caicedo et al. 2019)",
+                           tile.labels)
     from peft_export.data.io import read_image
 
     path = Path(spec)
     return SampleImage(read_image(path), path.stem, f"the image {path.name}")
 
 
+def _central(h: int, w: int) -> tuple[slice, slice]:
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    return slice(y, y + side), slice(x, x + side)
+
+
 def square_input(image: np.ndarray, size: int, *, name: str = "test image") -> np.ndarray:
     """The image's central square, resized to ``size`` x ``size``: (size, size, 3) float32 raw intensities."""
     rgb = as_rgb(image, name=name)
     h, w = rgb.shape[:2]
-    side = min(h, w)
-    if side < 16:
+    if min(h, w) < 16:
         raise DataError(f"{name}: {w}x{h} is too small for test tensors (need at least 16x16)")
-    y, x = (h - side) // 2, (w - side) // 2
-    return resize_image(rgb[y: y + side, x: x + side], (size, size))
+    return resize_image(rgb[_central(h, w)], (size, size))
+
+
+def prompted_labels(export_dir: Path, manifest: Manifest, square: np.ndarray, labels: np.ndarray | None,
+                    max_objects: int = 64) -> np.ndarray | None:
+    """For the cover of an encoder package: the export's prompt decoder on ``square``, one box per labelled object
+    (the labels' central square, as the image's) -> a label image; None without labels."""
+    if labels is None:
+        return None
+    from peft_export.imaging import resize_labels
+    from peft_export.runtime.onnx_backend import OnnxBackend
+    from peft_export.runtime.segmenter import Segmenter
+
+    lab = resize_labels(np.asarray(labels)[_central(*labels.shape[:2])], square.shape[:2])
+    boxes = []
+    for i in [i for i in np.unique(lab) if i][:max_objects]:
+        ys, xs = np.nonzero(lab == i)
+        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    if not boxes:
+        return None
+    seg = Segmenter(backend=OnnxBackend(export_dir, manifest=manifest))
+    seg.set_image(square)
+    return seg.predict_labels(boxes=np.asarray(boxes, np.float32))[0]
 
 
 def make_test_input(square: np.ndarray, baked: bool) -> np.ndarray:
@@ -114,15 +142,18 @@ def instance_labels(maps: np.ndarray, settings: dict | None = None) -> np.ndarra
 
 
 def cover_image(square: np.ndarray, kind: str, output: np.ndarray, pca: np.ndarray | None = None,
-                settings: dict | None = None, height: int = 256) -> np.ndarray:
-    """A 2:1 picture (the zoo's recommended cover ratio): the test image, and beside it the instances found
-    from the package's maps or (encoder packages) the embedding's principal components (``pca``)."""
+                settings: dict | None = None, height: int = 256, prompted: np.ndarray | None = None) -> np.ndarray:
+    """A 2:1 picture (the zoo's recommended cover ratio): the test image, and beside it the overlay of the
+    instances found from the package's maps, or (encoder packages) of the objects segmented by box prompts through
+    the attached decoder (``prompted``), else the embedding's principal components (``pca``)."""
     from peft_export.runtime.overlay import overlay
 
     s = square.shape[0]
     gray = gray_u8(square)
     if kind == "instance":
         right = overlay(square, instance_labels(output[0], settings))
+    elif prompted is not None:
+        right = overlay(square, prompted)
     else:
         right = resize_image(pca.astype(np.float32), (s, s)).clip(0, 255).astype(np.uint8)
     pic = np.concatenate([gray, right], axis=1)

@@ -79,7 +79,7 @@ def instance_settings(manifest: Manifest) -> dict:
 
 
 def _pictures(stage: Path, kind: str, square: np.ndarray, expected: np.ndarray, embedding: np.ndarray,
-              post: dict) -> None:
+              post: dict, prompted: np.ndarray | None) -> None:
     """sample_input.png / sample_output.png (8-bit pictures of the test tensors, for people) and cover.png."""
     content.save_png(stage / "sample_input.png", content.gray_u8(square))
     if kind == "instance":
@@ -89,16 +89,17 @@ def _pictures(stage: Path, kind: str, square: np.ndarray, expected: np.ndarray, 
     else:
         pca = content.embedding_pca(embedding)
         content.save_png(stage / "sample_output.png", pca)
-    content.save_png(stage / "cover.png", content.cover_image(square, kind, expected, pca, post))
+    content.save_png(stage / "cover.png", content.cover_image(square, kind, expected, pca, post, prompted=prompted))
 
 
 def write_files(stage: Path, manifest: Manifest, kind: str, square: np.ndarray, test_input: np.ndarray,
-                expected: np.ndarray, embedding: np.ndarray, sample: content.SampleImage, options) -> Facts:
+                expected: np.ndarray, embedding: np.ndarray, sample: content.SampleImage, options,
+                prompted: np.ndarray | None = None) -> Facts:
     """Test tensors, sample pictures, cover and a first README in ``stage``; what the description needs."""
     np.save(stage / "test_input.npy", test_input)
     np.save(stage / "test_output.npy", expected.astype(np.float32))
     post = instance_settings(manifest) if kind == "instance" else {}
-    _pictures(stage, kind, square, expected, embedding, post)
+    _pictures(stage, kind, square, expected, embedding, post, prompted)
     pre, pre_text = preprocessing_steps(manifest)
     name = options.name or docs.default_name(manifest, kind)
     lic = options.license or docs.default_license(manifest.model)
