@@ -36,6 +36,13 @@ def _qdq_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) >= 2}
 
 
+def _quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Conv nodes that read dequantized int8 tensors (QDQ: every data input from a DequantizeLinear)."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Conv")
+            and all(producer.get(x) == "DequantizeLinear" for x in n.input[:2])]
+
+
 def _base(name: str) -> str:
     return name.split("#")[0]
 
@@ -46,9 +53,11 @@ def test_int8_export_is_static_qdq_in_the_cpu_independent_layout(lite_export_int
     assert manifest.precision == "int8" and manifest.verified and manifest.parity["passed"]
     assert rec["format"] == "qdq" and rec["target"] == "cpu" and rec["mode"] == "static"
     enc = onnx.load(lite_export_int8 / "encoder.onnx")
-    weights = _qdq_weights(enc)
-    assert weights and rec["quantized_nodes"] > 0
-    assert max(int(np.abs(w).max()) for w in weights.values()) <= q.WEIGHT_QMAX
+    # which nodes the search leaves int8 depends on the gate (this fixture's fragile point masks may leave only
+    # activation-by-activation MatMuls int8); the count in the manifest is the graph's, and any int8 weight is 7-bit
+    # (the full-int8 layout of every weight is checked on a real layer by the AVX2 emulation test below)
+    assert rec["quantized_nodes"] == len(_quantized_nodes(enc)) > 0
+    assert all(int(np.abs(w).max()) <= q.WEIGHT_QMAX for w in _qdq_weights(enc).values())
     assert 2 * 255 * q.WEIGHT_QMAX <= AVX2_PAIR_LIMIT  # why 7 bits: no pair of products can saturate
     inits = {i.name: i for i in enc.graph.initializer}
     act_zp = {inits[n.input[2]].data_type for n in enc.graph.node if n.op_type == "QuantizeLinear"}
