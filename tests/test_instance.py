@@ -324,3 +324,131 @@ def test_bad_instance_options_give_one_line(run_cli, synth, tmp_path, args, mess
                            str(tmp_path / "r"), *args)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export (instance_decoder.onnx, manifest, parity gate) and the torch-free runtime (segment_instances, CLI)
+@pytest.fixture(scope="module")
+def inst_export(tmp_path_factory, tiny_export):
+    """tiny_export's checkpoint (vit_tiny + LoRA late:2) with a random instance decoder (8 features, non-trivial
+    BatchNorm) added -> `merge-and-export` fp32 folder (the encoder
+    and prompt decoder traces are reused from tiny_export). Returns (checkpoint, export folder, PyTorch decoder)."""
+    from conftest import tiny_base_model
+
+    from peft_export.models.instance_decoder import build_instance_decoder
+    from peft_export_cli.app import main
+
+    root = tmp_path_factory.mktemp("inst_export")
+    torch.manual_seed(3)
+    decoder = build_instance_decoder(tiny_base_model(), 8)
+    _randomise_batchnorm(decoder, seed=3)
+    decoder.eval()
+    raw = torch.load(tiny_export.checkpoint, weights_only=True)
+    raw["decoder_state"] = decoder.state_dict()
+    ckpt = root / "best.pt"
+    torch.save(raw, ckpt)
+    out = root / "onnx"
+    assert main(["merge-and-export", str(ckpt), "-o", str(out), "--quiet"]) == 0
+    return ckpt, out, decoder
+
+
+def test_export_writes_the_instance_decoder_graph_with_its_contract(inst_export):
+    """I/O contract (the bioimage.io composition relies on it), manifest entry, parity figures; the graph vs the
+    PyTorch decoder on embeddings the gate never saw (batch of 3)."""
+    import onnx
+
+    from peft_export.manifest import read_manifest
+    from peft_export.runtime.onnx_backend import ort_session
+
+    _ckpt, out, decoder = inst_export
+    m = read_manifest(out)
+    assert m.files["instance_decoder"]["path"] == "instance_decoder.onnx"
+    extra = m.extra["instance_decoder"]
+    assert extra["channels"] == ["foreground", "center_distance", "boundary_distance"]
+    assert extra["postprocessing"]["foreground_threshold"] == 0.5 and extra["output_size"] == 256
+    graph = onnx.load(out / "instance_decoder.onnx", load_external_data=False).graph
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    (inp,), (outp,) = graph.input, graph.output
+    assert (inp.name, outp.name) == ("image_embeddings", "instance_maps")
+    assert inp.type.tensor_type.elem_type == outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert dims(inp)[1:] == [64, 16, 16] and dims(outp)[1:] == [3, 256, 256] and isinstance(dims(inp)[0], str)
+    checks = json.dumps(m.to_dict())
+    assert "instance decoder maps max |diff|" in checks, "the parity gate did not check the instance decoder"
+    emb = torch.randn(3, 64, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = decoder(emb).numpy()
+    got = ort_session(out / "instance_decoder.onnx").run(None, {"image_embeddings": emb.numpy()})[0]
+    assert got.shape == (3, 3, 256, 256) and float(np.abs(got - ref).max()) <= 1e-4
+    assert float(ref.std()) > 1e-3
+
+
+def test_onnx_runtime_and_pytorch_give_the_same_instances(inst_export, dsb_val):
+    """Segmenter.segment_instances on the export (ONNX Runtime, no torch in the path) vs the checkpoint's PyTorch
+    model + decoder: the same label image (object-matched IoU), untiled and tiled."""
+    from peft_export.metrics import matched_iou
+    from peft_export.models.loading import load_model
+    from peft_export.models.torch_backend import TorchBackend
+    from peft_export.runtime.instances import InstanceConfig
+    from peft_export.runtime.segmenter import Segmenter
+    from peft_export.runtime.tiling import Tiling
+
+    ckpt, out, _ = inst_export
+    loaded = load_model(str(ckpt))
+    torch_be = TorchBackend(loaded.model, loaded.spec.preprocess, multimask=True,
+                            instance_decoder=loaded.instance_decoder)
+    image = dsb_val[0].image
+    ours, ref = Segmenter(out), Segmenter(backend=torch_be)
+    ours.set_image(image)
+    ref.set_image(image)
+    _, maps = ref.segment_instances(return_maps=True)
+    # random weights give maps near 0.5: thresholds at their medians, so that there are objects to compare
+    fg, center, boundary = (float(np.median(m)) for m in maps)
+    cfg = InstanceConfig(foreground_threshold=fg, center_distance_threshold=center,
+                         boundary_distance_threshold=boundary)
+    a, b = ours.segment_instances(cfg), ref.segment_instances(cfg)
+    assert a.shape == image.shape[:2] and b.max() >= 3, "the maps should give a few objects"
+    assert matched_iou(a, b) >= 0.99
+    big = np.tile(image, (2, 2) + (1,) * (image.ndim - 2))  # larger than the model input: tiles with a halo
+    tiled = Segmenter(out, tiling=Tiling(tile=256, halo=32))
+    tiled.set_image(big)
+    assert len(tiled.plan.grid) > 1
+    labels = tiled.segment_instances(cfg)
+    assert labels.shape == big.shape[:2] and labels.max() >= a.max()
+
+
+def test_predict_and_evaluate_auto_use_the_instance_decoder(run_cli, inst_export, tiny_export, dsb_val, tmp_path):
+    import tifffile
+
+    _ckpt, out, _ = inst_export
+    img = tmp_path / "tile.tif"
+    tifffile.imwrite(img, dsb_val[0].image)
+    code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "-o", str(tmp_path / "a.tif"), "--json")
+    assert code == 0, err
+    assert "instance decoder" in err and json.loads(stdout)["objects"] >= 0
+    code, stdout, err = run_cli("evaluate", str(out), "--auto", "--json")
+    assert code == 0, err
+    auto = json.loads(stdout)["auto"]
+    assert auto["method"] == "instance" and auto["objects_true"] == int(dsb_val[0].labels.max())
+    assert {"msa", "precision", "recall", "f1", "objects_pred"} <= set(auto)
+    # an export without an instance decoder, asked for one: one line saying how to make one
+    code, _, err = run_cli("predict", str(tiny_export.out_dir), str(img), "--auto", "--method", "instance", "-o",
+                           str(tmp_path / "b.tif"))
+    assert code == 2 and "no instance decoder" in err and "--instance-decoder" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_build_engine_plans_the_instance_decoder(inst_export, tiny_export):
+    """build-engine plans a third engine for an export with an instance decoder (batch 1..--encoder-batch) and
+    none for one without. TensorRT itself is not installed here: the build and its engine are unverified."""
+    from peft_export.export.tensorrt.options import EngineOptions
+    from peft_export.export.tensorrt.plan import plan_engines
+
+    plan = plan_engines(inst_export[1], EngineOptions(encoder_batch=3))
+    e = plan.engines["instance_decoder"]
+    assert (e.onnx, e.engine) == ("instance_decoder.onnx", "instance_decoder.engine")
+    assert e.profile["image_embeddings"] == {"min": [1, 64, 16, 16], "opt": [3, 64, 16, 16], "max": [3, 64, 16, 16]}
+    assert "instance_decoder" in plan.trtexec()
+    assert set(plan_engines(tiny_export.out_dir).engines) == {"encoder", "decoder"}

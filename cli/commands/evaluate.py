@@ -23,6 +23,11 @@ def register(app: typer.Typer) -> None:
         labels: str = typer.Option(None, "--labels", help="Folder of label images named like the --data images."),
         split: str = typer.Option("val", help="train, val or all (sample data, or train/ val/ sub-folders)."),
         prompts: str = typer.Option("box,point", help="Comma-separated prompt types: box, point, auto."),
+        auto: bool = typer.Option(False, "--auto", help="Automatic segmentation without prompts instead: mSA, "
+                                  "precision / recall / F1 at IoU 0.5, object counts (see --method)."),
+        method: str = typer.Option("auto", "--method", help="--auto with: instance (the instance decoder, from "
+                                   "finetune --instance-decoder), grid (point grid), auto: instance when the model "
+                                   "has one."),
         backend: str = typer.Option("auto", help="auto (torch for checkpoints, onnxruntime for export folders), "
                                     "torch, onnxruntime or tensorrt."),
         device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
@@ -62,6 +67,10 @@ def register(app: typer.Typer) -> None:
         pairs = labelled_set(data, split, labels)
         be, desc = make_backend(model, checkpoint, backend, device)
         t0 = time.perf_counter()
+        if auto:  # issue 14: instance metrics without prompts (runtime/instances.py)
+            from peft_export_cli.commands.instance_report import evaluate_auto
+
+            return evaluate_auto(be, desc, pairs, data, split, method, tiling, batch_size, json_out, quiet, t0)
         per_image: list = []
         with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
             results = evaluate(be, pairs, kinds, progress=bar.advance, tiling=tiling, batch_size=batch_size,

@@ -41,7 +41,10 @@ def register(app: typer.Typer) -> None:
         boxes: Path = typer.Option(None, "--boxes", help="Box prompts, JSON or CSV (x0,y0,x1,y1): one object each; "
                                    "a folder of <name>.json/.csv for many images."),
         points: Path = typer.Option(None, "--points", help="Point prompts, JSON or CSV (x,y[,label][,object])."),
-        auto: bool = typer.Option(False, "--auto", help="Segment everything: a grid of point prompts, filtered."),
+        auto: bool = typer.Option(False, "--auto", help="Segment everything without prompts (see --method)."),
+        method: str = typer.Option("auto", "--method", help="--auto with: instance (the export's instance decoder "
+                                   "+ seeded watershed, micro-sam's AIS: from finetune --instance-decoder), grid (a "
+                                   "grid of point prompts, filtered), or auto: instance when the export has one."),
         points_per_side: int = typer.Option(32, help="--auto: grid points per side (of each tile when tiled)."),
         pred_iou_thresh: float = typer.Option(0.8, help="--auto: minimum predicted IoU of a mask."),
         stability_thresh: float = typer.Option(0.9, help="--auto: minimum stability score of a mask."),
@@ -105,11 +108,18 @@ def register(app: typer.Typer) -> None:
         seg = make(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=embeddings)
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
+        if req.mode == "auto":  # instance decoder or point grid (issue 14): say which
+            from peft_export.runtime.instances import auto_note, resolve_method
+
+            req.method = resolve_method(seg.backend, method)
+            auto_steps = auto_note(req.method, seg.backend, None, auto_steps)
         if inputs.single:
             report = _run_single(seg, inputs, output, req, show, note, auto_steps)
         else:
             with common.progress_bar("segmenting", len(inputs.items), enabled=show) as bar:
                 report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(), on_note=note)
+        if req.mode == "auto" and report.done:  # said once it worked (errors stay one line)
+            auto_note(req.method, seg.backend, note, None)
         _print(report, inputs, output, json_out, quiet, req)
         report.raise_if_failed(len(inputs.items))
 
@@ -156,7 +166,7 @@ def _run_single(seg, inputs, output, req, show, note, auto_steps):
 def _print(report, inputs, output: Path, json_out: bool, quiet: bool, req) -> None:
     if inputs.single and report.done:
         summary = report.done[0]
-        if req.mode == "auto" and summary["objects"] == 0 and not quiet:
+        if req.mode == "auto" and req.method == "grid" and summary["objects"] == 0 and not quiet:
             cfg = req.auto
             common.err.print(
                 f"warning: no mask passed the filters (predicted IoU >= {cfg.pred_iou_thresh}, stability >= "

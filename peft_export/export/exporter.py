@@ -23,13 +23,14 @@ from typing import Any
 import onnx
 
 from peft_export.errors import UsageError, VerificationError
-from peft_export.export import DEFAULT_OPSET, MIN_OPSET, graphs, onnx_export, precision
+from peft_export.export import DEFAULT_OPSET, MIN_OPSET, graphs, instance, onnx_export, precision
 from peft_export.export.parity import ParityReport, Thresholds, run_parity
 from peft_export.export.quantize import Int8Options
 from peft_export.manifest import Manifest, file_entry, write_manifest
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
-ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres": "decoder_lowres.onnx"}
+ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres": "decoder_lowres.onnx",
+         "instance_decoder": "instance_decoder.onnx"}  # the last only for models with one (export/instance.py)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Prepared:
     spec: Any  # ModelSpec
     source: dict
     merge_report: Any = None
+    instance_decoder: Any = None  # models.instance_decoder.InstanceDecoder, exported as instance_decoder.onnx
 
 
 @dataclass
@@ -107,7 +109,9 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
     elif state is not None:
         source["merged"] = False
         source["note"] = f"{state.config.method} is not mergeable: exported with its adapter modules"
-    return Prepared(model.eval(), loaded.spec, source, report)
+    decoder = getattr(loaded, "instance_decoder", None)
+    source["instance_decoder"] = decoder is not None
+    return Prepared(model.eval(), loaded.spec, source, report, decoder.eval() if decoder is not None else None)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -199,6 +203,9 @@ def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
     meta_m = graphs.attach_meta_postprocessing(dec_m, spec.img_size, single_mask=options.single_mask,
                                                multimask=spec.multimask)
     built.models = {"encoder": enc_m, "decoder": meta_m, "decoder_lowres": dec_m}
+    inst = instance.build(prepared, options, say, timed)
+    if inst is not None:
+        built.models[instance.ROLE], built.reused[instance.ROLE] = inst.model, inst.reused
     if options.simplify:
         say("simplifying (onnxslim)")
         built.models = {k: timed(f"simplify_{k}", lambda m=m: precision.simplify(m)) for k, m in built.models.items()}
@@ -220,6 +227,10 @@ def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions
     finally:
         for leftover in tmp.glob(".fp32_encoder.onnx*"):
             leftover.unlink()
+    report.checks += instance.parity_checks(prepared, tmp, precision_name=options.precision,
+                                            baked=options.bake_preprocessing, thresholds=options.thresholds,
+                                            fig=report.figures, int8_threshold=built.int8.record["gate"]["threshold"]
+                                            if built.int8 is not None else None)
     if not report.passed:
         bad = report.failures()[0]
         op = "<=" if bad.kind == "max" else ">="
@@ -256,6 +267,7 @@ def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]],
             "reused_trace": built.reused,
             "fp32_ops_in_fp16": list(precision.FP16_FP32_OPS) if options.precision == "fp16" else None,
             "int8": built.int8.record if built.int8 is not None else None,
+            "instance_decoder": instance.manifest_entry(prepared),
             "seconds": seconds,
         },
     )

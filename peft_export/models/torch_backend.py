@@ -18,7 +18,8 @@ class TorchBackend:
     def __init__(self, model: Sam, preprocess: PreprocessSpec, device: str | torch.device = "cpu",
                  multimask: bool = True, instance_decoder: torch.nn.Module | None = None):
         self.model = model.eval().to(device)
-        self.instance_decoder = instance_decoder  # models/instance_decoder.py, optional
+        # models/instance_decoder.py, optional (its train/eval mode is left as it is: validation during training)
+        self.instance_decoder = None if instance_decoder is None else instance_decoder.to(device)
         self.multimask = multimask
         self.device = torch.device(device)
         self.preprocess = preprocess

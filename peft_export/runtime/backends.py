@@ -61,6 +61,7 @@ def make_backend(model: str, checkpoint: str | None, backend: str = "auto", devi
     from peft_export.models.torch_backend import TorchBackend
 
     loaded = load_model(model, checkpoint)
-    be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask)
+    be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask,
+                      instance_decoder=loaded.instance_decoder)  # evaluate --auto with a checkpoint's decoder
     return be, {"model": loaded.spec.name, "source": loaded.source, "peft": loaded.peft, "backend": "torch",
                 "precision": "fp32"}

@@ -37,6 +37,10 @@ class PredictRequest:
     overlay: Path | None = None  # a .png for one image, a folder for many
     skip_existing: bool = False
     force: bool = False
+    # automatic mode: "instance" (the export's instance decoder, runtime/instances.py), "grid" (point grid), or
+    # "auto" (instance when the export has one); ``instance``: the watershed's InstanceConfig (None: defaults)
+    method: str = "auto"
+    instance: object = None
 
 
 @dataclass
@@ -89,6 +93,10 @@ def segment_image(seg, image: np.ndarray, req: PredictRequest, prompts, name: st
         return seg.predict_labels(boxes=prompts)
     if req.mode == "points":
         return seg.predict_point_prompts(prompts)
+    from peft_export.runtime.instances import resolve_method  # automatic: instance decoder or point grid
+
+    if resolve_method(seg.backend, req.method) == "instance":
+        return seg.segment_instances(req.instance, progress=progress), None
     return seg.segment_everything(config=req.auto, progress=progress), None
 
 

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from peft_export.errors import UsageError
-from peft_export.imaging import upscale_masks
 
 CHANNELS = ("foreground", "center_distance", "boundary_distance")
 ROLE = "instance_decoder"
@@ -124,18 +123,47 @@ class InstanceMaps:
                                                                                               np.float32)})[0]
 
 
-def maps_for_image(runner: InstanceMaps, embedding: np.ndarray, prepared) -> np.ndarray:
-    """The (3, H, W) maps of one image at its own size (cropped and resized like SAM's masks)."""
-    maps = runner(embedding)[0]
-    return upscale_masks(maps, prepared.img_size, prepared.resized_hw, prepared.original_hw)
+METHODS = ("auto", "instance", "grid")
+
+
+def resolve_method(backend, method: str = "auto") -> str:
+    """``auto`` -> ``instance`` when the backend has an instance decoder, else ``grid`` (point-grid prompts);
+    ``instance`` without a decoder: one line saying how to make one."""
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "grid":
+        return "grid"
+    if has_instance_decoder(backend):
+        return "instance"
+    if method == "instance":
+        InstanceMaps(backend)  # raises the one-line UsageError
+    return "grid"
+
+
+def auto_note(method: str, backend, note, grid_steps):
+    """``predict --auto``: say which method runs; the progress-bar step count for it (tiles for the decoder)."""
+    if note is not None and method == "instance":
+        note("automatic segmentation: the export's instance decoder + seeded watershed")
+    elif note is not None:
+        note("automatic segmentation: a grid of point prompts" + ("" if has_instance_decoder(backend) else
+             " (this export has no instance decoder; finetune --instance-decoder makes one)"))
+    if method == "instance":
+        return lambda seg, _config=None: len(seg._require_plan().grid)
+    return grid_steps
+
+
+def image_maps(segmenter, runner: InstanceMaps | None = None, progress=None) -> np.ndarray:
+    """The (3, H, W) maps of the segmenter's current image at its own size: per tile cropped and resized like SAM's
+    masks, blended linearly across the tiles' overlap (halo), then resized to the original image."""
+    runner = runner or InstanceMaps(segmenter.backend)
+    return segmenter.map_tiles(runner, channels=len(CHANNELS), blend="linear", progress=progress)
 
 
 def segment_instances(segmenter, config: InstanceConfig | None = None, *, runner: InstanceMaps | None = None,
-                      return_maps: bool = False):
-    """Instance labels (int32) of the segmenter's current image; with ``return_maps`` also the (3, H, W) maps."""
-    prepared = segmenter._require_image()
-    runner = runner or InstanceMaps(segmenter.backend)
-    maps = maps_for_image(runner, segmenter.embedding, prepared)
+                      return_maps: bool = False, progress=None):
+    """Instance labels (int32) of the segmenter's current image (tiled: the stitched maps, then one watershed);
+    with ``return_maps`` also the (3, H, W) maps."""
+    maps = image_maps(segmenter, runner, progress)
     labels = maps_to_instances(maps, config)
     return (labels, maps) if return_maps else labels
 
@@ -143,26 +171,32 @@ def segment_instances(segmenter, config: InstanceConfig | None = None, *, runner
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 def evaluate_instances(backend, samples: Sequence, *, method: str = "instance", config: InstanceConfig | None = None,
-                       grid_config=None, progress: Callable[[int], None] | None = None) -> dict:
+                       grid_config=None, tiling=None, batch_size: int = 4,
+                       progress: Callable[[int], None] | None = None) -> dict:
     """Automatic segmentation without prompts, scored against each sample's labels (see
-    :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module) or ``grid`` (point grid)."""
+    :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module), ``grid`` (point grid) or
+    ``auto`` (:func:`resolve_method`). ``seconds_after_embedding``: the decoder(s) and post-processing per image."""
     import time
 
     from peft_export.metrics import instance_scores, merge_instance_scores
     from peft_export.runtime.segmenter import Segmenter
 
-    seg = Segmenter(backend=backend)
+    method = resolve_method(backend, method)
+    seg = Segmenter(backend=backend, tiling=tiling, batch_size=batch_size)
     runner = InstanceMaps(backend) if method == "instance" else None
     per_image = []
     for sample in samples:
-        seg.set_image(sample.image, name=getattr(sample, "name", "image"))
+        name = getattr(sample, "name", "image")
         t0 = time.perf_counter()
+        seg.set_image(sample.image, name=name)
+        t1 = time.perf_counter()
         if runner is not None:
             pred = segment_instances(seg, config, runner=runner)
         else:
             pred = seg.segment_everything(config=grid_config)
-        scores = instance_scores(pred, sample.labels)
-        scores["seconds_after_embedding"] = round(time.perf_counter() - t0, 3)
+        t2 = time.perf_counter()
+        scores = {"name": name, **instance_scores(pred, sample.labels)}
+        scores["seconds_embedding"], scores["seconds_after_embedding"] = round(t1 - t0, 3), round(t2 - t1, 3)
         per_image.append(scores)
         if progress is not None:
             progress(1)

@@ -361,6 +361,13 @@ class Segmenter:
 
         return segment_everything(self, **kwargs)
 
+    def segment_instances(self, config=None, **kwargs) -> np.ndarray:
+        """Automatic segmentation with the export's instance decoder (micro-sam's AIS; tiled: maps stitched in the
+        halo, then one watershed); see :mod:`peft_export.runtime.instances` for ``config`` and its defaults."""
+        from peft_export.runtime.instances import segment_instances
+
+        return segment_instances(self, config, **kwargs)
+
     def map_tiles(self, fn, *, channels: int | None = None, blend: str = "core", progress=None) -> np.ndarray:
         """A per-tile output stitched over the image: ``fn(embeddings (k, C, h, w)) -> (k, K, S, S)`` float maps
         at the model input size S (e.g. an instance decoder's foreground/distance maps). Each tile's maps are

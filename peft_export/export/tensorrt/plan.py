@@ -15,7 +15,7 @@ from peft_export.export.tensorrt.graph import INTEGER_INT8_OPS, GraphFacts, Tens
 from peft_export.export.tensorrt.options import PRECISIONS, EngineOptions
 from peft_export.manifest import Manifest, read_manifest
 from peft_export.runtime import tensorrt_backend as _rt
-from peft_export.runtime.tensorrt_backend import DECODER_INPUTS, ENGINES, tensorrt_capabilities
+from peft_export.runtime.tensorrt_backend import DECODER_INPUTS, ENGINES, OPTIONAL_ENGINES, tensorrt_capabilities
 
 BATCHED_DECODER_INPUTS = set(DECODER_INPUTS) - {"image_embeddings"}
 POINT_INPUTS = {"point_coords", "point_labels"}
@@ -230,6 +230,9 @@ def plan_engines(out_dir: str | os.PathLike, options: EngineOptions | None = Non
     out_dir = Path(out_dir)
     manifest = manifest or read_manifest(out_dir, verify_files=verify_files)
     engines = {role: _engine_plan(out_dir, manifest, role, opts) for role in ENGINES}
+    for role, (_, onnx_role) in OPTIONAL_ENGINES.items():  # the instance decoder (issue 14), when exported
+        if onnx_role in manifest.files:
+            engines[role] = _engine_plan(out_dir, manifest, role, opts)
     dec = engines["decoder"].profile
     shape_notes = []
     for what, axis in (("batch", 0), ("points", 1)):
@@ -242,7 +245,7 @@ def plan_engines(out_dir: str | os.PathLike, options: EngineOptions | None = Non
 
 
 def _engine_plan(out_dir: Path, manifest: Manifest, role: str, opts: EngineOptions) -> EnginePlan:
-    engine_name, onnx_role = ENGINES[role]
+    engine_name, onnx_role = {**ENGINES, **OPTIONAL_ENGINES}[role]
     onnx_path = manifest.path_of(out_dir, onnx_role)
     if not onnx_path.is_file():
         raise DataError(f"{onnx_path} is missing; re-export the folder")
@@ -253,6 +256,9 @@ def _engine_plan(out_dir: Path, manifest: Manifest, role: str, opts: EngineOptio
             raise DataError(f"{onnx_path.name} does not have the TensorRT decoder signature (inputs "
                             f"{', '.join(DECODER_INPUTS)}); re-export the folder")
         profile = decoder_profile(graph.inputs, opts)
+    elif role == "instance_decoder":  # (B, C, h, w) embeddings: batch 1..--encoder-batch, like the encoder's tiles
+        profile = _profile(graph.inputs, lambda t, axis: "batch" if axis == 0 else None,
+                           {"batch": (1, opts.encoder_batch, opts.encoder_batch)}, onnx_path.name)
     else:
         if len(graph.inputs) != 1:
             raise DataError(f"{onnx_path.name} should have one input, has {[t.name for t in graph.inputs]}")
