@@ -216,62 +216,70 @@ def dsb_mosaic() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def mosaic_results(lite_export_fp32):
-    from peft_export.data.dataset import Sample, dsb2018_tiles
-    from peft_export.runtime.backends import open_backend
-    from peft_export.runtime.evaluate import evaluate
-    from peft_export.runtime.tiling import Tiling
-
-    be = open_backend(lite_export_fp32.out_dir)
-    image, labels = dsb_mosaic()
-    mosaic = [Sample(image, labels, "mosaic")]
-    res, per = {}, {}
-    for name, samples, tiling in (("native", dsb2018_tiles("all"), None), ("tiled", mosaic, None),
-                                  ("resized", mosaic, Tiling("off"))):
-        per[name] = []
-        res[name] = evaluate(be, samples, ["box"], tiling=tiling, batch_size=4, per_image=per[name])["box"]
-    return res, per
-
-
-def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(mosaic_results):
-    """Box prompt per nucleus on the 1024x1024 mosaic: tiled (256 px tiles, 32 px halo, native resolution)
-    within 0.02 mean IoU of the same nuclei on the image's native 256x256 tiles, and clearly above resizing
-    the whole mosaic to 256x256 (nuclei 4x smaller)."""
-    res, per = mosaic_results
-    print({k: (round(v["mean_iou"], 4), round(v["msa"], 4), v["objects"]) for k, v in res.items()})
-    assert per["tiled"][0]["tiles"] == 25 and per["resized"][0]["tiles"] == 1
-    assert abs(res["tiled"]["mean_iou"] - res["native"]["mean_iou"]) <= 0.02
-    assert res["tiled"]["mean_iou"] >= res["resized"]["mean_iou"] + 0.1
-
-
-def test_nuclei_cut_by_tile_borders_are_single_objects(lite_export_fp32):
-    """Nuclei that cross a tile's core boundary are segmented in one tile with its halo: one predicted
-    object each, as good as the nuclei inside a core."""
+def mosaic_tiled(lite_export_fp32):
+    """The mosaic embedded once, tiled (the default for an image larger than the model input), and its boxes."""
     from peft_export.data.objects import objects_from_labels
-    from peft_export.metrics import iou_matrix
     from peft_export.runtime.segmenter import Segmenter
 
     image, labels = dsb_mosaic()
-    seg = Segmenter(lite_export_fp32.out_dir)
-    plan = seg.set_image(image)
-    objs = objects_from_labels(labels)
-    pred, _ = seg.predict_labels(boxes=objs.boxes)
+    seg = Segmenter(lite_export_fp32.out_dir, batch_size=4)
+    plan = seg.set_image(image, name="mosaic")
+    return seg, plan, labels, objects_from_labels(labels)
+
+
+def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, mosaic_tiled):
+    """Box prompt per nucleus on the 1024x1024 mosaic: tiled (256 px tiles, 32 px halo, native resolution)
+    within 0.02 mean IoU of the same nuclei on the image's native 256x256 tiles, and clearly above resizing
+    the whole mosaic to 256x256 (nuclei 4x smaller)."""
+    from scipy import ndimage
+
+    from peft_export.data.dataset import Sample, dsb2018_tiles
+    from peft_export.runtime.backends import open_backend
+    from peft_export.runtime.evaluate import evaluate, object_pieces
+    from peft_export.runtime.pieces import piece_iou
+    from peft_export.runtime.tiling import Tiling
+
+    seg, plan, labels, objs = mosaic_tiled
+    assert plan.tiled and len(plan.grid) == 25
+    pieces, _ = object_pieces(seg, objs, "box")
+    found = ndimage.find_objects(labels)
+    tiled = float(np.mean([piece_iou(p, labels, int(i), found[int(i) - 1]) for p, i in zip(pieces, objs.ids)]))
+    be = open_backend(lite_export_fp32.out_dir)
+    native = evaluate(be, dsb2018_tiles("all"), ["box"])["box"]["mean_iou"]
+    per: list = []
+    resized = evaluate(be, [Sample(dsb_mosaic()[0], labels, "mosaic")], ["box"], tiling=Tiling("off"),
+                       per_image=per)["box"]["mean_iou"]
+    assert per[0]["tiles"] == 1
+    print(f"box mean IoU: tiled {tiled:.4f} ({len(objs)} nuclei), native 256 px tiles {native:.4f}, whole mosaic "
+          f"resized {resized:.4f}")
+    assert abs(tiled - native) <= 0.02
+    assert tiled >= resized + 0.1
+
+
+def test_nuclei_cut_by_tile_borders_are_single_objects(mosaic_tiled):
+    """Nuclei that cross a tile's core boundary are segmented in one tile with its halo: each one object that
+    spans the boundary (not truncated at the seam), as good as the nuclei inside a core."""
+    from peft_export.metrics import iou_matrix
+
+    seg, plan, labels, objs = mosaic_tiled
+    pred, _ = seg.predict_labels(boxes=objs.boxes)  # prompt k -> id k + 1
     core_owner = np.zeros(labels.shape, int)
     for t in plan.tiles:
         cy0, cy1, cx0, cx1 = t.core
         core_owner[cy0:cy1, cx0:cx1] = t.index
-    crossing = [i for i in objs.ids if len(np.unique(core_owner[labels == i])) > 1]
+    crossing = [k for k, i in enumerate(objs.ids) if len(np.unique(core_owner[labels == i])) > 1]
     assert len(crossing) >= 20, len(crossing)
-    iou = iou_matrix(pred, labels)  # (pred ids, true ids)
-    best = iou.max(0)
-    cross = np.isin(np.arange(1, labels.max() + 1), crossing)
-    print(f"{cross.sum()} nuclei cross a core boundary: mean IoU {best[cross].mean():.3f}; "
-          f"the others {best[~cross].mean():.3f}")
-    # one object each: no crossing nucleus has two predictions covering a fifth of it
-    for i in crossing:
-        ids, counts = np.unique(pred[labels == i], return_counts=True)
-        big = ids[(ids > 0) & (counts > 0.2 * (labels == i).sum())]
-        assert len(big) <= 1, (i, ids, counts)
+    # the object spans the seam (zero-shot LiteMedSAM misses part of some nuclei: 86% measured) and is not cut
+    # by its tile's window (a mask touching an interior window edge would be truncated there)
+    spans = [len(np.unique(core_owner[(pred == k + 1) & (labels == objs.ids[k])])) > 1 for k in crossing]
+    pieces, _ = seg.decode_pieces(boxes=objs.boxes[crossing])
+    best = iou_matrix(pred, labels).max(0)  # (true ids,): each nucleus' best IoU with a predicted object
+    cross = np.isin(np.arange(1, labels.max() + 1), [objs.ids[k] for k in crossing])
+    print(f"{cross.sum()} nuclei cross a core boundary: {np.mean(spans):.0%} of their objects span it, "
+          f"{np.mean([p.cut for p in pieces]):.0%} touch a window edge; mean IoU {best[cross].mean():.3f}; the others "
+          f"{best[~cross].mean():.3f}")
+    assert np.mean(spans) >= 0.75
+    assert np.mean([p.cut for p in pieces]) <= 0.05
     assert best[cross].mean() >= best[~cross].mean() - 0.05
 
 

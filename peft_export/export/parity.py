@@ -12,7 +12,8 @@ fp32: max |diff| of the image embedding, the low-res mask logits and IoUs of ``d
 upscaled masks of ``decoder.onnx`` (decoders fed the PyTorch embedding, so each graph is checked on its own),
 each against ``atol + rtol * max|reference|``.
 Batch axis (every precision): the encoder run on the sample and its mirror image together (batch 2) gives what
-each gives alone (batch 1) — fp32 within the same tolerance, fp16 / int8 within a relative error of 1e-3.
+each gives alone (batch 1) — fp32 within the same tolerance, fp16 / int8 within a relative error of 1e-3 (int8:
+or the encoder's own relative error vs PyTorch, whichever is larger: dynamic int8 scales over the whole batch).
 fp16 / int8: mask IoU (logits > 0) of the whole ONNX chain (encoder -> decoder, masks at the original size) vs
 the fp32 PyTorch model, mean over prompts >= the threshold (0.99 fp16, 0.95 int8); Meta's decoder likewise.
 All figures are recorded in the manifest; a failed check is an error and the export is discarded.
@@ -287,19 +288,24 @@ def _batch_figures(session, ref: _Reference, emb_1: np.ndarray, fig: dict) -> No
     diff = max(max_abs(both[:1], emb_1), max_abs(both[1:], alone))
     rel = max(float(np.linalg.norm(both[:1] - emb_1) / max(np.linalg.norm(emb_1), 1e-12)),
               float(np.linalg.norm(both[1:] - alone) / max(np.linalg.norm(alone), 1e-12)))
-    fig["encoder_batch"] = {"checked": True, "batch": 2, "max_abs_diff": diff, "rel_error": rel}
+    quant = float(np.linalg.norm(emb_1 - ref.embedding) / max(np.linalg.norm(ref.embedding), 1e-12))
+    fig["encoder_batch"] = {"checked": True, "batch": 2, "max_abs_diff": diff, "rel_error": rel,
+                            "rel_error_vs_pytorch": quant}
 
 
 def batch_checks(fig: dict, tol: Thresholds, precision: str) -> list[Check]:
     """Batch 2 vs batch 1 of the exported encoder: fp32 by max |diff| (the fp32 tolerance), fp16 / int8 by the
-    relative error of the embedding (their kernels may round differently per batch size)."""
+    relative error of the embedding (their kernels may round differently per batch size): at most
+    ``BATCH_REL_ERROR``, or for int8 at most the encoder's own error against PyTorch (dynamic quantization
+    scales activations over the whole batch, so batching may move results by a quantization step, no more)."""
     b = fig.get("encoder_batch") or {}
     if not b.get("checked"):
         return []
     if precision == "fp32":
         return [Check("encoder batch 2 vs batch 1 max |diff|", b["max_abs_diff"],
                       tol.atol + tol.rtol * fig["embedding_scale"], "max")]
-    return [Check("encoder batch 2 vs batch 1 relative error", b["rel_error"], BATCH_REL_ERROR, "max",
+    limit = max(BATCH_REL_ERROR, b.get("rel_error_vs_pytorch", 0.0)) if precision == "int8" else BATCH_REL_ERROR
+    return [Check("encoder batch 2 vs batch 1 relative error", b["rel_error"], limit, "max",
                   f"max |diff| {b['max_abs_diff']:.3g}")]
 
 
