@@ -2,6 +2,7 @@
 
     python benchmarks/int8_cpu.py demo_run/best.pt            # the README's LoRA LiteMedSAM (its main command)
     python benchmarks/int8_cpu.py demo_run/best.pt --iou 0.95,0.97 --modes static,dynamic --out int8.json
+    python benchmarks/int8_cpu.py --exports fp32=a/,fp32_opset18=b/,int8_static_0.97=c/   # measure existing exports
 
 For the checkpoint it exports fp32 (opset 20, the default), fp32 at opset 18 (the previous default: GELU as
 Div/Erf/Add/Mul) and int8 for every mode x gate threshold asked for, with the export's own calibration (the
@@ -120,9 +121,31 @@ def _profile(folder: Path, runs: int = 3) -> dict:
             "float_ops_percent": round(sum(v for k, v in share.items() if k not in INT8_OPS | CONVERSION_OPS), 1)}
 
 
+def _export_all(ckpt: str, tmp: Path, modes: list[str], ious: list[float]) -> dict[str, Path]:
+    folders = {"fp32": tmp / "fp32", "fp32_opset18": tmp / "fp32_opset18"}
+    _export(ckpt, folders["fp32"])
+    _export(ckpt, folders["fp32_opset18"], opset=18)
+    for mode in modes:
+        for iou in ious:
+            folders[f"int8_{mode}_{iou:g}"] = tmp / f"int8_{mode}_{iou:g}"
+            _export(ckpt, folders[f"int8_{mode}_{iou:g}"], precision="int8", iou=iou, int8={"mode": mode})
+    return folders
+
+
+def _int8_record(folder: Path) -> dict:
+    from peft_export.manifest import read_manifest
+
+    rec = read_manifest(folder).extra["int8"]
+    return {"gate": rec["gate"], "quantized_nodes": rec["quantized_nodes"], "candidates": rec["candidates"],
+            "export_seconds": rec["seconds"], "mode": rec["mode"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a peft-export training checkpoint (e.g. the README demo's best.pt)")
+    ap.add_argument("checkpoint", nargs="?", help="a peft-export training checkpoint (e.g. the README demo's best.pt)")
+    ap.add_argument("--exports", default=None,
+                    help="measure existing export folders instead of exporting: NAME=DIR,... (needs fp32=DIR; int8 "
+                         "folders named int8_*; all from one checkpoint)")
     ap.add_argument("--iou", default="0.97", help="comma-separated int8 gate thresholds")
     ap.add_argument("--modes", default="static", help="comma-separated int8 modes: static, dynamic")
     ap.add_argument("--runs", type=int, default=10, help="timed rounds after 2 warm-up rounds")
@@ -136,18 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_info()
     print(f"CPU: {cpu['model']} ({cpu['machine']}; int8 class {cpu['int8_class']}; flags {', '.join(cpu['flags'])})")
     tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
-    folders = {"fp32": tmp / "fp32", "fp32_opset18": tmp / "fp32_opset18"}
-    _export(args.checkpoint, folders["fp32"])
-    _export(args.checkpoint, folders["fp32_opset18"], opset=18)
-    records = {}
-    for mode in args.modes.split(","):
-        for iou in (float(v) for v in args.iou.split(",")):
-            name = f"int8_{mode}_{iou:g}"
-            folders[name] = tmp / name
-            res = _export(args.checkpoint, folders[name], precision="int8", iou=iou, int8={"mode": mode})
-            rec = res.manifest.extra["int8"]
-            records[name] = {"gate": rec["gate"], "quantized_nodes": rec["quantized_nodes"],
-                             "candidates": rec["candidates"], "export_seconds": rec["seconds"]}
+    if args.exports:
+        folders = {k: Path(v) for k, v in (item.split("=", 1) for item in args.exports.split(","))}
+        if "fp32" not in folders:
+            ap.error("--exports needs fp32=DIR")
+    elif args.checkpoint:
+        folders = _export_all(args.checkpoint, tmp, args.modes.split(","), [float(v) for v in args.iou.split(",")])
+    else:
+        ap.error("give a checkpoint or --exports")
+    records = {k: _int8_record(d) for k, d in folders.items() if k.startswith("int8")}
     quality = {k: _quality(folders["fp32"], folders[k]) for k in records}
     med = _latency(folders, args.runs)
     profiles = {k: _profile(d) for k, d in folders.items()}

@@ -171,14 +171,40 @@ def run_infer_benchmark(out_dirs: list[str | Path], *, backends: list[str], prec
     ``cases``: from :func:`plan_cases` when the caller planned them already (each plan reads and hashes the exports).
     """
     cases = cases if cases is not None else plan_cases(out_dirs, backends, precisions)
+    opened = _open_cases(cases)
     active = [c for c in cases if c.skipped is None]
+    masks = _time_round_robin(active, opened, runs, warmup, prompts, progress)
+    base = _pick_baseline(active, baseline)
+    rows = [_result_row(c, base, masks) for c in cases]
+    if memory:
+        for row, c in zip(rows, cases):
+            if c.skipped is None:
+                res = run_isolated("peft_export.bench.infer:measure_case_memory", {"row": c.row(), "prompts": prompts})
+                row["peak_rss_mib"] = res.get("peak_rss_mib")
+                if "error" in res:
+                    row["memory_error"] = res["error"]
+    return {"kind": "infer", "machine": machine_info(),
+            "settings": {"runs": runs, "warmup": warmup, "prompts": prompts, "backends": backends,
+                         "precisions": precisions, "baseline": base.name if base else None,
+                         "order": "round-robin over cases per run"},
+            "cases": rows}
+
+
+def _open_cases(cases: list[Case]) -> dict[str, Any]:
+    """Open every planned case; one that fails to open is skipped with the reason."""
     opened: dict[str, Any] = {}
-    for c in active:
-        try:
-            opened[c.name] = c.opener()
-        except PeftExportError as exc:
-            c.skipped = f"could not open: {exc}"
-    active = [c for c in active if c.skipped is None]
+    for c in cases:
+        if c.skipped is None:
+            try:
+                opened[c.name] = c.opener()
+            except PeftExportError as exc:
+                c.skipped = f"could not open: {exc}"
+    return opened
+
+
+def _time_round_robin(active: list[Case], opened: dict[str, Any], runs: int, warmup: int, prompts: int,
+                      progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+    """Encoder, 1-prompt and N-prompt decoder timings, one call per case per round; the first round's masks."""
     samples = {c.name: _sample(opened[c.name], prompts) for c in active}
     for c in active:
         c.timings = {"encoder": [], "decoder_1": [], f"decoder_{prompts}": []}
@@ -202,37 +228,25 @@ def run_infer_benchmark(out_dirs: list[str | Path], *, backends: list[str], prec
                 masks[c.name] = low[:, 0] > 0
         if progress is not None:
             progress(1)
-    base = _pick_baseline(active, baseline)
-    rows = []
-    for c in cases:
-        row = c.row()
-        if c.skipped:
-            row["skipped"] = c.skipped
-            rows.append(row)
-            continue
-        for part, t in c.timings.items():
-            s = stats(t)
-            row[f"{part}_median_ms"] = round(s["median_ms"], 3)
-            row[f"{part}_p90_ms"] = round(s["p90_ms"], 3)
-            row[f"{part}_p99_ms"] = round(s["p99_ms"], 3)
-            row[f"{part}_per_s"] = round(s["per_s"], 3)
-            if base is not None:
-                row[f"{part}_vs_baseline"] = round(s["median_ms"] / stats(base.timings[part])["median_ms"], 3)
+    return masks
+
+
+def _result_row(c: Case, base: Case | None, masks: dict[str, np.ndarray]) -> dict:
+    row = c.row()
+    if c.skipped:
+        row["skipped"] = c.skipped
+        return row
+    for part, t in c.timings.items():
+        s = stats(t)
+        row[f"{part}_median_ms"] = round(s["median_ms"], 3)
+        row[f"{part}_p90_ms"] = round(s["p90_ms"], 3)
+        row[f"{part}_p99_ms"] = round(s["p99_ms"], 3)
+        row[f"{part}_per_s"] = round(s["per_s"], 3)
         if base is not None:
-            row["mask_iou_vs_baseline"] = round(_mean_mask_iou(masks[c.name], masks[base.name]), 4)
-        rows.append(row)
-    if memory:
-        for row, c in zip(rows, cases):
-            if c.skipped is None:
-                res = run_isolated("peft_export.bench.infer:measure_case_memory", {"row": c.row(), "prompts": prompts})
-                row["peak_rss_mib"] = res.get("peak_rss_mib")
-                if "error" in res:
-                    row["memory_error"] = res["error"]
-    return {"kind": "infer", "machine": machine_info(),
-            "settings": {"runs": runs, "warmup": warmup, "prompts": prompts, "backends": backends,
-                         "precisions": precisions, "baseline": base.name if base else None,
-                         "order": "round-robin over cases per run"},
-            "cases": rows}
+            row[f"{part}_vs_baseline"] = round(s["median_ms"] / stats(base.timings[part])["median_ms"], 3)
+    if base is not None:
+        row["mask_iou_vs_baseline"] = round(_mean_mask_iou(masks[c.name], masks[base.name]), 4)
+    return row
 
 
 def _pick_baseline(active: list[Case], name: str | None) -> Case | None:

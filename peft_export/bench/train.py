@@ -228,19 +228,7 @@ def _run(cases, methods, placements, s: TrainSettings, baseline, say, weights: s
             except PeftExportError as exc:
                 c.skipped = f"cannot set up: {exc}"
         say("skipped cases", _units(s) * sum(c.skipped is not None for c in cases))
-        active = [c for c in cases if c.skipped is None]
-        for r in range(s.warmup + s.steps):
-            for c in active:
-                say(f"{'warm-up' if r < s.warmup else 'step'} {r + 1}/{s.warmup + s.steps}: {c.name}", 0)
-                dt, loss = runners[c.name].step()
-                say(c.name, 1)
-                if not math.isfinite(loss):
-                    c.skipped = f"loss became {loss} at step {r + 1}"
-                    say(c.name, _units(s) - r - 1)
-                if r >= s.warmup:
-                    c.step_s.append(dt)
-                c.losses.append(loss)
-            active = [c for c in active if c.skipped is None]
+        _step_round_robin([c for c in cases if c.skipped is None], runners, s, say)
     finally:
         for runner in runners.values():
             runner.close()
@@ -248,26 +236,7 @@ def _run(cases, methods, placements, s: TrainSettings, baseline, say, weights: s
         shutil.rmtree(scratch, ignore_errors=True)
 
     base = _pick_baseline([c for c in cases if c.skipped is None], baseline)
-    rows = []
-    for c in cases:
-        row: dict[str, Any] = {"case": c.name, "method": c.method, "placement": c.placement}
-        if c.skipped:
-            row["skipped"] = c.skipped
-            rows.append(row)
-            continue
-        st = stats(c.step_s)
-        row.update({"step_median_s": round(st["median_ms"] / 1e3, 4), "step_iqr_s": round(st["iqr_ms"] / 1e3, 4),
-                    "step_min_s": round(st["min_ms"] / 1e3, 4), "steps_per_s": round(st["per_s"], 4)})
-        row.update({k: v for k, v in c.info.items() if k != "blocks"})
-        row["blocks"] = _blocks_label(c.info.get("blocks", []))
-        if s.loss:
-            row["loss_first"] = round(c.losses[0], 5)
-            row["loss_last"] = round(c.losses[-1], 5)
-        if base is not None:
-            b = stats(base.step_s)["median_ms"] / 1e3
-            row["step_vs_baseline"] = round(st["median_ms"] / 1e3 / b, 3)  # unrounded: the baseline is exactly 1
-            row["trainable_vs_baseline"] = round(row["trainable_params"] / max(base.info["trainable_params"], 1), 4)
-        rows.append(row)
+    rows = [_result_row(c, base, s) for c in cases]
     if s.memory:
         _measure_memory(cases, rows, s, say)
         if base is not None:
@@ -284,6 +253,42 @@ def _run(cases, methods, placements, s: TrainSettings, baseline, say, weights: s
                          "order": "round-robin over cases per step; memory: each case alone in a fresh process",
                          "memory_kind": "cuda max_memory_allocated" if s.device == "cuda" else "peak RSS"},
             "cases": rows}
+
+
+def _step_round_robin(active: list[TrainCase], runners: dict[str, CaseRunner], s: TrainSettings, say) -> None:
+    """One step per case per round (warm-up rounds untimed); a case whose loss is not finite drops out."""
+    for r in range(s.warmup + s.steps):
+        for c in active:
+            say(f"{'warm-up' if r < s.warmup else 'step'} {r + 1}/{s.warmup + s.steps}: {c.name}", 0)
+            dt, loss = runners[c.name].step()
+            say(c.name, 1)
+            if not math.isfinite(loss):
+                c.skipped = f"loss became {loss} at step {r + 1}"
+                say(c.name, _units(s) - r - 1)
+            if r >= s.warmup:
+                c.step_s.append(dt)
+            c.losses.append(loss)
+        active = [c for c in active if c.skipped is None]
+
+
+def _result_row(c: TrainCase, base: TrainCase | None, s: TrainSettings) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": c.name, "method": c.method, "placement": c.placement}
+    if c.skipped:
+        row["skipped"] = c.skipped
+        return row
+    st = stats(c.step_s)
+    row.update({"step_median_s": round(st["median_ms"] / 1e3, 4), "step_iqr_s": round(st["iqr_ms"] / 1e3, 4),
+                "step_min_s": round(st["min_ms"] / 1e3, 4), "steps_per_s": round(st["per_s"], 4)})
+    row.update({k: v for k, v in c.info.items() if k != "blocks"})
+    row["blocks"] = _blocks_label(c.info.get("blocks", []))
+    if s.loss:
+        row["loss_first"] = round(c.losses[0], 5)
+        row["loss_last"] = round(c.losses[-1], 5)
+    if base is not None:
+        b = stats(base.step_s)["median_ms"] / 1e3
+        row["step_vs_baseline"] = round(st["median_ms"] / 1e3 / b, 3)  # unrounded: the baseline is exactly 1
+        row["trainable_vs_baseline"] = round(row["trainable_params"] / max(base.info["trainable_params"], 1), 4)
+    return row
 
 
 def _measure_memory(cases: list[TrainCase], rows: list[dict], s: TrainSettings, say) -> None:
