@@ -186,6 +186,31 @@ def test_structures_are_traced_once(tiny_export, tmp_path):
     # same weights, same graphs: byte-identical files
     for role in ("encoder", "decoder", "decoder_lowres"):
         assert result.manifest.files[role]["sha256"] == sha256(tiny_export / f"{role}.onnx"), role
+    # the memos are explicit and listed: forgetting them all makes the next export trace from scratch
+    from peft_export import memo
+
+    assert {"onnx_export.templates", "onnx_export.optimized", "parity.references"} <= set(memo.MEMOS)
+    memo.clear_all()
+    assert all(len(m) == 0 for m in memo.MEMOS.values())
+    again = export_model(prepared, tmp_path / "fresh", ExportOptions(verify=False))
+    assert again.manifest.extra["reused_trace"] == {"encoder": False, "decoder": False}
+    assert again.manifest.files["encoder"]["sha256"] == result.manifest.files["encoder"]["sha256"]
+
+
+def test_memo_keeps_the_most_recently_used_entries_within_its_limit():
+    from peft_export.memo import MEMOS, Memo
+
+    m = Memo("test.memo", limit=2)
+    try:
+        m.put("a", 1)
+        m.put("b", 2)
+        assert m.get("a") == 1  # a is now the most recent
+        m.put("c", 3)
+        assert (m.get("b"), m.get("a"), m.get("c"), len(m)) == (None, 1, 3, 2)
+        with pytest.raises(ValueError):
+            Memo("test.none", limit=0)
+    finally:
+        MEMOS.pop("test.memo", None)
 
 
 # ---- Meta's decoder signature vs segment_anything at three aspect ratios ----------------------------

@@ -20,7 +20,6 @@ import io
 import logging
 import sys
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +30,14 @@ from torch import nn
 
 from peft_export.errors import PeftExportError, first_line
 from peft_export.export import DEFAULT_OPSET, MIN_OPSET
+from peft_export.memo import Memo
 
 log = logging.getLogger(__name__)
 
-_TEMPLATE_LIMIT = 6  # graphs kept in memory
 _TEMPLATE_MAX_BYTES = 512 * 2**20  # larger graphs are not kept (vit_l/vit_h: one export per process anyway)
-_TEMPLATES: OrderedDict[str, tuple[bytes, frozenset[str]]] = OrderedDict()
+# traced graphs (serialized, with the names of their weight initializers) by module fingerprint: a module of the
+# same structure is exported again by substituting its weights
+TEMPLATES = Memo("onnx_export.templates", limit=6)
 
 
 class ExportFailedError(PeftExportError):
@@ -84,12 +85,6 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def clear_templates() -> None:
-    """Forget traced templates and optimised graphs (the next export traces from scratch)."""
-    _TEMPLATES.clear()
-    _OPTIMIZED.clear()
-
-
 def _rebind(template: bytes, state_names: frozenset[str], module: nn.Module) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     proto.ParseFromString(template)
@@ -124,9 +119,8 @@ def trace(module: nn.Module, args: tuple, *, input_names: list[str], output_name
     t0 = time.perf_counter()
     fp = fingerprint(module, key, opset, input_names, output_names, repr(dynamic_shapes),
                      [(tuple(a.shape), str(a.dtype)) for a in args])
-    hit = _TEMPLATES.get(fp)
+    hit = TEMPLATES.get(fp)
     if hit is not None:
-        _TEMPLATES.move_to_end(fp)
         proto = _rebind(hit[0], hit[1], module)
         return Traced(proto, True, time.perf_counter() - t0)
     with _quiet() as buf:
@@ -143,14 +137,11 @@ def trace(module: nn.Module, args: tuple, *, input_names: list[str], output_name
     names = frozenset(i.name for i in proto.graph.initializer if i.name in state)
     size = sum(len(i.raw_data) for i in proto.graph.initializer)
     if size <= _TEMPLATE_MAX_BYTES:
-        _TEMPLATES[fp] = (proto.SerializeToString(), names)
-        while len(_TEMPLATES) > _TEMPLATE_LIMIT:
-            _TEMPLATES.popitem(last=False)
+        TEMPLATES.put(fp, (proto.SerializeToString(), names))
     return Traced(proto, False, time.perf_counter() - t0)
 
 
-_OPTIMIZED_LIMIT = 4  # optimised graphs kept in memory (same limit on bytes as templates)
-_OPTIMIZED: OrderedDict[str, bytes] = OrderedDict()
+OPTIMIZED = Memo("onnx_export.optimized", limit=4)  # optimised graphs by input sha256 (same byte limit as templates)
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -165,9 +156,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
 
     raw = model.SerializeToString()
     key = hashlib.sha256(raw).hexdigest()
-    hit = _OPTIMIZED.get(key)
+    hit = OPTIMIZED.get(key)
     if hit is not None:
-        _OPTIMIZED.move_to_end(key)
         out = onnx.ModelProto()
         out.ParseFromString(hit)
         return out
@@ -177,9 +167,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         onnxscript.rewriter.onnx_fusions.fuse(irm)
     out = ir.serde.serialize_model(irm)
     if len(raw) <= _TEMPLATE_MAX_BYTES:
-        _OPTIMIZED[key] = out.SerializeToString()
-        while len(_OPTIMIZED) > _OPTIMIZED_LIMIT:
-            _OPTIMIZED.popitem(last=False)
+        OPTIMIZED.put(key, out.SerializeToString())
     return out
 
 

@@ -36,6 +36,7 @@ from peft_export.imaging import (
     resized_shape,
     upscale_masks,
 )
+from peft_export.memo import Memo
 from peft_export.metrics import mask_ious
 from peft_export.models.prompt_decoder import PromptDecoder
 
@@ -191,7 +192,8 @@ class _Reference:
     meta_sizes: list[tuple[int, int]]
 
 
-_REFERENCE_CACHE: dict[str, tuple] = {}  # one entry: the last model checked (fp32/fp16/int8 of one model)
+# the PyTorch reference outputs of the last model checked (its fp32/fp16/int8 exports share them)
+REFERENCES = Memo("parity.references", limit=1)
 
 
 def model_digest(sam) -> str:
@@ -214,7 +216,7 @@ def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
 
     image, sample = sample_image(spec.img_size)
     key = repr((model_digest(sam), sample, spec.to_dict(), baked))
-    hit = _REFERENCE_CACHE.get(key)
+    hit = REFERENCES.get(key)
     if hit is not None:
         return hit
     original_hw = tuple(int(v) for v in np.asarray(image).shape[:2])
@@ -240,8 +242,7 @@ def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
             mask_in = lr[:, :1].numpy().copy()
             has = np.ones(b, np.float32)
     out = (sample, original_hw, resized_hw, feed_image, emb.numpy(), rounds)
-    _REFERENCE_CACHE.clear()
-    _REFERENCE_CACHE[key] = out
+    REFERENCES.put(key, out)
     return out
 
 
