@@ -306,7 +306,7 @@ def test_manifest_lists_every_file_with_its_sha256_and_the_preprocessing(tiny_ex
     assert tuple(pre["pixel_mean"]) == SAM_PIXEL_MEAN and tuple(pre["pixel_std"]) == SAM_PIXEL_STD
     assert data["model"] == "vit_tiny" and data["precision"] == "fp32" and data["verified"] is True
     assert data["embedding"] == [64, 16, 16] and data["mask_input_size"] == [64, 64]
-    assert data["files"]["encoder"]["inputs"] == [{"name": "image", "shape": [1, 3, 256, 256], "dtype": "float32"}]
+    assert data["files"]["encoder"]["inputs"] == [{"name": "image", "shape": ["B", 3, 256, 256], "dtype": "float32"}]
     assert [i["name"] for i in data["files"]["decoder"]["inputs"]] == META_INPUTS
     assert [o["name"] for o in data["files"]["decoder"]["outputs"]] == META_OUTPUTS
     src = data["source"]
@@ -318,7 +318,9 @@ def test_manifest_lists_every_file_with_its_sha256_and_the_preprocessing(tiny_ex
     assert "onnxruntime" in data["versions"] or "onnxruntime-gpu" in data["versions"]
     checks = {c["name"]: c for c in data["parity"]["checks"]}
     assert checks["image embedding max |diff|"]["value"] <= checks["image embedding max |diff|"]["limit"]
-    assert all(c["passed"] for c in checks.values()) and len(checks) == 4
+    assert all(c["passed"] for c in checks.values()) and len(checks) == 5
+    batch = checks["encoder batch 2 vs batch 1 max |diff|"]  # the dynamic batch axis is checked, not assumed
+    assert batch["value"] <= batch["limit"]
     assert data["parity"]["sample"].startswith("dsb2018")
 
 
