@@ -54,6 +54,22 @@ def run_cli(capsys):
 
 # ---- export fixtures (issue 5): PEFT checkpoints and ONNX export folders, built once per session ----------
 
+def disk_image(rng, size: int = 64, n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic data: up to ``n`` bright, non-overlapping disks on a noisy background (uint8) and their labels."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, n + 1):
+        for _ in range(50):
+            r = rng.uniform(5, 9)
+            cy, cx = rng.uniform(r, size - r, 2)
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            if not (labels[disk] > 0).any():
+                labels[disk] = i
+                break
+    image = 20 + 150 * (labels > 0) + rng.normal(0, 8, labels.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
 def perturb_trainable(model, *, seed: int = 1, scale: float = 0.05, parts: tuple[str, ...] = ("image_encoder",)):
     """Add N(0, scale) noise to every trainable parameter under ``parts`` (in place).
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import disk_image
 
 from peft_export.errors import CheckpointError
 
@@ -186,21 +187,6 @@ def test_instance_scores_count_matches_by_hand():
 
 # ---------------------------------------------------------------------------------------------------------
 # training: joint and decoder-only, resume, the checkpoint layout
-def _disks(rng, size=64, n=4):
-    yy, xx = np.mgrid[:size, :size]
-    labels = np.zeros((size, size), np.int32)
-    for i in range(1, n + 1):
-        for _ in range(50):
-            r = rng.uniform(5, 9)
-            cy, cx = rng.uniform(r, size - r, 2)
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            if not (labels[disk] > 0).any():
-                labels[disk] = i
-                break
-    image = 20 + 150 * (labels > 0) + rng.normal(0, 8, labels.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     import tifffile
@@ -209,7 +195,7 @@ def synth(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 1)):
         for i in range(n):
-            image, labels = _disks(rng)
+            image, labels = disk_image(rng)
             for kind, arr in (("images", image), ("labels", labels.astype(np.uint16))):
                 (root / split / kind).mkdir(parents=True, exist_ok=True)
                 tifffile.imwrite(root / split / kind / f"{split}{i}.tif", arr)

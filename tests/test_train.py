@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import disk_image
 
 from peft_export.errors import UsageError
 
@@ -37,21 +38,6 @@ TINY = ["--model", "tinyvit_tiny", "--peft", "lora", "--rank", "4", "--blocks", 
 
 # ---------------------------------------------------------------------------------------------------------
 # synthetic data: bright disks on a noisy background, instance labels
-def _image(rng, size=64, n=4):
-    yy, xx = np.mgrid[:size, :size]
-    labels = np.zeros((size, size), np.int32)
-    for i in range(1, n + 1):
-        for _ in range(50):
-            r = rng.uniform(5, 9)
-            cy, cx = rng.uniform(r, size - r, 2)
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            if not (labels[disk] > 0).any():
-                labels[disk] = i
-                break
-    image = 20 + 150 * (labels > 0) + rng.normal(0, 8, labels.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), labels
-
-
 def _write(folder: Path, name: str, image, labels):
     import tifffile
 
@@ -66,8 +52,8 @@ def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     rng = np.random.default_rng(0)
     for i in range(4):
-        _write(root / "train", f"t{i}", *_image(rng))
-    _write(root / "val", "v0", *_image(rng))
+        _write(root / "train", f"t{i}", *disk_image(rng))
+    _write(root / "val", "v0", *disk_image(rng))
     return root
 
 
@@ -370,7 +356,7 @@ def _bad(tmp_path: Path, kind: str) -> Path:
     d.mkdir()
     if kind == "empty":
         return d
-    img, lab = _image(rng)
+    img, lab = disk_image(rng)
     if kind == "size_mismatch":
         _write(d, "a", img, lab[:-4])
     elif kind == "no_objects":
