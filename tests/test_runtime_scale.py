@@ -297,8 +297,8 @@ def test_auto_on_the_tiled_mosaic_counts_nuclei_without_duplicates(tmp_path, run
     path = tmp_path / "mosaic.tif"
     tifffile.imwrite(path, image)
     out = tmp_path / "labels.tif"
-    code, stdout, err = run_cli("predict", os.environ[POINT_MODEL_ENV], str(path), "--auto", "--pred-iou-thresh",
-                                "0.6", "--stability-thresh", "0.8", "-o", str(out), "--json")
+    code, stdout, err = run_cli("predict", os.environ[POINT_MODEL_ENV], str(path), "--auto", "--method", "grid",
+                                "--pred-iou-thresh", "0.6", "--stability-thresh", "0.8", "-o", str(out), "--json")
     assert code == 0, err
     n, truth = json.loads(stdout)["objects"], int(labels.max())
     pred = tifffile.imread(out)
