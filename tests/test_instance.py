@@ -438,3 +438,36 @@ def test_build_engine_plans_the_instance_decoder(inst_export, tiny_export):
     assert e.profile["image_embeddings"] == {"min": [1, 64, 16, 16], "opt": [3, 64, 16, 16], "max": [3, 64, 16, 16]}
     assert "instance_decoder" in plan.trtexec()
     assert set(plan_engines(tiny_export.out_dir).engines) == {"encoder", "decoder"}
+
+
+def test_merge_writes_the_instance_decoder_beside_the_plain_sam_weights(tmp_path, run_cli):
+    """`merge` keeps SAM's state dict loadable as it is and writes the decoder to <stem>.decoder.pt (micro-sam's
+    key); with --force and a checkpoint without a decoder, a stale decoder file is removed."""
+    from peft_export.models.loading import load_model
+
+    sam = _tiny_sam()
+    state = _state()
+    ckpt = tmp_path / "micro_sam_best.pt"
+    torch.save({"model_state": {f"sam.{k}": v for k, v in sam.state_dict().items()}, "decoder_state": state}, ckpt)
+    out = tmp_path / "merged.pt"
+    code, stdout, err = run_cli("merge", str(ckpt), "--from", "micro-sam", "--model", "vit_tiny", "-o", str(out),
+                                "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["instance_decoder"] == str(tmp_path / "merged.decoder.pt")
+    _tiny_sam().load_state_dict(torch.load(out, weights_only=True), strict=True)
+    saved = torch.load(tmp_path / "merged.decoder.pt", weights_only=True)["decoder_state"]
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    # the pair loads back as a micro-sam checkpoint with its decoder
+    both = tmp_path / "both.pt"
+    torch.save({"model_state": {f"sam.{k}": v for k, v in torch.load(out, weights_only=True).items()},
+                "decoder_state": saved}, both)
+    assert load_model("vit_tiny", both).instance_decoder is not None
+
+    code, _, err = run_cli("merge", str(ckpt), "--from", "micro-sam", "--model", "vit_tiny", "-o", str(out))
+    assert code != 0 and "already exists" in err
+    plain = tmp_path / "plain.pt"
+    torch.save({"model_state": {f"sam.{k}": v for k, v in sam.state_dict().items()}}, plain)
+    code, stdout, err = run_cli("merge", str(plain), "--from", "micro-sam", "--model", "vit_tiny", "-o", str(out),
+                                "--force", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["instance_decoder"] is None and not (tmp_path / "merged.decoder.pt").exists()

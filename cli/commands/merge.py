@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         The merged model is compared with the unmerged one on a sample input (image embedding and masks for a
         few prompts); the max difference is printed and a failure is an error (nothing is written).
         The output is a plain state dict: for ViT models it loads strictly into segment_anything's
-        [bold]sam_model_registry[type](checkpoint=...)[/]; provenance goes to OUTPUT.json beside it.
+        [bold]sam_model_registry[type](checkpoint=...)[/]; provenance goes to OUTPUT.json beside it. A run
+        trained with --instance-decoder also gets OUTPUT_STEM.decoder.pt ({"decoder_state": ...}, micro-sam's key).
         AdaptFormer cannot be folded (nonlinear branch): merge says so and writes a peft-export checkpoint that
         keeps the adapter modules (export handles it).
 
@@ -51,11 +52,12 @@ def register(app: typer.Typer) -> None:
         -o merged.pt[/]
         """
         from peft_export.models.loading import load_for_merge
-        from peft_export.peft.merge import merge_to_file, sidecar_path
+        from peft_export.peft.merge import decoder_path, merge_to_file, sidecar_path
 
         common.refuse_overwrite(output, force, "output")
-        if sidecar_path(output).exists() and not force:
-            raise UsageError(f"{sidecar_path(output)} already exists; pass --force to overwrite it")
+        for beside in (sidecar_path(output), decoder_path(output)):
+            if beside.exists() and not force:
+                raise UsageError(f"{beside} already exists; pass --force to overwrite it")
         loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
                                 blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
         result, report = merge_to_file(loaded, output, checkpoint, atol=atol, rtol=rtol)
@@ -66,3 +68,5 @@ def register(app: typer.Typer) -> None:
         else:
             common.out.print(_check_table(report, atol, rtol))
             common.out.print(f"[green]merged[/] {loaded.spec.name} with {result['how']} -> {output}")
+            if result["instance_decoder"]:
+                common.out.print(f"instance decoder (not part of SAM's state dict) -> {result['instance_decoder']}")

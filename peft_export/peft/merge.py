@@ -128,24 +128,39 @@ def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: Merge
 def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: float = DEFAULT_ATOL,
                   rtol: float = DEFAULT_RTOL) -> tuple[dict, MergeReport | None]:
     """Merge a loaded training checkpoint (:func:`peft_export.models.loading.load_for_merge`) into ``output``:
-    verified plain SAM weights + sidecar. A method that cannot be folded (AdaptFormer) is written as a peft-export
-    checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
+    verified plain SAM weights + sidecar, and ``<stem>.decoder.pt`` (``{"decoder_state": ...}``, micro-sam's key)
+    when the checkpoint holds an instance decoder. A method that cannot be folded (AdaptFormer) is written as a
+    peft-export checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
+    from peft_export.data.io import atomic_write
     from peft_export.models.checkpoint import save_checkpoint
 
     state = peft_state(loaded.model)
     src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
            "peft": state.config.to_dict() if state else None}
+    decoder = loaded.checkpoint.decoder_state
     if not is_mergeable(loaded.model):
+        extra = {"source": src, **({"decoder_state": decoder} if decoder is not None else {})}
         save_checkpoint(output, model_name=loaded.spec.name, state_dict=loaded.model.state_dict(),
-                        peft=state.config.to_dict(), merged=False, extra={"source": src})
+                        peft=state.config.to_dict(), merged=False, extra=extra)
         reason = (f"{state.config.method} cannot be folded into plain SAM weights (nonlinear adapter branch); "
                   f"wrote {output} as a peft-export checkpoint that keeps the adapter modules")
         return {"output": str(output), "merged": False, "reason": reason, "model": loaded.spec.name}, None
     merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
+    if decoder is not None:  # beside the plain state dict, which must stay loadable by segment_anything as it is
+        src["instance_decoder"] = str(decoder_path(output))
+        atomic_write(decoder_path(output), lambda tmp: torch.save({"decoder_state": decoder}, tmp))
+    else:
+        decoder_path(output).unlink(missing_ok=True)  # (--force) a stale one would pair with the wrong weights
     save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
     how = state.config.describe() if state else "no PEFT method (weights copied)"
     return {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True, "model": loaded.spec.name,
-            "how": how, "verification": report.to_dict()}, report
+            "how": how, "verification": report.to_dict(), "instance_decoder": src.get("instance_decoder")}, report
+
+
+def decoder_path(path: str | Path) -> Path:
+    """Where a merge writes the instance decoder's weights: ``merged.pt`` -> ``merged.decoder.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".decoder.pt")
 
 
 def sidecar_path(path: str | Path) -> Path:
