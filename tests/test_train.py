@@ -219,9 +219,13 @@ def test_trunk_cache_switches_off_for_non_repeating_inputs(tmp_path, synth):
 # runs through the CLI
 def test_finetune_run_files_json_merge_and_evaluate_agree(run_cli, synth, tmp_path):
     run = tmp_path / "run"
-    code, out, err = run_cli("finetune", *TINY, "--data", str(synth), "--epochs", "2", "--out", str(run), "--json")
+    before = torch.get_num_threads()
+    threads = 1 if before > 1 else 2
+    code, out, err = run_cli("finetune", *TINY, "--data", str(synth), "--epochs", "2", "--out", str(run), "--json",
+                             "--threads", str(threads))
     assert code == 0, err
     summary = json.loads(out)
+    assert summary["cpu_threads"] == threads and torch.get_num_threads() == before  # set for the run, then restored
     assert {"config.yaml", "metrics.jsonl", "best.pt", "latest.pt", "summary.json"} <= {p.name for p in run.iterdir()}
     recs = _metrics(run)
     assert [r["epoch"] for r in recs] == [0, 1, 2] and recs[0]["iteration"] == 0
@@ -392,6 +396,7 @@ def test_bad_data_gives_one_clear_line(run_cli, tmp_path, kind, message):
     (["--epochs", "2", "--iterations", "3"], "not both"),
     (["--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
     (["--val-metric", "point", "--val-prompts", "box"], "needs point in --val-prompts"),
+    (["--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_bad_options_give_one_clear_line(run_cli, synth, tmp_path, args, message):
     run = tmp_path / "run"

@@ -193,6 +193,8 @@ def register(app: typer.Typer) -> None:
         device: str = _opt("--device", help="auto, cpu or cuda [default: auto].", panel=RUN),
         precision: str = _opt("--precision", help="auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU), fp32, "
                               "fp16, bf16.", panel=RUN),
+        threads: int = _opt("--threads", help="CPU threads of torch (0: torch's default, one per core). On a "
+                            "small CPU shared with other jobs, 1 is often faster [default: 0].", panel=RUN),
         seed: int = _opt("--seed", help="Seed of every random choice [default: 0].", panel=RUN),
         config: Path = typer.Option(None, "--config", help="YAML or TOML file with any of these options "
                                     "(command-line values win).", rich_help_panel=RUN),

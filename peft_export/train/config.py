@@ -83,6 +83,7 @@ class _TrainFields:
     trunk_cache_mb: int = 2048
     device: str = "auto"
     precision: str = "auto"
+    threads: int = 0  # torch's CPU threads; 0: torch's default
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +110,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # keys that may change when a run is resumed (the schedule and the machinery); all others must match
-RESUME_MUTABLE = ("epochs", "iterations", "early_stopping", "val_every", "device", "trunk_cache", "trunk_cache_mb")
+RESUME_MUTABLE = ("epochs", "iterations", "early_stopping", "val_every", "device", "trunk_cache", "trunk_cache_mb",
+                  "threads")
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
@@ -292,6 +294,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--patch-sampling random needs a --patch-size")
     if cfg.trunk_cache_mb < 0:
         raise UsageError("--trunk-cache-mb must be >= 0")
+    if cfg.threads < 0:
+        raise UsageError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if not cfg.val_prompts:
         raise UsageError("--val-prompts is empty; choose from box, point")
     if cfg.val_metric in ("box", "point") and cfg.val_metric not in cfg.val_prompts:

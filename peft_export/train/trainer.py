@@ -325,7 +325,8 @@ class Trainer:
         return {
             "run_dir": str(self.run_dir), "model": self.spec.name, "peft": self.peft_config.to_dict(),
             "trainable_parameters": self.counts, "device": str(self.device), "precision": self.precision,
-            "world_size": self.dist.world, "iterations": s.pos.iteration, "epochs": len(trained),
+            "world_size": self.dist.world, "cpu_threads": torch.get_num_threads(), "iterations": s.pos.iteration,
+            "epochs": len(trained),
             "stopped": s.stopped, "seconds": round(seconds, 1), "train_seconds": round(s.train_seconds, 1),
             "val_metric": (("instance mSA (automatic segmentation)" if self.cfg.val_metric == "instance" else
                             f"{self.cfg.val_metric} mean IoU") if self.val_samples else "train loss"),
@@ -350,10 +351,14 @@ def finetune(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, for
     # sigmoid of very negative logits gives denormal floats, which are ~20x slower on x86 CPUs; flushing them
     # to zero changes values below 1e-38 only
     flushed = torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    if cfg.threads:  # the process's setting again afterwards (finetune may run inside a longer-lived process)
+        torch.set_num_threads(cfg.threads)
     try:
         trainer.setup()
         return trainer.run()
     finally:
         if flushed:
             torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
         trainer.close()
