@@ -158,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # as the CLI runs
     cpu = cpu_info()
     print(f"CPU: {cpu['model']} ({cpu['machine']}; int8 class {cpu['int8_class']}; flags {', '.join(cpu['flags'])})")
-    tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
+    tmp = None  # exports this run makes (removed at the end); none with --exports
     if args.exports:
         folders = {k: Path(v) for k, v in (item.split("=", 1) for item in args.exports.split(","))}
         if "fp32" not in folders:
             ap.error("--exports needs fp32=DIR")
     elif args.checkpoint:
+        tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
         folders = _export_all(args.checkpoint, tmp, args.modes.split(","), [float(v) for v in args.iou.split(",")])
     else:
         ap.error("give a checkpoint or --exports")
@@ -191,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    import shutil
+    if tmp is not None:
+        import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
