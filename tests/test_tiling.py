@@ -149,6 +149,32 @@ def test_stack_planes_are_read_one_at_a_time(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(out), stack.astype(np.uint32))
 
 
+@pytest.mark.parametrize("planes,kwargs,want", [
+    (3, {}, (40, 50, 3)),  # tifffile's default for 3 planes: planar RGB
+    (4, {}, (40, 50, 4)),  # ... and for 4: planar RGBA (its alpha is dropped by as_rgb later)
+    (3, {"photometric": "minisblack"}, (40, 50, 3)),  # no axes: channel-first colour, as before
+], ids=["planar-rgb", "planar-rgba", "minisblack-3"])
+def test_three_or_four_planes_without_axes_are_one_colour_image_with_a_warning(tmp_path, caplog, planes, kwargs,
+                                                                               want):
+    import tifffile
+
+    from peft_export.data.io import open_image
+
+    data = np.random.default_rng(0).integers(0, 255, (planes, 40, 50), dtype=np.uint8)
+    path = tmp_path / "planes.tif"
+    tifffile.imwrite(path, data, **kwargs)
+    with caplog.at_level("WARNING"):
+        src = open_image(path)
+    assert not src.is_stack
+    (image,) = list(src.read())
+    assert image.shape == want
+    np.testing.assert_array_equal(np.moveaxis(image, -1, 0), data)
+    assert "metadata={'axes': 'ZYX'}" in caplog.text and "planes.tif" in caplog.text
+    # with its axes saved, the same planes are a stack
+    tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
+    assert open_image(path).planes == planes
+
+
 def test_a_stack_with_a_plane_of_another_shape_is_refused(tmp_path):
     import tifffile
 

@@ -7,6 +7,7 @@ a file's shape and axes without reading its pixels; :meth:`ImageSource.planes` r
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,8 @@ from peft_export.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
+log = logging.getLogger(__name__)
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file into a numpy array (dtype kept). Raises DataError with a one-line reason."""
@@ -30,7 +33,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(p)
+            with tifffile.TiffFile(p) as tif:
+                arr = tif.asarray()
+                if arr.ndim == 3 and tif.series and tif.series[0].axes == "SYX" and arr.shape[0] in (3, 4):
+                    arr = np.moveaxis(arr, 0, -1)  # planar RGB(A) -> channel-last (open_image warns)
         else:
             from PIL import Image
 
@@ -102,6 +108,12 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         raise
     except Exception as exc:  # any decoder failure is a user-facing "unreadable image"
         raise DataError(f"cannot read image {p}: {first_line(exc)}") from None
+    planar = axes == "SYX" and shape[0] in (3, 4)
+    channel_first = len(shape) == 3 and axes[0] in "QC" and shape[0] == 3 and shape[-1] not in (1, 3, 4)
+    if planar or channel_first:
+        log.warning("%s: %s planes without axis metadata are read as one %s image; for a stack of %d planes save "
+                    "its axes (tifffile.imwrite(..., metadata={'axes': 'ZYX'}))", p.name,
+                    "x".join(map(str, shape)), "RGBA" if shape[0] == 4 else "RGB", shape[0])
     extra = [(a, n) for a, n in zip(axes, shape) if a not in ("Y", "X", COLOUR_AXES) and n > 1]
     if not extra or (len(shape) == 3 and axes[0] in "QC" and shape[0] in (1, 3) and shape[-1] not in (1, 3, 4)):
         return ImageSource(p, shape, axes)  # 2D (channel-first colour is moved last by read_image)
