@@ -407,6 +407,29 @@ def test_bad_options_give_one_clear_line(run_cli, synth, tmp_path, args, message
     assert not run.exists() or not any(run.iterdir())
 
 
+@pytest.mark.parametrize("patch_embed,note,cached", [(True, True, False), (False, False, True)],
+                         ids=["ssf-patch-embed", "no-ssf-patch-embed"])
+def test_late_ssf_says_that_its_patch_embedding_trains_the_whole_encoder(tmp_path, synth, patch_embed, note,
+                                                                         cached):
+    """SSF's patch-embedding scale/shift (on by default) sits before every block, so a late placement keeps no
+    frozen trunk: the run says so; without it the trunk is frozen and cached like any late placement."""
+    from peft_export.train import resolve_config
+    from peft_export.train.trainer import Trainer
+
+    msgs: list[str] = []
+    events = type("Rec", (), {"message": lambda self, text: msgs.append(text)})()
+    values = dict(model="tinyvit_tiny", peft="ssf", blocks="late:1", data=str(synth), iterations=1,
+                  ssf_patch_embed=patch_embed)
+    tr = Trainer(resolve_config(cli_values=values), tmp_path / "r", force=True, events=events)
+    tr.events = events
+    tr.setup()
+    assert (tr.cache is not None) == cached
+    assert any("--no-ssf-patch-embed keeps the late placement's savings" in m for m in msgs) == note, msgs
+    frozen_trunk = not any(p.requires_grad for n, p in tr.model.image_encoder.named_parameters()
+                           if n.startswith("patch_embed"))
+    assert frozen_trunk != patch_embed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torchrun: 2 gloo processes vs 1 process
 def test_torchrun_two_cpu_processes_match_one_process(run_cli, synth, tmp_path):

@@ -233,9 +233,14 @@ class Trainer:
             self.cache_note = "trunk cache off (--trunk-cache off)"
             return
         if boundary == 0:
-            self.cache_note = ("trunk cache off: the first encoder step trains "
-                               f"({self.peft_config.method} on {self.peft_config.placement})")
-            if mode != "auto":
+            pc = self.peft_config
+            self.cache_note = f"trunk cache off: the first encoder step trains ({pc.method} on {pc.placement})"
+            if pc.method == "ssf" and pc.options.get("patch_embed", True) and pc.blocks and min(pc.blocks) > 0:
+                self.events.message(
+                    f"note: ssf on {pc.placement} also scales and shifts the patch embedding (--ssf-patch-embed, as "
+                    "the study describes SSF), so backward runs through the whole encoder: memory and step time "
+                    "stay near all blocks'; --no-ssf-patch-embed keeps the late placement's savings")
+            elif mode != "auto":
                 self.events.message(self.cache_note)
             return
         if not self.data.repeating:
