@@ -5,7 +5,9 @@
 2. a second prompt round on a large image (``--size``, tiled): ``set_image`` + box prompts without an embedding
    cache (every tile embedded again) vs with one (``peft-export embed`` filled it: only the decoder runs);
 3. peak memory (VmHWM) of ``predict`` on a folder of 50 images vs 5, each in a fresh process: images are
-   streamed, so it should be flat.
+   streamed, so it should be flat;
+4. peak memory of embedding tiles at batch 1 vs ``--batch``, each in a fresh process (what the runtime's default
+   batch size, 1 on a CPU and 4 on a GPU, trades against figure 1).
 
     python benchmarks/runtime_scale.py --export lite_onnx/      # an export folder (fp32 LiteMedSAM is typical)
     python benchmarks/runtime_scale.py                          # exports zero-shot LiteMedSAM first (~2 min)
@@ -37,6 +39,30 @@ inputs = resolve_inputs(folder)
 report = run_predict(seg, inputs, Path(out), PredictRequest("boxes", Path(boxes)))
 print(json.dumps({"images": len(report.done), "failed": len(report.failed), "peak_rss_mib": peak_rss_mib()}))
 """
+
+BATCH_MEMORY_WORKER = r"""
+import json, sys
+import numpy as np
+from peft_export._memory import peak_rss_mib
+from peft_export.runtime.embedding import embed_batched
+from peft_export.runtime.onnx_backend import OnnxBackend
+export, batch = sys.argv[1], int(sys.argv[2])
+be = OnnxBackend(export)
+s = int(be.preprocess.img_size)
+feeds = [np.random.default_rng(i).normal(size=(1, 3, s, s)).astype(np.float32) for i in range(2 * batch)]
+before = peak_rss_mib()
+embed_batched(be, feeds, batch)
+print(json.dumps({"batch": batch, "peak_rss_mib": peak_rss_mib(), "after_loading_mib": before}))
+"""
+
+
+def batch_memory(export: str, batch: int) -> dict:
+    out = {}
+    for b in (1, batch):
+        res = subprocess.run([sys.executable, "-c", BATCH_MEMORY_WORKER, export, str(b)], capture_output=True,
+                             text=True, check=True)
+        out[b] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
 
 
 def cpu_name() -> str:
@@ -168,8 +194,13 @@ def main() -> None:
         print(f"predict on a folder of {side}x{side} images: peak RSS {a['peak_rss_mib']:.0f} MiB"
               f" for 5 images, {b['peak_rss_mib']:.0f} MiB for 50: ratio {b['peak_rss_mib'] / a['peak_rss_mib']:.3f}"
               f" ({a['seconds']:.1f} s / {b['seconds']:.1f} s)")
+        bm = batch_memory(export, args.batch)
+        one, many = bm[1]["peak_rss_mib"], bm[args.batch]["peak_rss_mib"]
+        print(f"embedding tiles: peak RSS {one:.0f} MiB at batch 1, {many:.0f} MiB at batch {args.batch}: ratio "
+              f"{many / one:.2f} (after loading the export: {bm[1]['after_loading_mib']:.0f} MiB)")
         if args.json:
-            print(json.dumps({"cpu": cpu_name(), "encoder": thr, "cache": pr, "folder_memory": mem}, indent=2))
+            print(json.dumps({"cpu": cpu_name(), "encoder": thr, "cache": pr, "folder_memory": mem,
+                              "batch_memory": bm}, indent=2))
 
 
 if __name__ == "__main__":

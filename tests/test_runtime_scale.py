@@ -44,6 +44,24 @@ def test_encoder_batch_axis_is_exported_and_checked(tiny_export):
     assert '"encoder_batch": {"checked": true' in figures, figures[:500]
 
 
+def test_default_batch_size_is_one_tile_on_a_cpu_and_four_on_a_gpu(tiny_export):
+    """Batches gain ~5% per tile on a CPU for several times the peak memory (benchmarks/runtime_scale.py), so
+    the default follows where the encoder runs: ONNX Runtime's first provider in use, a torch device, or a
+    backend's own ``on_gpu``."""
+    from types import SimpleNamespace
+
+    from peft_export.runtime.backend import default_batch_size
+    from peft_export.runtime.segmenter import Segmenter
+
+    seg = Segmenter(tiny_export.out_dir)
+    assert seg.backend.providers[0] == "CPUExecutionProvider" and seg.batch_size == 1
+    assert Segmenter(tiny_export.out_dir, batch_size=3).batch_size == 3
+    assert default_batch_size(SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])) == 4
+    assert default_batch_size(SimpleNamespace(device=SimpleNamespace(type="cuda"))) == 4
+    assert default_batch_size(SimpleNamespace(device=SimpleNamespace(type="cpu"))) == 1
+    assert default_batch_size(SimpleNamespace(on_gpu=True, providers=["CPUExecutionProvider"])) == 4
+
+
 def test_tiled_image_gives_the_same_masks_at_any_batch_size(tiny_export):
     from peft_export.runtime.segmenter import Segmenter
 

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         halo: int = typer.Option(None, "--halo", help=HALO_HELP),
         scale: float = typer.Option(None, "--scale", help=SCALE_HELP),
         no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
-        batch_size: int = typer.Option(4, "--batch-size", help=BATCH_HELP),
+        batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
         shard: str = typer.Option(None, "--shard", help="K/N: embed every N-th input starting at K (0 <= K < N)."),
         backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt (engines from build-engine)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         halo: int = typer.Option(None, "--halo", help=HALO_HELP),
         scale: float = typer.Option(None, "--scale", help=SCALE_HELP),
         no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
-        batch_size: int = typer.Option(4, "--batch-size", help=BATCH_HELP),
+        batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ):

@@ -30,6 +30,29 @@ class Backend(Protocol):
                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+# Tiles per encoder call when none is asked for. Measured on 2 CPU cores (Intel Xeon, ONNX Runtime, LiteMedSAM
+# encoder, one run): batch 4 was 0.82 s/tile vs 0.86 s/tile at batch 1 (5%) for 3.6x the peak memory (2769 vs 769
+# MiB), so a CPU embeds one tile at a time; a GPU needs batches for throughput.
+CPU_BATCH, GPU_BATCH = 1, 4
+
+
+def on_gpu(backend) -> bool:
+    """Whether the backend's encoder runs on a GPU: its ``on_gpu`` attribute, else its ONNX Runtime providers
+    (the first one used), else its torch device."""
+    flag = getattr(backend, "on_gpu", None)
+    if flag is not None:
+        return bool(flag)
+    providers = getattr(backend, "providers", None)
+    if providers:
+        return providers[0] != "CPUExecutionProvider"
+    device = getattr(backend, "device", None)
+    return getattr(device, "type", "cpu") == "cuda"
+
+
+def default_batch_size(backend) -> int:
+    return GPU_BATCH if on_gpu(backend) else CPU_BATCH
+
+
 def mask_prompt_inputs(batch: int, mask_input, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The decoder's ``mask_input`` (B, 1, *size) and ``has_mask_input`` (B,) float32: zeros when no previous
     logits are given, else those logits and ones."""

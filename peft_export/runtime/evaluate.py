@@ -102,7 +102,7 @@ def _prompted(seg, sample, objects, kind: str) -> tuple[list[float], float]:
 
 def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMPT_TYPES, *,
              min_area: int = 1, progress: Callable[[int], None] | None = None, auto_config=None,
-             tiling: Tiling | None = None, batch_size: int = 4, per_image: list | None = None) -> dict:
+             tiling: Tiling | None = None, batch_size: int | None = None, per_image: list | None = None) -> dict:
     """Evaluate ``backend`` on ``samples`` (objects with ``.image`` and ``.labels``; any iterable, read one at a
     time). ``tiling``: how images are embedded (default: tiled when larger than the model input); ``per_image``:
     a list that receives one record per image. Returns a JSON-able dict {prompt type: figures}."""

@@ -171,7 +171,7 @@ def segment_instances(segmenter, config: InstanceConfig | None = None, *, runner
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 def evaluate_instances(backend, samples: Sequence, *, method: str = "instance", config: InstanceConfig | None = None,
-                       grid_config=None, tiling=None, batch_size: int = 4,
+                       grid_config=None, tiling=None, batch_size: int | None = None,
                        progress: Callable[[int], None] | None = None) -> dict:
     """Automatic segmentation without prompts, scored against each sample's labels (see
     :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module), ``grid`` (point grid) or

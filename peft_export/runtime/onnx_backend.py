@@ -105,6 +105,7 @@ class OnnxBackend:
             self.decoder = ort_session(m.path_of(self.out_dir, "decoder_lowres"), providers, threads=threads)
         except Exception as exc:  # ORT raises its own exception types for broken graphs
             raise DataError(f"{self.out_dir}: onnxruntime cannot load the export: {first_line(exc)}") from None
+        self.providers = self.encoder.get_providers()  # those in use, first = preferred
         enc_in = self.encoder.get_inputs()[0]
         self._enc_input = enc_in.name
         self.max_batch = encoder_max_batch(enc_in.shape, self.baked)

@@ -25,7 +25,7 @@ import numpy as np
 from peft_export.errors import DataError, UsageError
 from peft_export.imaging import Prepared, upscale_masks
 from peft_export.prompts import box_prompts, pad_points
-from peft_export.runtime.backend import Backend, select_masks
+from peft_export.runtime.backend import Backend, default_batch_size, select_masks
 from peft_export.runtime.backends import open_backend
 from peft_export.runtime.cache import open_cache
 from peft_export.runtime.embedding import (
@@ -79,12 +79,14 @@ def _points_and_labels(points, labels) -> tuple[np.ndarray, np.ndarray]:
 
 class Segmenter:
     def __init__(self, out_dir: str | os.PathLike | None = None, backend: str | Backend = "onnxruntime",
-                 providers: list[str] | None = None, *, tiling: Tiling | None = None, batch_size: int = 4,
-                 cache=None):
+                 providers: list[str] | None = None, *, tiling: Tiling | None = None,
+                 batch_size: int | None = None, cache=None):
         if isinstance(backend, str):
             if out_dir is None:
                 raise UsageError("Segmenter needs an export folder")
             backend = open_backend(out_dir, backend, providers)
+        if batch_size is None:  # 1 tile per encoder call on a CPU, 4 on a GPU (backend.default_batch_size)
+            batch_size = default_batch_size(backend)
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         self.backend = backend

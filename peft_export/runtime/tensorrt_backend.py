@@ -370,6 +370,7 @@ class TensorRTBackend:
         trt, cudart = env["trt"], env["cudart"]
         check_engine_compatible(self.meta, env["capabilities"]["version"], env["gpu"], self.out_dir)
         self.gpu = env["gpu"]
+        self.on_gpu = True  # (runtime.backend.default_batch_size)
         self.preprocess: PreprocessSpec = m.preprocess_spec
         self.multimask = bool(m.multimask)
         self.baked = bool(m.baked_preprocessing)
