@@ -150,8 +150,9 @@ def test_stack_planes_are_read_one_at_a_time(tmp_path):
 
 
 @pytest.mark.parametrize("planes,kwargs,want", [
-    (3, {}, (40, 50, 3)),  # tifffile's default for 3 planes: planar RGB
-    (4, {}, (40, 50, 4)),  # ... and for 4: planar RGBA (its alpha is dropped by as_rgb later)
+    # tifffile's default (up to now) for 3 or 4 planes: planar RGB / RGBA (as_rgb drops the alpha later)
+    (3, {"photometric": "rgb", "planarconfig": "separate"}, (40, 50, 3)),
+    (4, {"photometric": "rgb", "planarconfig": "separate", "extrasamples": ["unassalpha"]}, (40, 50, 4)),
     (3, {"photometric": "minisblack"}, (40, 50, 3)),  # no axes: channel-first colour, as before
 ], ids=["planar-rgb", "planar-rgba", "minisblack-3"])
 def test_three_or_four_planes_without_axes_are_one_colour_image_with_a_warning(tmp_path, caplog, planes, kwargs,
@@ -171,7 +172,7 @@ def test_three_or_four_planes_without_axes_are_one_colour_image_with_a_warning(t
     np.testing.assert_array_equal(np.moveaxis(image, -1, 0), data)
     assert "metadata={'axes': 'ZYX'}" in caplog.text and "planes.tif" in caplog.text
     # with its axes saved, the same planes are a stack
-    tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
+    tifffile.imwrite(path, data, photometric="minisblack", metadata={"axes": "ZYX"})
     assert open_image(path).planes == planes
 
 
