@@ -112,7 +112,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     channel_first = len(shape) == 3 and axes[0] in "QC" and shape[0] == 3 and shape[-1] not in (1, 3, 4)
     if planar or channel_first:
         log.warning("%s: %s planes without axis metadata are read as one %s image; for a stack of %d planes save "
-                    "its axes (tifffile.imwrite(..., metadata={'axes': 'ZYX'}))", p.name,
+                    "its axes (tifffile.imwrite(..., photometric='minisblack', metadata={'axes': 'ZYX'}))", p.name,
                     "x".join(map(str, shape)), "RGBA" if shape[0] == 4 else "RGB", shape[0])
     extra = [(a, n) for a, n in zip(axes, shape) if a not in ("Y", "X", COLOUR_AXES) and n > 1]
     if not extra or (len(shape) == 3 and axes[0] in "QC" and shape[0] in (1, 3) and shape[-1] not in (1, 3, 4)):
