@@ -44,6 +44,7 @@ ENGINE_FORMAT_VERSION = 1
 ENGINES = {"encoder": ("encoder.engine", "encoder"), "decoder": ("decoder.engine", "decoder_lowres")}
 # built when the export has the graph (issue 14); the runtime runs instance_decoder.onnx with ONNX Runtime for now
 OPTIONAL_ENGINES = {"instance_decoder": ("instance_decoder.engine", "instance_decoder")}
+ALL_ENGINES = {**ENGINES, **OPTIONAL_ENGINES}
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 INSTALL = "pip install 'peft-export[tensorrt]'"
@@ -200,7 +201,7 @@ def read_engine_meta(out_dir: str | os.PathLike, manifest: Manifest | None = Non
     meta = read_json_document(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, "engine description")
     engines = meta.get("engines")
     missing = [k for k in ("tensorrt_version", "gpu", "precision") if k not in meta]
-    if not isinstance(engines, dict) or not set(ENGINES) <= set(engines) <= {*ENGINES, *OPTIONAL_ENGINES} or missing:
+    if not isinstance(engines, dict) or not set(ENGINES) <= set(engines) <= set(ALL_ENGINES) or missing:
         raise DataError(f"{path} is incomplete (needs engines {', '.join(ENGINES)} and tensorrt_version, gpu, "
                         "precision); rebuild with `peft-export build-engine --force`")
     for role, entry in engines.items():
@@ -212,7 +213,7 @@ def read_engine_meta(out_dir: str | os.PathLike, manifest: Manifest | None = Non
             raise VerificationError(f"{p} does not match its sha256 in {ENGINE_META} (modified or corrupt); rebuild "
                                     f"with `peft-export build-engine {out_dir} --force`")
         if manifest is not None:
-            onnx_role = {**ENGINES, **OPTIONAL_ENGINES}[role][1]
+            onnx_role = ALL_ENGINES[role][1]
             src = manifest.files.get(onnx_role, {})
             if entry.get("onnx_sha256") != src.get("sha256"):
                 raise DataError(f"{out_dir}: {entry['path']} was built from a different {src.get('path', onnx_role)} "

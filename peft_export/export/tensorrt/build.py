@@ -22,11 +22,10 @@ from peft_export.export.tensorrt.plan import BuildPlan, EnginePlan, plan_engines
 from peft_export.export.tensorrt.verify import check_parity
 from peft_export.runtime import tensorrt_backend as _rt
 from peft_export.runtime.tensorrt_backend import (
+    ALL_ENGINES,
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     ENGINE_META,
-    ENGINES,
-    OPTIONAL_ENGINES,
     EngineRunner,
     make_logger,
 )
@@ -36,8 +35,7 @@ Progress = Callable[[str, int, int], None]
 
 
 def existing_outputs(out_dir: Path) -> list[Path]:
-    names = [f for f, _ in [*ENGINES.values(), *OPTIONAL_ENGINES.values()]]
-    return [p for p in [out_dir / f for f in names] + [out_dir / ENGINE_META] if p.exists()]
+    return [p for p in [out_dir / f for f, _ in ALL_ENGINES.values()] + [out_dir / ENGINE_META] if p.exists()]
 
 
 @dataclass
@@ -214,7 +212,7 @@ def _metadata(plan: BuildPlan, env, tmp: Path, built, io, parity, total: float) 
     for role, e in plan.engines.items():
         f = tmp / e.engine
         engines[role] = {"path": e.engine, "sha256": sha256_file(f), "bytes": f.stat().st_size, "onnx": e.onnx,
-                         "onnx_sha256": plan.manifest.files[{**ENGINES, **OPTIONAL_ENGINES}[role][1]].get("sha256"),
+                         "onnx_sha256": plan.manifest.files[ALL_ENGINES[role][1]].get("sha256"),
                          "precision": e.precision, "build_seconds": round(built[role], 2), "profile": e.profile,
                          **io[role]}
     return {

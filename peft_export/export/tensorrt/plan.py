@@ -15,7 +15,13 @@ from peft_export.export.tensorrt.graph import INTEGER_INT8_OPS, GraphFacts, Tens
 from peft_export.export.tensorrt.options import PRECISIONS, EngineOptions
 from peft_export.manifest import Manifest, read_manifest
 from peft_export.runtime import tensorrt_backend as _rt
-from peft_export.runtime.tensorrt_backend import DECODER_INPUTS, ENGINES, OPTIONAL_ENGINES, tensorrt_capabilities
+from peft_export.runtime.tensorrt_backend import (
+    ALL_ENGINES,
+    DECODER_INPUTS,
+    ENGINES,
+    OPTIONAL_ENGINES,
+    tensorrt_capabilities,
+)
 
 BATCHED_DECODER_INPUTS = set(DECODER_INPUTS) - {"image_embeddings"}
 POINT_INPUTS = {"point_coords", "point_labels"}
@@ -245,7 +251,7 @@ def plan_engines(out_dir: str | os.PathLike, options: EngineOptions | None = Non
 
 
 def _engine_plan(out_dir: Path, manifest: Manifest, role: str, opts: EngineOptions) -> EnginePlan:
-    engine_name, onnx_role = {**ENGINES, **OPTIONAL_ENGINES}[role]
+    engine_name, onnx_role = ALL_ENGINES[role]
     onnx_path = manifest.path_of(out_dir, onnx_role)
     if not onnx_path.is_file():
         raise DataError(f"{onnx_path} is missing; re-export the folder")
