@@ -99,7 +99,6 @@ class OnnxBackend:
         if missing:
             raise UsageError(f"onnxruntime provider {missing[0]} is not available here (available: "
                              f"{', '.join(available)})")
-        self.providers = providers
         try:
             self.encoder = ort_session(m.path_of(self.out_dir, "encoder"), providers, threads=threads)
             self.decoder = ort_session(m.path_of(self.out_dir, "decoder_lowres"), providers, threads=threads)
