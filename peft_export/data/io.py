@@ -109,13 +109,13 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     except Exception as exc:  # any decoder failure is a user-facing "unreadable image"
         raise DataError(f"cannot read image {p}: {first_line(exc)}") from None
     planar = axes == "SYX" and shape[0] in (3, 4)
-    channel_first = len(shape) == 3 and axes[0] in "QC" and shape[0] == 3 and shape[-1] not in (1, 3, 4)
-    if planar or channel_first:
+    channel_first = len(shape) == 3 and axes[0] in "QC" and shape[0] in (1, 3) and shape[-1] not in (1, 3, 4)
+    if planar or (channel_first and shape[0] == 3):
         log.warning("%s: %s planes without axis metadata are read as one %s image; for a stack of %d planes save "
                     "its axes (tifffile.imwrite(..., photometric='minisblack', metadata={'axes': 'ZYX'}))", p.name,
                     "x".join(map(str, shape)), "RGBA" if shape[0] == 4 else "RGB", shape[0])
     extra = [(a, n) for a, n in zip(axes, shape) if a not in ("Y", "X", COLOUR_AXES) and n > 1]
-    if not extra or (len(shape) == 3 and axes[0] in "QC" and shape[0] in (1, 3) and shape[-1] not in (1, 3, 4)):
+    if not extra or channel_first:
         return ImageSource(p, shape, axes)  # 2D (channel-first colour is moved last by read_image)
     if len(extra) > 1:
         names = "".join(a for a, _ in extra)
