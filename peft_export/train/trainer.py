@@ -21,6 +21,7 @@ import torch
 
 from peft_export.devices import peak_memory_mb, resolve_device, resolve_precision, wants_cuda
 from peft_export.errors import UsageError
+from peft_export.peft.options import parse_options
 from peft_export.train.config import TrainConfig
 from peft_export.train.data import TrainData
 from peft_export.train.distributed import Dist, init_distributed
@@ -235,7 +236,8 @@ class Trainer:
         if boundary == 0:
             pc = self.peft_config
             self.cache_note = f"trunk cache off: the first encoder step trains ({pc.method} on {pc.placement})"
-            if pc.method == "ssf" and pc.options.get("patch_embed", True) and pc.blocks and min(pc.blocks) > 0:
+            late = bool(pc.blocks) and min(pc.blocks) > 0
+            if pc.method == "ssf" and late and parse_options("ssf", pc.options).patch_embed:
                 self.events.message(
                     f"note: ssf on {pc.placement} also scales and shifts the patch embedding (--ssf-patch-embed, as "
                     "the study describes SSF), so backward runs through the whole encoder: memory and step time "
