@@ -188,21 +188,24 @@ def test_trunk_cache_is_exact_and_used(tmp_path, synth):
         torch.testing.assert_close(g_hit[n], g_plain[n], rtol=1e-4, atol=1e-6)
 
 
+class _Messages:
+    """Trainer events that keep the messages (the run's notes)."""
+
+    def __init__(self):
+        self.msgs: list[str] = []
+
+    def message(self, text):
+        self.msgs.append(text)
+
+
 def test_trunk_cache_switches_off_for_non_repeating_inputs(tmp_path, synth):
     from peft_export.train.trainer import Trainer
-
-    class Rec:
-        def __init__(self):
-            self.msgs = []
-
-        def message(self, text):
-            self.msgs.append(text)
 
     for extra, reason in (({"augment": "flip,intensity"}, "intensity augmentation"),
                           ({"patch_sampling": "random", "patch_size": 48}, "random patch sampling")):
         from peft_export.train import resolve_config
 
-        rec = Rec()
+        rec = _Messages()
         values = dict(model="tinyvit_tiny", peft="lora", rank=4, blocks="late:1", data=str(synth), iterations=1,
                       trunk_cache="memory", **extra)
         tr = Trainer(resolve_config(cli_values=values), tmp_path / "r", force=True, events=rec)
@@ -416,8 +419,8 @@ def test_late_ssf_says_that_its_patch_embedding_trains_the_whole_encoder(tmp_pat
     from peft_export.train import resolve_config
     from peft_export.train.trainer import Trainer
 
-    msgs: list[str] = []
-    events = type("Rec", (), {"message": lambda self, text: msgs.append(text)})()
+    events = _Messages()
+    msgs = events.msgs
     values = dict(model="tinyvit_tiny", peft="ssf", blocks="late:1", data=str(synth), iterations=1,
                   ssf_patch_embed=patch_embed)
     tr = Trainer(resolve_config(cli_values=values), tmp_path / "r", force=True, events=events)
