@@ -26,8 +26,8 @@ TILE_HELP = ("Tile size in pixels (of the image after --scale); default: the mod
 HALO_HELP = "Context added on each side of a tile's core, in pixels; default: tile / 8. Needs tile > 2 x halo."
 SCALE_HELP = "Resize images by this factor before tiling (e.g. 0.5 when objects are twice the trained size)."
 NO_TILE_HELP = "Resize the whole image to the model input instead of tiling (the behaviour before tiling)."
-BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gain ~5% there for several times the memory), 4 "
-              "on a GPU]. Older exports without a batch axis run one at a time.")
+BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gained at most ~5% there, for several times the "
+              "memory), 4 on a GPU]. Older exports without a batch axis run one at a time.")
 
 
 def register(app: typer.Typer) -> None:
