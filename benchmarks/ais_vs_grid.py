@@ -21,22 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import replace
 
+from peft_export.bench.common import cpu_name
+
 GRID_IOU = (0.5, 0.6, 0.7, 0.8, 0.88)
 GRID_STABILITY = (0.6, 0.75, 0.9)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def run(seg, sample, method: str, grid_cfg=None):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.bench.common import cpu_name
+
 FOLDER_WORKER = r"""
 import json, sys
 from pathlib import Path
@@ -63,13 +65,6 @@ def batch_memory(export: str, batch: int) -> dict:
                              text=True, check=True)
         out[b] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def mosaic(size: int) -> np.ndarray:
