@@ -89,6 +89,12 @@ def segment_image(seg, image: np.ndarray, req: PredictRequest, prompts, name: st
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """One 2D image -> (instance labels, per-prompt scores or None)."""
     seg.set_image(image, name=name, lazy=True)
+    return segment_current(seg, req, prompts, progress)
+
+
+def segment_current(seg, req: PredictRequest, prompts, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The segmenter's current image (``set_image`` done) -> (instance labels, per-prompt scores or None): boxes,
+    point prompts, or automatic (the export's instance decoder, else the point grid), as ``predict`` does."""
     if req.mode == "boxes":
         return seg.predict_labels(boxes=prompts)
     if req.mode == "points":

@@ -132,8 +132,11 @@ class Segmenter:
         return out
 
     def set_image(self, image: np.ndarray, *, name: str = "image", tile: int | None = None, halo: int | None = None,
-                  scale: float | None = None, tiled: bool | None = None, lazy: bool = False) -> ImagePlan:
-        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed)."""
+                  scale: float | None = None, tiled: bool | None = None, lazy: bool = False,
+                  progress=None) -> ImagePlan:
+        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed).
+        ``progress(n)`` is called after each batch of ``n`` tiles is embedded (once with every tile on a cache hit);
+        an exception it raises stops the embedding (nothing is written to the cache)."""
         tiling = self.tiling_for(tile, halo, scale, tiled)
         backend = self.backend
         inputs = TileInputs(image, backend.preprocess, bool(getattr(backend, "baked", False)), name=name)
@@ -148,11 +151,18 @@ class Segmenter:
         self.plan, self.cache_hit = plan, stored is not None
         self._emb = TileEmbeddings(backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy)
         if stored is None and (not lazy or self.cache is not None):
+            if progress is not None:  # the same batches as all(), one at a time, so a caller can follow (or stop)
+                n = len(plan.grid)
+                for s in range(0, n, self.batch_size):
+                    self._emb.get(range(s, min(n, s + self.batch_size)))
+                    progress(min(n, s + self.batch_size) - s)
             embs = self._emb.all()
             if self.cache is not None:
                 self.cache.put(key, embs, {"name": name, "image_shape": list(np.shape(image)),
                                            "dtype": str(np.asarray(image).dtype), "recipe": plan.recipe,
                                            "windows": [list(t.window) for t in plan.tiles]})
+        elif stored is not None and progress is not None:
+            progress(len(plan.grid))
         if stored is not None or not lazy:
             inputs.release()
         if plan.tiled:
