@@ -1,0 +1,773 @@
+"""The dock widget: open an export, embed, prompt, segment everything, save — over the runtime's Segmenter.
+
+Layers the widget makes for an image layer ``NAME`` (same scale/translate): ``NAME boxes`` (Shapes: one box per
+object, feature ``object``), ``NAME points`` (Points: features ``positive`` and ``object``; key ``n`` starts a
+new object), ``NAME objects`` (Labels: one id per object; corrected with napari's own label tools).
+
+Long work (embedding, segment everything) runs in a napari thread worker with a progress bar and a Cancel button;
+its results reach the layers only when it finished, so a cancelled or failed run changes nothing. Errors are one
+notification line (never a traceback dialog).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QSettings, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import ensure_main_thread
+
+from peft_export.errors import PeftExportError, UsageError, first_line
+from peft_export.napari import core
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "tensorrt")
+SCOPES = ("current plane", "whole stack")
+POSITIVE, NEGATIVE = "#33ff33", "#ff3333"
+BOX_COLOR = "#ffd000"
+
+
+class Cancelled(Exception):
+    """Raised inside a worker's progress callback when the user pressed Cancel."""
+
+
+def user_settings() -> QSettings:
+    """Where the widget remembers the last model, cache and save folders (an ini file in the user's config dir)."""
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, "peft-export", "napari")
+
+
+def guarded(what: str):
+    """Run a widget action; any error becomes one notification line (None is returned)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except Exception as exc:
+                self.report(exc, what)
+                return None
+
+        return wrapper
+
+    return deco
+
+
+class _Progress:
+    """The callback a worker's library call gets: counts steps, shows them, stops the work on Cancel."""
+
+    def __init__(self, widget: SegmenterWidget, cancel: threading.Event):
+        self.widget, self.cancel = widget, cancel
+        self.worker = None  # napari asks running workers to quit when it closes (worker.quit())
+        self.what, self.done, self.total = "", 0, 0
+
+    def phase(self, what: str, total: int) -> None:
+        self.what, self.done, self.total = what, 0, int(total)
+        self.widget._show_progress(what, 0, self.total)
+
+    def check(self, n: int = 1) -> None:
+        if self.cancel.is_set() or (self.worker is not None and self.worker.abort_requested):
+            raise Cancelled
+
+    def __call__(self, n: int = 1) -> None:
+        self.check()
+        self.done += int(n)
+        self.widget._show_progress(self.what, self.done, self.total)
+
+
+class SegmenterWidget(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.seg = None
+        self.info: core.ModelInfo | None = None
+        self._embedded: tuple | None = None  # (layer id, plane, data id) whose embedding the segmenter holds
+        self._decoded: dict[tuple, tuple] = {}  # (image name, plane, object id) -> the prompt painted for it
+        self._worker = None
+        self._job = ""
+        self._cancel = threading.Event()
+        self._pending_prompts = False
+        self._hooked: set[int] = set()
+        self._settings = user_settings()
+        self._build()
+        self._refresh_images()
+        events = self.viewer.layers.events
+        events.inserted.connect(self._refresh_images)
+        events.removed.connect(self._refresh_images)
+        self.viewer.dims.events.current_step.connect(self._show_plane_state)
+        self._update_state()
+
+    # ---- layout ------------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+        s = self._settings
+
+        box = QGroupBox("Model")
+        grid = QGridLayout(box)
+        self.path_edit = QLineEdit(str(s.value("model_path", "") or ""))
+        self.path_edit.setPlaceholderText("export folder or bioimage.io package (.zip)")
+        folder_btn, package_btn = QPushButton("Folder…"), QPushButton("Package…")
+        self.open_btn = QPushButton("Open")
+        folder_btn.clicked.connect(self._pick_folder)
+        package_btn.clicked.connect(self._pick_package)
+        self.open_btn.clicked.connect(lambda: self.open_model())
+        self.backend_combo = QComboBox()
+        self.backend_combo.addItems(BACKENDS)
+        self.cache_edit = QLineEdit(str(s.value("cache", "") or ""))
+        self.cache_edit.setPlaceholderText("embedding cache folder (optional)")
+        cache_btn = QPushButton("…")
+        cache_btn.clicked.connect(self._pick_cache)
+        self.info_label = QLabel("no model open")
+        self.info_label.setWordWrap(True)
+        grid.addWidget(self.path_edit, 0, 0, 1, 3)
+        grid.addWidget(folder_btn, 1, 0)
+        grid.addWidget(package_btn, 1, 1)
+        grid.addWidget(self.open_btn, 1, 2)
+        grid.addWidget(QLabel("backend"), 2, 0)
+        grid.addWidget(self.backend_combo, 2, 1, 1, 2)
+        grid.addWidget(self.cache_edit, 3, 0, 1, 2)
+        grid.addWidget(cache_btn, 3, 2)
+        grid.addWidget(self.info_label, 4, 0, 1, 3)
+        root.addWidget(box)
+
+        box = QGroupBox("Image")
+        form = QGridLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.currentTextChanged.connect(self._image_changed)
+        self.embed_btn = QPushButton("Embed")
+        self.embed_btn.clicked.connect(lambda: self.embed())
+        self.progress = QProgressBar()
+        self.progress.setFormat("%p%")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        form.addWidget(self.image_combo, 0, 0, 1, 2)
+        form.addWidget(self.embed_btn, 0, 2)
+        form.addWidget(self.progress, 1, 0, 1, 2)
+        form.addWidget(self.cancel_btn, 1, 2)
+        form.addWidget(self.status_label, 2, 0, 1, 3)
+        root.addWidget(box)
+
+        box = QGroupBox("Prompts (boxes, points)")
+        form = QGridLayout(box)
+        self.layers_btn = QPushButton("Prompt layers")
+        self.layers_btn.setToolTip("add a Shapes layer for boxes and a Points layer for points to the image")
+        self.layers_btn.clicked.connect(lambda: self.add_prompt_layers())
+        self.positive_radio, self.negative_radio = QRadioButton("positive"), QRadioButton("negative")
+        self.positive_radio.setChecked(True)
+        self.positive_radio.toggled.connect(self._sync_point_defaults)
+        self.object_spin = QSpinBox()
+        self.object_spin.setRange(1, 2**31 - 1)
+        self.object_spin.setToolTip("the object new points refine (a new box starts a new object)")
+        self.object_spin.valueChanged.connect(self._sync_point_defaults)
+        self.new_object_btn = QPushButton("New object")
+        self.new_object_btn.clicked.connect(lambda: self.new_object())
+        self.live_check = QCheckBox("segment as I draw")
+        self.live_check.setChecked(True)
+        self.prompt_btn = QPushButton("Segment prompts")
+        self.prompt_btn.clicked.connect(lambda: self.segment_prompts(force=True))
+        form.addWidget(self.layers_btn, 0, 0)
+        form.addWidget(self.positive_radio, 0, 1)
+        form.addWidget(self.negative_radio, 0, 2)
+        form.addWidget(QLabel("object"), 1, 0)
+        form.addWidget(self.object_spin, 1, 1)
+        form.addWidget(self.new_object_btn, 1, 2)
+        form.addWidget(self.live_check, 2, 0, 1, 2)
+        form.addWidget(self.prompt_btn, 2, 2)
+        root.addWidget(box)
+
+        box = QGroupBox("Segment everything")
+        form = QFormLayout(box)
+        d = core.AutoSettings()
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(SCOPES)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(["auto", "instance", "grid"])
+        self.method_combo.setToolTip(core.AutoSettings.model_fields["method"].description)
+        self.pps_spin = QSpinBox()
+        self.pps_spin.setRange(1, 256)
+        self.pps_spin.setValue(d.points_per_side)
+        self.iou_spin, self.stab_spin = QDoubleSpinBox(), QDoubleSpinBox()
+        for spin, value in ((self.iou_spin, d.pred_iou_thresh), (self.stab_spin, d.stability_thresh)):
+            spin.setRange(0.0, 1.0)
+            spin.setSingleStep(0.05)
+            spin.setDecimals(2)
+            spin.setValue(value)
+        self.area_spin = QSpinBox()
+        self.area_spin.setRange(0, 10**9)
+        self.area_spin.setValue(d.min_area)
+        for name, spin in (("points_per_side", self.pps_spin), ("pred_iou_thresh", self.iou_spin),
+                           ("stability_thresh", self.stab_spin), ("min_area", self.area_spin)):
+            spin.setToolTip(core.AutoSettings.model_fields[name].description)
+        self.auto_btn = QPushButton("Segment everything")
+        self.auto_btn.clicked.connect(lambda: self.segment_everything())
+        form.addRow("scope", self.scope_combo)
+        form.addRow("method", self.method_combo)
+        form.addRow("grid points per side", self.pps_spin)
+        form.addRow("grid min. predicted IoU", self.iou_spin)
+        form.addRow("grid min. stability", self.stab_spin)
+        form.addRow("min. area (px)", self.area_spin)
+        form.addRow(self.auto_btn)
+        root.addWidget(box)
+
+        box = QGroupBox("Save")
+        row = QHBoxLayout(box)
+        self.save_btn = QPushButton("Save annotations…")
+        self.save_btn.setToolTip("images/ + labels/ (finetune --data DIR), boxes/ + points/ "
+                                 "(predict --boxes DIR/boxes)")
+        self.save_btn.clicked.connect(lambda: self.save())
+        row.addWidget(self.save_btn)
+        root.addWidget(box)
+        root.addStretch(1)
+
+    # ---- state and messages ------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def report(self, exc: BaseException, what: str) -> None:
+        """One notification line for an error (a library error's own line; others: what failed and why)."""
+        if isinstance(exc, Cancelled):
+            show_info(f"{what} cancelled: nothing was changed")
+        elif isinstance(exc, PeftExportError):
+            show_error(str(exc))
+        else:
+            log.warning("%s failed", what, exc_info=exc)
+            show_error(f"{what} failed: {type(exc).__name__}: {first_line(exc)}")
+
+    def _update_state(self) -> None:
+        idle, ready = not self.busy, self.seg is not None
+        prompts = ready and bool(self.info and self.info.prompts)
+        for w in (self.open_btn, self.save_btn):
+            w.setEnabled(idle)
+        self.embed_btn.setEnabled(idle and ready)
+        self.auto_btn.setEnabled(idle and ready)
+        self.prompt_btn.setEnabled(idle and prompts)
+        self.cancel_btn.setEnabled(not idle)
+
+    @ensure_main_thread
+    def _show_progress(self, what: str, done: int, total: int) -> None:
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(min(done, max(total, 1)))
+        self.progress.setFormat(f"{what}: %v / %m")
+
+    def _show_plane_state(self, *_args) -> None:
+        try:
+            layer = self._image_layer()
+            plane = self._plane(layer)
+        except PeftExportError:
+            return
+        where = f" plane {plane[0]}" if plane else ""
+        state = "embedded" if self._embedded == self._key(layer, plane) else "not embedded"
+        if not self.busy:
+            self.status_label.setText(f"{layer.name}{where}: {state}")
+
+    # ---- pickers -----------------------------------------------------------------------------------------
+
+    def _start_dir(self, key: str) -> str:
+        last = Path(str(self._settings.value(key, "") or "")).expanduser()
+        if str(last) in ("", "."):
+            return str(Path.home())
+        return str(last if last.is_dir() and key == "save_folder" else last.parent)
+
+    def _pick_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Export folder", self._start_dir("model_path"))
+        if path:
+            self.open_model(path)
+
+    def _pick_package(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "bioimage.io package", self._start_dir("model_path"),
+                                              "bioimage.io packages (*.zip rdf.yaml bioimageio.yaml)")
+        if path:
+            self.open_model(path)
+
+    def _pick_cache(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Embedding cache folder", self._start_dir("cache"))
+        if path:
+            self.cache_edit.setText(path)
+
+    # ---- the model ---------------------------------------------------------------------------------------
+
+    @guarded("opening the model")
+    def open_model(self, path: str | Path | None = None) -> bool:
+        """Open an export folder or a bioimage.io package (the path field's when ``path`` is None)."""
+        if self.busy:
+            raise UsageError(f"busy ({self._job}): wait or cancel first")
+        path = self.path_edit.text() if path is None else str(path)
+        self.path_edit.setText(path)
+        cache = self.cache_edit.text().strip() or None
+        seg = core.open_segmenter(path, self.backend_combo.currentText(), cache)
+        info = core.model_info(seg, path)
+        self.seg, self.info = seg, info
+        self._embedded = None
+        self._decoded.clear()
+        self.info_label.setText(info.text())
+        self._settings.setValue("model_path", str(Path(path).expanduser()))
+        self._settings.setValue("cache", cache or "")
+        self._settings.sync()
+        self._update_state()
+        self._show_plane_state()
+        show_info(f"opened {info.model} ({info.precision}, {info.backend}) from {Path(path).name}")
+        return True
+
+    def _require_model(self):
+        if self.seg is None:
+            raise UsageError("open an export folder or a bioimage.io package first")
+        return self.seg
+
+    # ---- images, planes, layers --------------------------------------------------------------------------
+
+    def _refresh_images(self, *_args) -> None:
+        from napari.layers import Image
+
+        current = self.image_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        active = self.viewer.layers.selection.active
+        pick = current if current in names else (active.name if active is not None and active.name in names else "")
+        if pick:
+            self.image_combo.setCurrentText(pick)
+        self.image_combo.blockSignals(False)
+        if self.image_combo.currentText() != current:
+            self._image_changed(self.image_combo.currentText())
+
+    def _image_changed(self, _name: str) -> None:
+        try:
+            layer = self._image_layer()
+        except PeftExportError:
+            return
+        for role in ("boxes", "points"):
+            found = self._find(layer, role)
+            if found is not None:
+                self._hook(found, role)
+        self._show_plane_state()
+
+    def _image_layer(self):
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise UsageError("add an image layer first (File > Open, or File > Open Sample > peft-export)")
+        return self.viewer.layers[name]
+
+    @staticmethod
+    def _data(layer):
+        return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+    def _layout(self, layer) -> tuple[int, tuple[int, int]]:
+        return core.image_layout(tuple(self._data(layer).shape), bool(getattr(layer, "rgb", False)), layer.name)
+
+    def _plane(self, layer) -> tuple[int, ...]:
+        """() for a 2D image; (k,) for the plane of a stack the viewer shows."""
+        planes, _ = self._layout(layer)
+        if layer.ndim == 2:
+            return ()
+        k = int(np.round(layer.world_to_data(self.viewer.dims.point)[0]))
+        return (min(max(k, 0), planes - 1),)
+
+    def _pixels(self, layer, plane: tuple[int, ...]) -> np.ndarray:
+        data = self._data(layer)
+        return np.asarray(data[plane] if plane else data)
+
+    def _plane_name(self, layer, plane: tuple[int, ...]) -> str:
+        return layer.name if not plane else f"{layer.name}[z={plane[0]}]"
+
+    def _key(self, layer, plane: tuple[int, ...]) -> tuple:
+        return id(layer), plane, id(layer.data)
+
+    def _find(self, image, role: str):
+        name = f"{image.name} {role}"
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (a LayerList)
+
+    def _labels_layer(self, image, *, create: bool):
+        planes, hw = self._layout(image)
+        shape = hw if image.ndim == 2 else (planes, *hw)
+        layer = self._find(image, "objects")
+        if layer is not None:
+            if tuple(layer.data.shape) != tuple(shape):
+                raise UsageError(f"labels layer {layer.name!r} is {tuple(layer.data.shape)} but image {image.name!r} "
+                                 f"is {tuple(shape)}: rename or delete it")
+            return layer
+        if not create:
+            return None
+        return self.viewer.add_labels(np.zeros(shape, np.int32), name=f"{image.name} objects", scale=image.scale,
+                                      translate=image.translate, opacity=0.5)
+
+    @guarded("adding prompt layers")
+    def add_prompt_layers(self):
+        """The image's Shapes (boxes) and Points layers (made once), the Shapes layer ready for drawing boxes."""
+        from napari.utils.colormaps.categorical_colormap import CategoricalColormap
+
+        image = self._image_layer()
+        _, hw = self._layout(image)
+        nd = image.ndim
+        self._labels_layer(image, create=True)
+        shapes = self._find(image, "boxes")
+        if shapes is None:
+            shapes = self.viewer.add_shapes(
+                ndim=nd, name=f"{image.name} boxes", scale=image.scale, translate=image.translate,
+                features={"object": np.zeros(0, np.int64)}, edge_color=BOX_COLOR, face_color="transparent",
+                edge_width=max(1.0, max(hw) / 256))
+            shapes.feature_defaults["object"] = 0
+        points = self._find(image, "points")
+        if points is None:
+            points = self.viewer.add_points(
+                np.zeros((0, nd)), ndim=nd, name=f"{image.name} points", scale=image.scale,
+                translate=image.translate, features={"positive": np.zeros(0, bool), "object": np.zeros(0, np.int64)},
+                face_color="positive", border_color="white", size=max(4.0, max(hw) / 48),
+                face_color_cycle=CategoricalColormap(colormap={True: POSITIVE, False: NEGATIVE}))
+        self._hook(shapes, "boxes")
+        self._hook(points, "points")
+        self._sync_point_defaults()
+        self.viewer.layers.selection.active = shapes
+        shapes.mode = "add_rectangle"
+        return shapes, points
+
+    def _hook(self, layer, role: str) -> None:
+        if id(layer) in self._hooked:
+            return
+        self._hooked.add(id(layer))
+        layer.events.data.connect(functools.partial(self._on_prompt_data, role))
+        if role == "points":
+            layer.bind_key("n", lambda _layer: self.new_object(), overwrite=True)
+            self._sync_point_defaults()
+
+    # ---- prompts -----------------------------------------------------------------------------------------
+
+    def _object_ids(self, layer) -> np.ndarray:
+        if "object" not in layer.features:  # a layer the widget did not make
+            layer.features = layer.features.assign(object=np.zeros(len(layer.data), np.int64))
+        return np.array(layer.features["object"], np.int64)
+
+    def next_object_id(self) -> int:
+        """An id no object of the current image has (labels, boxes, points)."""
+        image = self._image_layer()
+        top = 0
+        labels = self._labels_layer(image, create=False)
+        if labels is not None:
+            top = int(np.max(labels.data, initial=0))
+        for role in ("boxes", "points"):
+            layer = self._find(image, role)
+            if layer is not None and len(layer.data):
+                top = max(top, int(self._object_ids(layer).max(initial=0)))
+        return top + 1
+
+    @guarded("starting a new object")
+    def new_object(self) -> int:
+        oid = self.next_object_id()
+        self.object_spin.setValue(oid)
+        return oid
+
+    def _sync_point_defaults(self, *_args) -> None:
+        try:
+            layer = self._find(self._image_layer(), "points")
+        except PeftExportError:
+            return
+        if layer is not None and "positive" in layer.feature_defaults:
+            layer.feature_defaults["positive"] = self.positive_radio.isChecked()
+            layer.feature_defaults["object"] = self.object_spin.value()
+
+    def _on_prompt_data(self, role: str, event) -> None:
+        if str(getattr(event, "action", "")) in ("adding", "removing", "changing"):
+            return
+        layer = event.source
+        try:
+            ids = self._object_ids(layer)
+            fresh = np.flatnonzero(ids <= 0)
+            if len(fresh):  # new boxes start new objects; stray points join the current one
+                if role == "boxes":
+                    first = self.next_object_id()
+                    ids[fresh] = first + np.arange(len(fresh))
+                    self.object_spin.setValue(int(ids[fresh[-1]]))
+                else:
+                    ids[fresh] = self.object_spin.value()
+                layer.features["object"] = ids
+        except Exception as exc:
+            self.report(exc, "reading the prompts")
+            return
+        if self.live_check.isChecked():
+            QTimer.singleShot(0, self.segment_prompts)  # after napari finished its own handling of the edit
+
+    def _prompts(self, image, plane: tuple[int, ...]) -> dict[int, core.ObjectPrompt]:
+        boxes, points = {}, {}
+        shapes = self._find(image, "boxes")
+        if shapes is not None and len(shapes.data):
+            core.check_prompt_layer(shapes.name, shapes.ndim, image.name, image.ndim)
+            boxes = core.boxes_on_plane(shapes.data, self._object_ids(shapes), plane)
+        pts = self._find(image, "points")
+        if pts is not None and len(pts.data):
+            core.check_prompt_layer(pts.name, pts.ndim, image.name, image.ndim)
+            positive = pts.features["positive"] if "positive" in pts.features else np.ones(len(pts.data), bool)
+            points = core.points_on_plane(pts.data, positive, self._object_ids(pts), plane)
+        return core.collect_prompts(boxes, points)
+
+    @guarded("segmenting the prompts")
+    def segment_prompts(self, force: bool = False) -> int | None:
+        """Decode the current plane's objects whose prompts changed (``force``: all) into the labels layer;
+        objects whose prompts were deleted are removed. Returns how many objects were decoded."""
+        if self.busy:
+            self._pending_prompts = True
+            return 0
+        seg = self._require_model()
+        image = self._image_layer()
+        plane = self._plane(image)
+        prompts = self._prompts(image, plane)
+        mine = {k[2]: sig for k, sig in self._decoded.items() if k[:2] == (image.name, plane)}
+        todo = [oid for oid, p in prompts.items() if p.decodable and (force or mine.get(oid) != p.signature())]
+        gone = [oid for oid in mine if oid not in prompts or not prompts[oid].decodable]
+        if not todo and not gone:
+            return 0
+        if todo and not self.info.prompts:
+            raise UsageError(f"{self.info.source} is an instance package: it has no prompt decoder (use Segment "
+                             "everything, or package an export without an instance decoder)")
+        if todo and self._embedded != self._key(image, plane):
+            self.embed(then=functools.partial(self.segment_prompts, force))
+            return 0
+        masks = {oid: core.decode_object(seg, prompts[oid])[0] for oid in todo}  # all decoded before any paint
+        labels = self._labels_layer(image, create=True)
+        target = labels.data[plane] if plane else labels.data
+        for oid in gone:
+            core.paint_object(target, oid, None)
+            self._decoded.pop((image.name, plane, oid), None)
+        for oid, mask in masks.items():
+            core.paint_object(target, oid, mask)
+            self._decoded[(image.name, plane, oid)] = prompts[oid].signature()
+        labels.refresh()
+        return len(todo)
+
+    # ---- long work in a thread ---------------------------------------------------------------------------
+
+    def _start(self, what: str, job, on_done, *, invalidates: bool):
+        """Run ``job(progress)`` in a napari thread worker; ``on_done(result)`` back in the main thread."""
+        if self.busy:
+            raise UsageError(f"busy ({self._job}): wait or cancel first")
+        if invalidates:  # the segmenter's image changes: no embedding is known to be current until it succeeded
+            self._embedded = None
+        self._cancel.clear()
+        progress = _Progress(self, self._cancel)
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                return "ok", job(progress), time.perf_counter() - t0
+            except Exception as exc:
+                return "error", exc, time.perf_counter() - t0
+
+        worker = create_worker(run, _start_thread=False)
+        progress.worker = worker
+        worker.returned.connect(functools.partial(self._finish, what, on_done))
+        self._worker, self._job = worker, what
+        self.status_label.setText(f"{what}…")
+        self._update_state()
+        worker.start()
+        return worker
+
+    def _finish(self, what: str, on_done, outcome) -> None:
+        status, value, seconds = outcome
+        self._worker, self._job = None, ""
+        self._update_state()
+        if status == "ok":
+            try:
+                self.status_label.setText(f"{what}: done in {seconds:.1f} s")
+                on_done(value)
+            except Exception as exc:
+                self.report(exc, what)
+        else:
+            self.progress.setValue(0)
+            self.status_label.setText(f"{what}: {'cancelled' if isinstance(value, Cancelled) else 'failed'}")
+            self.report(value, what)
+        if self._pending_prompts and status == "ok":
+            self._pending_prompts = False
+            self.segment_prompts()
+
+    def cancel(self) -> None:
+        """Stop the running work at its next step (tile, grid batch or plane); nothing it made is kept."""
+        if self.busy:
+            self._cancel.set()
+            self._pending_prompts = False
+            self.status_label.setText(f"{self._job}: cancelling…")
+
+    def _tiles(self, seg, hw: tuple[int, int]) -> int:
+        from peft_export.runtime.embedding import plan_image
+
+        return len(plan_image(hw, seg.img_size, seg.tiling_for()).grid)
+
+    @guarded("embedding")
+    def embed(self, then=None):
+        """Embed the current image (the plane shown, for a stack) in a worker; ``then()`` after it succeeded."""
+        seg = self._require_model()
+        image = self._image_layer()
+        _, hw = self._layout(image)
+        plane = self._plane(image)
+        pixels, name, key = self._pixels(image, plane), self._plane_name(image, plane), self._key(image, plane)
+        tiles = self._tiles(seg, hw)
+
+        def job(progress):
+            progress.phase("embedding tiles", tiles)
+            seg.set_image(pixels, name=name, progress=progress)
+            return bool(seg.cache_hit)
+
+        def done(hit):
+            self._embedded = key
+            if then is not None:
+                then()
+            self.status_label.setText(f"{name}: embedded, {tiles} tile{'s' * (tiles > 1)}"
+                                      f"{' (from the cache)' if hit else ''}")
+
+        return self._start("embedding", job, done, invalidates=True)
+
+    def auto_settings(self) -> core.AutoSettings:
+        from pydantic import ValidationError
+
+        try:
+            return core.AutoSettings(method=self.method_combo.currentText(), points_per_side=self.pps_spin.value(),
+                                     pred_iou_thresh=self.iou_spin.value(), stability_thresh=self.stab_spin.value(),
+                                     min_area=self.area_spin.value())
+        except ValidationError as exc:
+            raise UsageError(f"segment everything: {first_line(exc)}") from None
+
+    @guarded("segment everything")
+    def segment_everything(self, scope: str | None = None):
+        """``predict --auto`` on the current plane (``scope="plane"``) or every plane (``"stack"``) in a worker;
+        the labels layer gets the result only when it finished (the plane's or stack's labels are replaced)."""
+        seg = self._require_model()
+        image = self._image_layer()
+        planes, hw = self._layout(image)
+        scope = scope or ("stack" if self.scope_combo.currentText() == SCOPES[1] else "plane")
+        if scope not in ("plane", "stack"):
+            raise UsageError(f"scope must be plane or stack, got {scope!r}")
+        req = self.auto_settings().request(seg)
+        if scope == "stack" and image.ndim == 3:
+            data, names = self._data(image), [self._plane_name(image, (k,)) for k in range(planes)]
+
+            def job(progress):
+                progress.phase("segmenting planes", planes)
+                return core.segment_planes(seg, (np.asarray(data[k]) for k in range(planes)), req, names,
+                                           on_plane=lambda _k: progress(1), progress=progress.check)
+
+            def done(result):
+                self._embedded = self._key(image, (planes - 1,))  # segment_image left the last plane set
+                self._put_auto(image, [(k,) for k in range(planes)], result)
+
+            return self._start("segment everything", job, done, invalidates=True)
+        plane = self._plane(image)
+        key = self._key(image, plane)
+        ready = self._embedded == key
+        pixels, name, tiles = self._pixels(image, plane), self._plane_name(image, plane), self._tiles(seg, hw)
+
+        def job(progress):
+            if not ready:
+                progress.phase("embedding tiles", tiles)
+                seg.set_image(pixels, name=name, progress=progress)
+            progress.phase("segmenting", core.auto_total(seg, req))
+            return core.segment_plane(seg, req, progress)
+
+        def done(result):
+            self._embedded = key
+            self._put_auto(image, [plane], [result])
+
+        return self._start("segment everything", job, done, invalidates=not ready)
+
+    def _put_auto(self, image, planes: list[tuple[int, ...]], results: list[np.ndarray]) -> None:
+        """Automatic labels into the labels layer (ids above every prompted object's), then prompted objects of
+        the current plane decoded on top again."""
+        labels = self._labels_layer(image, create=True)
+        offset = 0
+        for role in ("boxes", "points"):
+            layer = self._find(image, role)
+            if layer is not None and len(layer.data):
+                offset = max(offset, int(self._object_ids(layer).max(initial=0)))
+        for plane, result in zip(planes, results):
+            if plane:
+                labels.data[plane] = core.offset_labels(result, offset)
+            else:
+                labels.data[...] = core.offset_labels(result, offset)
+            for k in [k for k in self._decoded if k[:2] == (image.name, plane)]:
+                del self._decoded[k]
+        labels.refresh()
+        n = sum(len(np.unique(r[r > 0])) for r in results)
+        show_info(f"segment everything ({self._method_name()}): {n} objects")
+        if offset:
+            self.segment_prompts()
+
+    def _method_name(self) -> str:
+        from peft_export.runtime.instances import resolve_method
+
+        method = resolve_method(self.seg.backend, self.method_combo.currentText())
+        return "instance decoder" if method == "instance" else "point grid"
+
+    # ---- saving ------------------------------------------------------------------------------------------
+
+    @guarded("saving")
+    def save(self, folder: str | Path | None = None, scope: str | None = None,
+             overwrite: bool | None = None) -> list[Path] | None:
+        """Save the current plane (``scope="plane"``) or every annotated plane (``"stack"``): ``images/``,
+        ``labels/`` (``finetune --data FOLDER``), ``boxes/`` and ``points/`` (``predict --boxes FOLDER/boxes``).
+        Without ``folder`` a folder dialog asks; existing files are overwritten only after a question (or
+        ``overwrite=True``)."""
+        if self.busy:
+            raise UsageError(f"busy ({self._job}): wait or cancel first")
+        image = self._image_layer()
+        planes, _ = self._layout(image)
+        labels = self._labels_layer(image, create=False)
+        if labels is None:
+            raise UsageError(f"nothing to save for {image.name!r}: segment or prompt first")
+        scope = scope or ("stack" if self.scope_combo.currentText() == SCOPES[1] else "plane")
+        chosen = [(k,) for k in range(planes)] if scope == "stack" and image.ndim == 3 else [self._plane(image)]
+        stem = core.safe_name(image.name)
+        annotations = []
+        for plane in chosen:
+            lab = np.asarray(labels.data[plane] if plane else labels.data)
+            prompts = self._prompts(image, plane)
+            if len(chosen) > 1 and not lab.any() and not prompts:
+                continue
+            name = stem if not plane else f"{stem}_z{plane[0]:03d}"
+            annotations.append(core.Annotation(name, self._pixels(image, plane), lab.copy(), prompts))
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Save annotations to", self._start_dir("save_folder"))
+            if not folder:
+                return None
+        if overwrite is None:
+            existing = [p for a in annotations for p in core.annotation_paths(folder, a.name).values() if p.exists()]
+            overwrite = False
+            if existing:
+                answer = QMessageBox.question(self, "Overwrite?", f"{len(existing)} file(s) exist in {folder} "
+                                              f"(first: {existing[0].name}). Overwrite them?")
+                if answer != QMessageBox.StandardButton.Yes:
+                    return None
+                overwrite = True
+        written = core.save_annotations(folder, annotations, overwrite=overwrite)
+        self._settings.setValue("save_folder", str(folder))
+        self._settings.sync()
+        show_info(f"saved {len(annotations)} image(s) to {folder}: images/ + labels/ (finetune --data {folder}), "
+                  f"boxes/ + points/ (predict … --boxes {Path(folder) / 'boxes'})")
+        return written
