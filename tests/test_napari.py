@@ -94,10 +94,9 @@ def settle(qtbot, w, timeout: int = SETTLE_MS) -> None:
 
 
 def make_widget(viewer):
-    from peft_export.napari.widget import SegmenterWidget
-
-    w = SegmenterWidget(viewer)
-    viewer.window.add_dock_widget(w, name="peft-export")
+    """The widget as napari makes it from the plugin's manifest (it then sees napari's proxies of the viewer and
+    its layers, a new proxy object per access)."""
+    _dock, w = viewer.window.add_plugin_dock_widget("peft-export", "SAM export segmenter")
     return w
 
 
@@ -169,8 +168,11 @@ def test_open_export_shows_the_model_and_is_remembered(viewer, tiny_export, note
     for part in ("model: vit_tiny", "backend: onnxruntime (CPU)", "precision: fp32", "instance decoder: no"):
         assert part in text, text
     assert not errors(notes)
-    again = make_widget(viewer)  # a new widget (a new napari session) starts from the last model
-    assert again.path_edit.text() == str(tiny_export.out_dir)
+    from peft_export.napari.widget import SegmenterWidget
+
+    again = SegmenterWidget(viewer)  # a new widget (a new napari session) starts from the last model
+    assert again is not w and again.path_edit.text() == str(tiny_export.out_dir)
+    again.deleteLater()
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +373,11 @@ def test_cancelled_embedding_leaves_no_cache_entry(viewer, qtbot, tiny_export, t
     w.embed()
     settle(qtbot, w)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    fresh = make_widget(viewer)  # remembers the cache folder too; the second embedding is a cache hit
-    assert fresh.cache_edit.text() == str(tmp_path / "cache")
+    from peft_export.napari.widget import SegmenterWidget
+
+    fresh = SegmenterWidget(viewer)  # remembers the cache folder too; the second embedding is a cache hit
+    viewer.window.add_dock_widget(fresh, name="second")
+    assert fresh is not w and fresh.cache_edit.text() == str(tmp_path / "cache")
     assert fresh.open_model(tiny_export.out_dir)
     fresh.embed()
     settle(qtbot, fresh)

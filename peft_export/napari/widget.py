@@ -107,13 +107,13 @@ class SegmenterWidget(QWidget):
         self.viewer = napari_viewer
         self.seg = None
         self.info: core.ModelInfo | None = None
-        self._embedded: tuple | None = None  # (layer id, plane, data id) whose embedding the segmenter holds
+        self._embedded: tuple | None = None  # (layer unique_id, plane, data id) whose embedding the segmenter has
         self._decoded: dict[tuple, tuple] = {}  # (image name, plane, object id) -> the prompt painted for it
         self._worker = None
         self._job = ""
         self._cancel = threading.Event()
         self._pending_prompts = False
-        self._hooked: set[int] = set()
+        self._hooked: set = set()  # unique_id of the prompt layers whose edits the widget follows
         self._settings = user_settings()
         self._build()
         self._refresh_images()
@@ -402,7 +402,9 @@ class SegmenterWidget(QWidget):
         return layer.name if not plane else f"{layer.name}[z={plane[0]}]"
 
     def _key(self, layer, plane: tuple[int, ...]) -> tuple:
-        return id(layer), plane, id(layer.data)
+        """Which pixels an embedding is of. (napari hands plugins proxies of its objects, a new one per access:
+        layers are told apart by their ``unique_id``, not by ``id()``.)"""
+        return layer.unique_id, plane, id(layer.data)
 
     def _find(self, image, role: str):
         name = f"{image.name} {role}"
@@ -453,9 +455,9 @@ class SegmenterWidget(QWidget):
         return shapes, points
 
     def _hook(self, layer, role: str) -> None:
-        if id(layer) in self._hooked:
+        if layer.unique_id in self._hooked:
             return
-        self._hooked.add(id(layer))
+        self._hooked.add(layer.unique_id)
         layer.events.data.connect(functools.partial(self._on_prompt_data, role))
         if role == "points":
             layer.bind_key("n", lambda _layer: self.new_object(), overwrite=True)
