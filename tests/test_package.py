@@ -57,8 +57,10 @@ def test_wheel_installs_only_our_packages_and_runs(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         tops = {n.split("/")[0] for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
         entry = zf.read(next(n for n in zf.namelist() if n.endswith("entry_points.txt"))).decode()
+        has_napari_manifest = "peft_export/napari/napari.yaml" in zf.namelist()
     assert tops == {"peft_export", "peft_export_cli"}, tops
     assert "peft-export = peft_export_cli.app:run" in entry
+    assert has_napari_manifest and "peft-export = peft_export.napari:napari.yaml" in entry  # the napari plugin
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600)
@@ -117,7 +119,8 @@ _DIST_OF = {"yaml": "pyyaml", "PIL": "pillow", "onnx_ir": "onnx-ir", "skimage": 
             "segment_anything": "segment-anything", "cuda": "cuda-python", "onnxslim": "onnxslim",
             "onnxruntime": "onnxruntime-gpu", "bioimageio": "bioimageio.core", "torch_em": "torch-em"}
 # optional integrations imported lazily behind a clear "install X" message (extras, or absent on purpose)
-_OPTIONAL = {"tensorrt", "cuda", "onnxslim", "bioimageio", "polygraphy", "micro_sam", "torch_em", "tomllib"}
+_OPTIONAL = {"tensorrt", "cuda", "onnxslim", "bioimageio", "polygraphy", "micro_sam", "torch_em", "tomllib",
+             "napari", "qtpy", "superqt"}
 
 
 def _third_party_imports(root: Path) -> dict[str, str]:
