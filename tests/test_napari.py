@@ -320,6 +320,20 @@ def test_segment_everything_equals_predict_auto(viewer, qtbot, tiny_export, inst
     assert want.max() >= 2 and np.array_equal(got, want)
     assert ("info", f"segment everything (point grid): {want.max()} objects") in notes
 
+    # with a prompted object: automatic ids start above it, and the object is decoded again on top
+    shapes, _ = w.add_prompt_layers()
+    box = (10.0, 20.0, 60.0, 70.0)
+    shapes.add_rectangles(rectangle(*box))
+    settle(qtbot, w)
+    (oid,) = shapes.features["object"]
+    assert oid == want.max() + 1
+    w.segment_everything("plane")
+    settle(qtbot, w)
+    mask = reference(tiny_export.out_dir, image, boxes=[box])
+    expected = np.where(mask, oid, np.where(want > 0, want + oid, 0))
+    assert mask.any() and np.array_equal(viewer.layers["img objects"].data, expected)
+    viewer.layers.remove("img boxes")  # no prompts: the instance run below is compared with the CLI's ids as they are
+
     assert w.open_model(inst_export) and "instance decoder: yes" in w.info_label.text()
     w.segment_everything("plane")
     settle(qtbot, w)
