@@ -34,10 +34,10 @@ from peft_export.export import (
     precision,
     prepare_for_export,
 )
-from peft_export.export.exporter import ExportParityError, Prepared
+from peft_export.export.exporter import ExportParityError, PreparedModel
 from peft_export.imaging import SAM_PIXEL_MEAN, SAM_PIXEL_STD, normalize_and_pad, preprocess, resized_shape
+from peft_export.loading import load_model
 from peft_export.manifest import read_manifest
-from peft_export.models.loading import load_model
 from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.models.registry import get_spec
 from peft_export.peft import METHODS, merge_peft
@@ -340,7 +340,7 @@ def test_a_modified_export_file_is_detected(tiny_export, tmp_path):
 # ---- the parity gate catches broken exports; failures leave nothing behind ---------------------------
 
 @pytest.fixture(scope="module")
-def tiny_prepared(tiny_export) -> Prepared:
+def tiny_prepared(tiny_export) -> PreparedModel:
     return prepare_for_export(load_model(str(tiny_export.checkpoint)))
 
 
@@ -559,12 +559,12 @@ def test_lite_medsam_lora_merge_and_export_matches_the_unmerged_model(lite_expor
 
 
 @pytest.fixture(scope="module")
-def lite_prepared(lite_export_fp32) -> Prepared:
+def lite_prepared(lite_export_fp32) -> PreparedModel:
     """The merged LiteMedSAM (its merge was verified by the fixture's merge-and-export)."""
     loaded = load_model(str(lite_export_fp32.checkpoint))
     source = {"checkpoint": str(lite_export_fp32.checkpoint), "kind": "peft-export",
               "peft": lite_export_fp32.peft, "merged": True}
-    return Prepared(merge_peft(copy.deepcopy(loaded.model)).eval(), loaded.spec, source)
+    return PreparedModel(merge_peft(copy.deepcopy(loaded.model)).eval(), loaded.spec, source)
 
 
 def test_lite_medsam_fp16_is_gated_on_mask_iou(lite_prepared, lite_export_fp32, lite_case, lite_reference, tmp_path):

@@ -180,7 +180,7 @@ def tiny_prepared():
     import torch
 
     from peft_export.export import prepare_for_export
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     torch.manual_seed(0)
     return prepare_for_export(load_model("vit_tiny", require_weights=False))

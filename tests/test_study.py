@@ -176,7 +176,7 @@ def test_study_results_schema_and_ratios(study):
 def test_study_quality_is_the_final_model_on_the_validation_split(study, disks):
     """The figures reported are `evaluate`'s on the validation images, for the model after the last step."""
     from peft_export.data.dataset import load_samples
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
     from peft_export.models.registry import get_spec
     from peft_export.models.torch_backend import TorchBackend
     from peft_export.runtime.evaluate import evaluate

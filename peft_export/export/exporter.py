@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ from typing import Any
 import onnx
 
 from peft_export.errors import UsageError, VerificationError
-from peft_export.export import DEFAULT_OPSET, MIN_OPSET, graphs, instance, onnx_export, precision
-from peft_export.export.parity import ParityReport, Thresholds, run_parity
-from peft_export.export.quantize import Int8Options
+from peft_export.export import graphs, instance, onnx_export, precision
+from peft_export.export.options import ExportOptions
+from peft_export.export.parity import ParityReport, run_parity
 from peft_export.manifest import Manifest, file_entry, write_manifest
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
@@ -34,36 +34,7 @@ ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres":
 
 
 @dataclass
-class ExportOptions:
-    precision: str = "fp32"
-    opset: int = DEFAULT_OPSET
-    bake_preprocessing: bool = False
-    single_mask: bool = False  # decoder.onnx returns one mask per prompt (Meta's return_single_mask)
-    simplify: bool = False
-    verify: bool = True
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    int8: Int8Options = field(default_factory=Int8Options)
-    force: bool = False
-
-    def validate(self) -> None:
-        if self.precision not in precision.PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(precision.PRECISIONS)}")
-        if self.opset < MIN_OPSET:
-            raise UsageError(f"--opset {self.opset} is too old: the exporter (dynamo=True) needs >= "
-                             f"{MIN_OPSET}")
-        if self.opset > 23:
-            raise UsageError(f"--opset {self.opset} is newer than this onnx/onnxruntime supports (max 23)")
-        t = self.thresholds
-        if t.atol < 0 or t.rtol < 0:
-            raise UsageError("--atol and --rtol must be >= 0")
-        for name, v in (("--fp16-iou", t.fp16_iou), ("--int8-iou", t.int8_iou)):
-            if not 0 <= v <= 1:
-                raise UsageError(f"{name} must be between 0 and 1")
-        self.int8.validate()
-
-
-@dataclass
-class Prepared:
+class PreparedModel:
     """A model ready to export (PEFT merged where possible) and where it came from."""
 
     model: Any  # segment_anything Sam, eval, fp32
@@ -87,7 +58,7 @@ class ExportResult:
                 "seconds": self.seconds}
 
 
-def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> Prepared:
+def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> PreparedModel:
     """Merge a loaded model's PEFT adapters (verified); AdaptFormer keeps its adapter modules."""
     from peft_export.peft import is_mergeable, peft_state
     from peft_export.peft.merge import merge_and_verify
@@ -111,7 +82,7 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
         source["note"] = f"{state.config.method} is not mergeable: exported with its adapter modules"
     decoder = getattr(loaded, "instance_decoder", None)
     source["instance_decoder"] = decoder is not None
-    return Prepared(model.eval(), loaded.spec, source, report, decoder.eval() if decoder is not None else None)
+    return PreparedModel(model.eval(), loaded.spec, source, report, decoder.eval() if decoder is not None else None)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -175,7 +146,7 @@ class _Built:
     fp32_encoder: onnx.ModelProto | None = None  # what int8 quantized
 
 
-def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
+def _build(prepared: PreparedModel, options: ExportOptions, say, timed) -> _Built:
     """Trace, optimise, convert (fp16 / int8), add baked preprocessing and Meta's decoder, simplify."""
     sam, spec = prepared.model.eval(), prepared.spec
     sets = _calibration(prepared, options, say) if options.precision == "int8" else None  # bad data fails first
@@ -212,7 +183,7 @@ def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
     return built
 
 
-def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions, say) -> ParityReport:
+def _verify(prepared: PreparedModel, built: _Built, tmp: Path, options: ExportOptions, say) -> ParityReport:
     """The parity gate on the written graphs; raises ExportParityError (nothing is written) when it fails."""
     source_encoder = None
     if built.int8 is not None:  # the fp32 graph that was quantized: checked against PyTorch, then removed
@@ -239,7 +210,7 @@ def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions
     return report
 
 
-def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
+def _manifest(prepared: PreparedModel, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
               seconds: dict) -> Manifest:
     from peft_export.models.checkpoint import versions
 
@@ -273,14 +244,13 @@ def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]],
     )
 
 
-def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
+def export_model(prepared: PreparedModel, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
                  progress: Callable[..., None] | None = None) -> ExportResult:
     """Trace, convert, compose, save, verify and write the manifest; see the module docstring.
 
     ``progress(message, advance=True)`` is called for each of :func:`export_steps` steps (and with
     ``advance=False`` for details within a step)."""
     options = options or ExportOptions()
-    options.validate()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, options.force)
     say = progress or (lambda msg, advance=True: None)
@@ -308,7 +278,7 @@ def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: Export
     return ExportResult(out_dir, manifest, report, seconds)
 
 
-def _calibration(prepared: Prepared, options: ExportOptions, say):
+def _calibration(prepared: PreparedModel, options: ExportOptions, say):
     """int8's calibration and gate images: the checkpoint's training data, else --calibration."""
     from peft_export.export.calibration import calibration_sets
 
@@ -320,7 +290,7 @@ def _calibration(prepared: Prepared, options: ExportOptions, say):
     return sets
 
 
-def _quantize(prepared: Prepared, sets, enc_m, dec_m, options: ExportOptions, say):
+def _quantize(prepared: PreparedModel, sets, enc_m, dec_m, options: ExportOptions, say):
     """The int8 encoder: the accuracy-aware search of :mod:`peft_export.export.quantize`, gated at --int8-iou."""
     from peft_export.export.quantize import quantize_encoder
 

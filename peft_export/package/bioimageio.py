@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import numpy as np
 from peft_export.errors import MissingDependencyError, UsageError, VerificationError
 from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
+from peft_export.package.options import PackageOptions
 from peft_export.package.readme import render_readme
 from peft_export.runtime.package import MANIFEST_ATTACHMENT
 
@@ -45,19 +46,6 @@ INSTALL = "pip install 'peft-export[bioimageio]'"
 ATOL = RTOL = 1e-4  # the package's graph vs the export's separate graphs (fp32 arithmetic, same operations)
 WARNING_SEVERITY = 30  # bioimageio.spec: 20 info, 30 warning, 35 alert
 STORED_SUFFIXES = (".onnx", ".data")  # float weights barely compress: stored, so tools read them without inflating
-
-
-@dataclass
-class PackageOptions:
-    authors: list[str] = field(default_factory=list)
-    github_user: str | None = None  # the first author's GitHub name (the zoo's maintainer contact)
-    name: str | None = None
-    license: str | None = None  # SPDX id; default: the base weights' licence
-    tags: tuple[str, ...] = ()
-    test_image: str | None = None  # an image file; None: the DSB2018 validation tile (sample:dsb2018)
-    allow_unverified: bool = False
-    validate: bool = True  # run bioimageio.core's test of the package before writing it
-    force: bool = False
 
 
 @dataclass
@@ -220,7 +208,7 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         tmp_zip = tmp / output.name
         files = zip_folder(stage, tmp_zip)
         validation = None
-        if options.validate:
+        if options.validate_package:
             say("bioimageio.core: testing the package")
             t0 = time.perf_counter()
             validation = validate_package(tmp_zip)

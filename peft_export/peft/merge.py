@@ -50,7 +50,7 @@ def sample_input(spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]
     return prepared.tensor, name, prepared.resized_hw
 
 
-def sample_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def merge_check_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Three boxes and two single points (with padding) spread over the image, in model-input pixels."""
     from peft_export.prompts import pad_points
     from peft_export.prompts import sample_prompts as spread
@@ -66,7 +66,7 @@ def compare_models(a: Sam, b: Sam, spec: PreprocessSpec) -> dict:
     x, name, resized = sample_input(spec)
     xt = torch.from_numpy(x)
     ea, eb = a.image_encoder(xt), b.image_encoder(xt)
-    coords, labels = (torch.from_numpy(v) for v in sample_prompts(resized))
+    coords, labels = (torch.from_numpy(v) for v in merge_check_prompts(resized))
     h, w = a.prompt_encoder.image_embedding_size
     mask_in = torch.zeros(len(coords), 1, 4 * h, 4 * w)
     has = torch.zeros(len(coords))
@@ -127,7 +127,7 @@ def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: Merge
 
 def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: float = DEFAULT_ATOL,
                   rtol: float = DEFAULT_RTOL) -> tuple[dict, MergeReport | None]:
-    """Merge a loaded training checkpoint (:func:`peft_export.models.loading.load_for_merge`) into ``output``:
+    """Merge a loaded training checkpoint (:func:`peft_export.loading.load_for_merge`) into ``output``:
     verified plain SAM weights + sidecar, and ``<stem>.decoder.pt`` (``{"decoder_state": ...}``, micro-sam's key)
     when the checkpoint holds an instance decoder. A method that cannot be folded (AdaptFormer) is written as a
     peft-export checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""

@@ -20,8 +20,8 @@ import numpy as np
 
 from peft_export.data.io import ImageSource, atomic_write, open_image, write_label_stack, write_labels
 from peft_export.errors import DataError, PeftExportError, UsageError, first_line
-from peft_export.runtime.auto import AutoConfig
 from peft_export.runtime.sources import InputItem, Inputs, output_path, summary_path
+from peft_export.runtime.strategies import AutoOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,10 @@ PROMPT_SUFFIXES = (".json", ".csv")
 class PredictRequest:
     mode: str  # boxes | points | auto
     prompts: Path | None = None  # one prompt file for every image/plane, or a folder of <name>.json|.csv
-    auto: AutoConfig = field(default_factory=AutoConfig)
+    auto: AutoOptions = field(default_factory=AutoOptions)  # automatic mode: strategy and its settings
     overlay: Path | None = None  # a .png for one image, a folder for many
     skip_existing: bool = False
     force: bool = False
-    # automatic mode: "instance" (the export's instance decoder, runtime/instances.py), "grid" (point grid), or
-    # "auto" (instance when the export has one); ``instance``: the watershed's InstanceConfig (None: defaults)
-    method: str = "auto"
-    instance: object = None
 
 
 @dataclass
@@ -88,16 +84,13 @@ def read_prompts(req: PredictRequest, item: InputItem):
 def segment_image(seg, image: np.ndarray, req: PredictRequest, prompts, name: str, progress=None
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """One 2D image -> (instance labels, per-prompt scores or None)."""
-    seg.set_image(image, name=name, lazy=True)
+    auto = req.mode == "auto"  # progress: the strategy's steps, else the tiles as they are embedded
+    seg.set_image(image, name=name, lazy=True, progress=None if auto else progress)
     if req.mode == "boxes":
         return seg.predict_labels(boxes=prompts)
     if req.mode == "points":
         return seg.predict_point_prompts(prompts)
-    from peft_export.runtime.instances import resolve_method  # automatic: instance decoder or point grid
-
-    if resolve_method(seg.backend, req.method) == "instance":
-        return seg.segment_instances(req.instance, progress=progress), None
-    return seg.segment_everything(config=req.auto, progress=progress), None
+    return seg.segment(req.auto, progress=progress), None
 
 
 def _objects(labels: np.ndarray) -> int:
@@ -115,7 +108,7 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
     src = open_image(item.path)
     prompts = read_prompts(req, item)
     labels_path = output_path(item, out, single)
-    summary = {"input": str(item.path), "output": str(labels_path), "mode": req.mode, "backend": seg.backend.name}
+    summary = {"input": str(item.path), "output": str(labels_path), "mode": req.mode, "backend": seg.info.name}
     if not src.is_stack:
         image = next(src.read())
         labels, scores = segment_image(seg, image, req, prompts, item.path.name, progress)
@@ -187,7 +180,7 @@ def run_predict(seg, inputs: Inputs, out: Path, req: PredictRequest, *, on_image
 
 def tiling_note(seg) -> str:
     g = seg.plan.grid
-    return (f"images larger than the model input ({seg.img_size} px) are embedded in tiles of {g.tile} px with a "
+    return (f"images larger than the model input ({seg.info.img_size} px) are embedded in tiles of {g.tile} px with a "
             f"{g.halo} px halo at native resolution (--tile/--halo/--scale to change, --no-tile to resize the whole "
             "image instead)")
 

@@ -34,15 +34,14 @@ CACHE_FORMAT = "peft-export-embeddings"
 CACHE_FORMAT_VERSION = 1
 
 
-def export_identity(backend) -> dict:
-    """What an embedding depends on, from a runtime backend's manifest (export folders only)."""
-    m = getattr(backend, "manifest", None)
-    if m is None or "encoder" not in m.files:
-        raise UsageError("an embedding cache needs an export folder (ONNX Runtime or TensorRT backend), not a "
-                         "PyTorch model")
-    return {"encoder_sha256": m.files["encoder"]["sha256"], "model": m.model, "precision": m.precision,
-            "embedding": list(m.embedding), "preprocess": m.preprocess,
-            "baked_preprocessing": bool(m.baked_preprocessing)}
+def export_identity(info) -> dict:
+    """What an embedding depends on, from a runtime backend's :class:`~peft_export.runtime.backend.BackendInfo`."""
+    if info.encoder_sha256 is None:
+        raise UsageError("an embedding cache needs an export folder (ONNX Runtime, OpenVINO or TensorRT backend), "
+                         "not a PyTorch model")
+    return {"encoder_sha256": info.encoder_sha256, "model": info.model, "precision": info.precision,
+            "embedding": list(info.embedding_shape), "preprocess": info.preprocess.to_dict(),
+            "baked_preprocessing": bool(info.baked_preprocessing)}
 
 
 class EmbeddingCache:
@@ -107,11 +106,11 @@ class EmbeddingCache:
         atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
 
 
-def open_cache(cache, backend) -> EmbeddingCache | None:
-    """``cache``: None, a folder, or an :class:`EmbeddingCache` (checked against ``backend``'s export)."""
+def open_cache(cache, info) -> EmbeddingCache | None:
+    """``cache``: None, a folder, or an :class:`EmbeddingCache` (checked against the backend's export, ``info``)."""
     if cache is None:
         return None
-    identity = export_identity(backend)
+    identity = export_identity(info)
     if isinstance(cache, EmbeddingCache):
         if cache.encoder_sha256 != identity["encoder_sha256"]:
             raise DataError(f"{cache.folder} holds embeddings of another export; use another cache folder")

@@ -19,7 +19,7 @@ import numpy as np
 
 from peft_export.errors import DataError
 from peft_export.imaging import (
-    Prepared,
+    ModelInput,
     PreprocessSpec,
     as_rgb,
     normalize_and_pad,
@@ -33,17 +33,9 @@ from peft_export.runtime.tiling import Tile, TileGrid, Tiling
 log = logging.getLogger(__name__)
 
 
-def encoder_batch(backend) -> int | None:
-    """How many tiles ``backend.embed`` takes at once: 1 for static-batch graphs and backends that do not say,
-    None for any number."""
-    if getattr(backend, "baked", False):
-        return 1  # baked preprocessing: one resized uint8 image per call
-    return getattr(backend, "max_batch", 1)
-
-
 def embed_batched(backend, feeds: list[np.ndarray], batch_size: int) -> np.ndarray:
     """Embed (1, 3, S, S) inputs (or baked uint8 images) in batches of at most ``batch_size``: (n, C, h, w)."""
-    limit = encoder_batch(backend)
+    limit = backend.info.encoder_batch
     step = max(1, batch_size if limit is None else min(batch_size, limit))
     if step == 1:
         return np.concatenate([backend.embed(f) for f in feeds])
@@ -70,7 +62,7 @@ class ImagePlan:
     scaled_hw: tuple[int, int]
     tiled: bool
     grid: TileGrid
-    geometry: list[Prepared]  # per tile: window size -> resized size (tensor not kept)
+    geometry: list[ModelInput]  # per tile: window size -> resized size (tensor not kept)
     img_size: int
     recipe: dict = field(default_factory=dict)
 
@@ -114,7 +106,7 @@ class ImagePlan:
 
 def plan_image(shape_hw: tuple[int, int], img_size: int, tiling: Tiling, name: str = "image") -> ImagePlan:
     """Whether and how to tile an image of ``shape_hw`` for a model of input size ``img_size``."""
-    tile, halo = tiling.validate(img_size)
+    tile, halo = tiling.sizes(img_size)
     h, w = (int(v) for v in shape_hw)
     scale = tiling.scale if tiling.mode != "off" else 1.0
     scaled = (h, w) if scale == 1.0 else (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
@@ -122,12 +114,12 @@ def plan_image(shape_hw: tuple[int, int], img_size: int, tiling: Tiling, name: s
     if not tiled:
         scaled = (h, w)
         grid = TileGrid.whole((h, w))
-        geometry = [Prepared(np.empty(0, np.float32), (h, w), resized_shape(h, w, img_size), img_size)]
+        geometry = [ModelInput(np.empty(0, np.float32), (h, w), resized_shape(h, w, img_size), img_size)]
         recipe = {"tiled": False, "img_size": img_size}
     else:
         grid = TileGrid.build(scaled, tile, halo)
         f = img_size / tile
-        geometry = [Prepared(np.empty(0, np.float32), t.hw, (min(img_size, int(t.hw[0] * f + 0.5)),
+        geometry = [ModelInput(np.empty(0, np.float32), t.hw, (min(img_size, int(t.hw[0] * f + 0.5)),
                                                             min(img_size, int(t.hw[1] * f + 0.5))), img_size)
                     for t in grid.tiles]
         recipe = {"tiled": True, "tile": tile, "halo": halo, "scale": scale, "img_size": img_size}
@@ -174,8 +166,9 @@ class TileEmbeddings:
     large images)."""
 
     def __init__(self, backend, inputs: Callable[[int], np.ndarray], n: int, batch_size: int,
-                 stored: np.ndarray | None = None, *, keep: bool = True):
+                 stored: np.ndarray | None = None, *, keep: bool = True, progress: Callable[[int], None] | None = None):
         self.backend, self.inputs, self.n, self.batch_size = backend, inputs, n, batch_size
+        self.progress = progress  # progress(k) after k tiles were embedded
         self.keep = keep  # False (lazy images): release() may forget tiles
         self._have: dict[int, np.ndarray] = {}
         self.stored = stored  # (n, C, h, w), e.g. memory-mapped from the cache
@@ -187,10 +180,13 @@ class TileEmbeddings:
         if self.stored is not None:
             return np.asarray(self.stored[idx], np.float32)
         missing = [i for i in dict.fromkeys(idx) if i not in self._have]
-        if missing:
-            embs = embed_batched(self.backend, [self.inputs(i) for i in missing], self.batch_size)
-            self._have.update(zip(missing, embs))
-            self.computed += len(missing)
+        step = self.batch_size if self.progress is not None else max(1, len(missing))
+        for s in range(0, len(missing), step):  # in encoder batches when progress is reported
+            part = missing[s: s + step]
+            self._have.update(zip(part, embed_batched(self.backend, [self.inputs(i) for i in part], self.batch_size)))
+            self.computed += len(part)
+            if self.progress is not None:
+                self.progress(len(part))
         return np.stack([self._have[i] for i in idx])
 
     def all(self) -> np.ndarray:

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,12 @@ def existing_outputs(out_dir: Path) -> list[Path]:
 
 
 @dataclass
-class Prepared:
+class Preflight:
     plan: BuildPlan
     env: dict[str, Any]
 
 
-def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False) -> Prepared:
+def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False) -> Preflight:
     """Every check that needs no building, in the order a user should hear about problems: options and export;
     existing engines (refused without ``force``); TensorRT, cuda-python and a CUDA GPU (MissingDependencyError,
     exit code 2); what this TensorRT can build at the requested precision. Writes nothing."""
@@ -55,12 +55,12 @@ def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, 
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; pass --force to rebuild the engines")
     env = _rt.environment(opts.device)
-    return Prepared(plan.with_capabilities(env["capabilities"]), env)
+    return Preflight(plan.with_capabilities(env["capabilities"]), env)
 
 
 def build_engines(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False,
                   progress: Progress | None = None, info: Callable[[str], None] | None = None,
-                  prepared: Prepared | None = None) -> dict[str, Any]:
+                  prepared: Preflight | None = None) -> dict[str, Any]:
     """Build, check and publish both engines; returns the ``engine.json`` content.
 
     After :func:`preflight` (or its result ``prepared``): both engines are built into a temporary folder inside
@@ -224,7 +224,7 @@ def _metadata(plan: BuildPlan, env, tmp: Path, built, io, parity, total: float) 
         "tf32": not plan.no_tf32,
         "export": {"model": plan.manifest.model, "precision": plan.manifest.precision,
                    "baked_preprocessing": plan.manifest.baked_preprocessing},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("verify", "device")},
+        "options": {k: v for k, v in opts.to_dict().items() if k not in ("verify", "device")},
         "workspace_bytes": opts.workspace_bytes,
         "timing_cache": str(Path(opts.timing_cache)) if opts.timing_cache else None,
         "engines": engines,
