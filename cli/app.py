@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_malloc()
     try:
-        app(args=argv, prog_name="peft-export", standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, outside standalone mode, *returns* exit codes instead of raising
+        code = app(args=argv, prog_name="peft-export", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                common.err.print("[bold red]interrupted[/]")
+            return code
     except PeftExportError as exc:
         # escape: messages are plain text ("pip install 'peft-export[tensorrt]'" must not lose its brackets)
         common.err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -98,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         common.err.print("[bold red]interrupted[/]")
         return 130
+    except OSError as exc:  # a full disk, a permission, ...: one line with the path and the free space there
+        from peft_export.files import describe_os_error
+
+        common.err.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False)
+        return 1
     except Exception as exc:  # a bug: still one line, unless debugging
         if os.environ.get("PEFT_EXPORT_DEBUG"):
             raise

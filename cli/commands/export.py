@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
                         int8_iou, force, int8)
         from peft_export.export.exporter import check_out_dir
 
-        check_out_dir(output, force)
+        check_out_dir(output, force, [p for p in (model, checkpoint, calibration) if p and Path(p).exists()])
         if checkpoint is not None and not Path(checkpoint).exists():
             raise UsageError(f"checkpoint not found: {checkpoint}")
         common.info(f"loading {model}", quiet=json_out or quiet)
@@ -200,7 +200,7 @@ def register(app: typer.Typer) -> None:
                     calibration_images=calibration_images, gate_images=gate_images)
         opts = _options(precision, opset, bake_preprocessing, single_mask, simplify, no_verify, atol, rtol, fp16_iou,
                         int8_iou, force, int8)
-        check_out_dir(output, force)
+        check_out_dir(output, force, [p for p in (checkpoint, calibration) if p and Path(p).exists()])
         common.info(f"loading {checkpoint}", quiet=json_out or quiet)
         loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
                                 blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
