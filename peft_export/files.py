@@ -398,6 +398,10 @@ def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
         raise write_error(beside, exc) from None
     try:
         yield tmp
+    except OSError as exc:
+        if _is_write_failure(exc, tmp):
+            raise write_error(beside, exc) from None
+        raise
     finally:
         _remove(tmp)
 
