@@ -22,7 +22,8 @@ from peft_export_cli.commands.predict import (
 def register(app: typer.Typer) -> None:
     @app.command("embed")
     def embed_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`)."),
+        out_dir: Path = typer.Argument(..., metavar="EXPORT", help="Export folder (from `peft-export export` / "
+                                       "`merge-and-export`)."),
         images: str = typer.Argument(..., help="An image, a stack, a folder (searched recursively) or a quoted glob."),
         output: Path = typer.Option(..., "--output", "-o", help="Cache folder (created; one per export)."),
         tile: int = typer.Option(None, "--tile", help=TILE_HELP),
@@ -45,7 +46,9 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export embed export/ plates/ -o plates_embeddings/ --batch-size 8[/]
         """
+        from peft_export.files import refuse_inputs
         from peft_export.runtime.batch import run_embed
+        from peft_export.runtime.outputs import export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
@@ -53,14 +56,17 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         tiling = tiling_options(tile, halo, scale, no_tile)
         inputs = take_shard(resolve_inputs(images, exclude=output), parse_shard(shard))
+        refuse_inputs([output], [item.path for item in inputs.items], folders=[out_dir], replaces=True)
         seg = Segmenter(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=output)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
         with common.progress_bar("embedding", len(inputs.items), enabled=not (quiet or json_out)) as bar:
+            seg.on_tiles = bar.tiles  # a row for the tiles of a large image
             report = run_embed(seg, inputs, on_image=lambda item: bar.advance(), on_note=note)
         images_n = sum(d["images"] for d in report.done)
         cached = sum(d["cached_before"] for d in report.done)
-        summary = {"cache": str(output), "inputs": len(inputs.items), "images": images_n, "already_cached": cached,
-                   "tiles": sum(d["tiles"] for d in report.done), **report.to_dict()}
+        summary = {"cache": str(output), "export": export_record(out_dir), "inputs": len(inputs.items),
+                   "images": images_n, "already_cached": cached, "tiles": sum(d["tiles"] for d in report.done),
+                   **report.to_dict()}
         if json_out:
             common.print_json(summary)
         else:

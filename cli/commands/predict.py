@@ -33,8 +33,9 @@ BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gained at mo
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`), "
-                                       "or a bioimage.io package from `peft-export package` (model.zip)."),
+        out_dir: Path = typer.Argument(..., metavar="EXPORT", help="Export folder (from `peft-export export` / "
+                                       "`merge-and-export`), or a bioimage.io package from `peft-export package` "
+                                       "(model.zip)."),
         images: str = typer.Argument(..., help="An image (tif/png/jpg; grayscale or RGB; a multi-page or 3D tif is a "
                                      "stack), a folder (searched recursively) or a quoted glob ('data/*.tif')."),
         output: Path = typer.Option(..., "--output", "-o", help="Label image for one 2D image (.tif, .png, .npy); "
@@ -58,13 +59,15 @@ def register(app: typer.Typer) -> None:
         embeddings: Path = typer.Option(None, "--embeddings", help="Embedding cache folder (`peft-export embed`): "
                                         "reused where present, filled where missing."),
         skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose outputs exist (resume "
-                                           "an interrupted run)."),
+                                           "an interrupted run); outputs made by another export or other settings "
+                                           "are refused (with --force: redone)."),
         shard: str = typer.Option(None, "--shard", help="K/N: process every N-th input starting at K (0 <= K < N), "
                                   "e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
         overlay: Path = typer.Option(None, "--overlay", help="Also write a PNG of the objects over the image (a "
                                      "folder for many images; 2D images only)."),
         backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt (engines from build-engine)."),
-        force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing output files (also files this tool "
+                                   "did not write; never an input)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ):
@@ -86,6 +89,7 @@ def register(app: typer.Typer) -> None:
         """
         from peft_export.runtime.auto import AutoConfig, auto_steps
         from peft_export.runtime.batch import PredictRequest, run_predict
+        from peft_export.runtime.outputs import check_unique_outputs, export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
@@ -96,13 +100,16 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         tiling = tiling_options(tile, halo, scale, no_tile)
         shard_kn = parse_shard(shard)
-        inputs = take_shard(resolve_inputs(images, exclude=output), shard_kn)
-        _check_outputs(inputs, output, overlay, force, skip_existing)
+        everything = resolve_inputs(images, exclude=output)
+        check_unique_outputs(everything)  # before sharding: every shard refuses the same collisions
+        inputs = take_shard(everything, shard_kn)
         req = PredictRequest(modes[0], boxes or points, AutoConfig(
             points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh,
             min_area=min_area), overlay, skip_existing, force)
         if req.prompts is not None and not req.prompts.exists():
             raise UsageError(f"prompt file not found: {req.prompts}")
+        req.export = export_record(out_dir)  # which export made each output: recorded in every summary
+        _check_outputs(inputs, output, req, tiling, (out_dir, embeddings))
         from peft_export.runtime.package import is_package  # bioimage.io packages (peft-export package)
 
         make = Segmenter.from_package if is_package(out_dir) else Segmenter
@@ -118,39 +125,50 @@ def register(app: typer.Typer) -> None:
             report = _run_single(seg, inputs, output, req, show, note, auto_steps)
         else:
             with common.progress_bar("segmenting", len(inputs.items), enabled=show) as bar:
-                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(), on_note=note)
+                seg.on_tiles = bar.tiles  # a row for the tiles of a large image
+                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(),
+                                     on_skip=lambda item: bar.skip(), on_note=note)
         if req.mode == "auto" and report.done:  # said once it worked (errors stay one line)
             auto_note(req.method, seg.backend, note, None)
         _print(report, inputs, output, json_out, quiet, req)
         report.raise_if_failed(len(inputs.items))
 
 
-def _check_outputs(inputs, output: Path, overlay: Path | None, force: bool, skip_existing: bool) -> None:
-    from peft_export.runtime.batch import existing_outputs
+def _check_outputs(inputs, output: Path, req, tiling, protect) -> None:
+    """The output's form here; what may be written: the library's check (runtime/outputs.py), before any work."""
+    from peft_export.runtime.outputs import check_outputs
 
     if inputs.single:
         if not output.is_dir() and output.suffix.lower() not in LABEL_SUFFIXES:
             raise UsageError(f"unsupported output {output.name}: use .tif, .png or .npy")
-        if not skip_existing:
-            for path in (output, overlay):
-                if path is not None and not path.is_dir():
-                    common.refuse_overwrite(path, force)
-        return
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
-    if overlay is not None and overlay.suffix:
-        raise UsageError(f"--overlay {overlay}: give a folder for many images")
-    done = existing_outputs(inputs, output)
-    if done and not (force or skip_existing):
-        raise UsageError(f"{len(done)} of {len(inputs.items)} outputs already exist (first: {done[0]}): pass "
-                         "--skip-existing to resume, or --force to overwrite them")
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
+        if req.overlay is not None and req.overlay.suffix:
+            raise UsageError(f"--overlay {req.overlay}: give a folder for many images")
+    check_outputs(inputs, output, req, export=req.export, tiling=tiling, protect=tuple(p for p in protect if p))
 
 
 def _run_single(seg, inputs, output, req, show, note, auto_steps):
     from peft_export.runtime.batch import run_predict
 
-    if req.mode != "auto" or not show:
+    if not show:
         return run_predict(seg, inputs, output, req, on_note=note)
+    if req.mode != "auto":  # a large image: a progress bar over its tiles, once there are several
+        with contextlib.ExitStack() as stack:
+            bars: list = []
+
+            def tiles(k, n):
+                if n > 1 and not bars:
+                    bars.append(stack.enter_context(common.progress_bar("segmenting", 1)))
+                if bars:
+                    bars[0].tiles(k, n)
+
+            seg.on_tiles = tiles
+            report = run_predict(seg, inputs, output, req, on_note=note)
+            if bars:
+                bars[0].advance()
+            return report
     # one image, automatic: a progress bar over grid batches (untiled) or tiles, shown once the image is read,
     # embedded and planned (an unreadable image gives its one-line error and nothing else)
     with contextlib.ExitStack() as stack:

@@ -51,9 +51,22 @@ def make_backend(model: str, checkpoint: str | None, backend: str = "auto", devi
             raise UsageError("--checkpoint does not apply to an export folder")
         be = open_backend(model, backend)
         m = be.manifest
+        from peft_export.runtime.outputs import export_record
+
         return be, {"model": m.model, "source": str(model), "peft": m.source.get("peft"), "backend": backend,
-                    "precision": m.precision}
+                    "precision": m.precision, "export": export_record(model)}
+    if Path(model).is_dir():  # a training run folder, or any folder without a manifest: say what it is
+        from peft_export.errors import DataError
+        from peft_export.manifest import not_an_export
+
+        raise DataError(not_an_export(model))
     if backend != "torch":
+        if Path(model).is_file():
+            from peft_export.manifest import export_command
+
+            raise UsageError(f"{model} is a training checkpoint, not an export folder: --backend {backend} runs "
+                             f"exports; make one with `{export_command(model)}`, or evaluate the checkpoint in "
+                             "PyTorch (--backend torch)")
         raise UsageError(f"--backend {backend} runs export folders; export {model} first "
                          "(peft-export export / merge-and-export) or use --backend torch")
     from peft_export.devices import resolve_device

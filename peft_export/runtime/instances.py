@@ -22,12 +22,15 @@ object counts).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from peft_export.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 CHANNELS = ("foreground", "center_distance", "boundary_distance")
 ROLE = "instance_decoder"
@@ -126,9 +129,15 @@ class InstanceMaps:
 METHODS = ("auto", "instance", "grid")
 
 
-def resolve_method(backend, method: str = "auto") -> str:
-    """``auto`` -> ``instance`` when the backend has an instance decoder, else ``grid`` (point-grid prompts);
-    ``instance`` without a decoder: one line saying how to make one."""
+GRID_FALLBACK = ("this model has no instance decoder: automatic segmentation falls back to a grid of point prompts "
+                 "(about 50x slower on a CPU, and weak for models not trained with points); `peft-export finetune "
+                 "--instance-decoder` makes a decoder; --method grid says you want the grid")
+
+
+def resolve_method(backend, method: str = "auto", *, warn: bool = True) -> str:
+    """``auto`` -> ``instance`` when the backend has an instance decoder, else ``grid`` (point-grid prompts, with
+    a warning unless ``warn`` is False: results will be poor and slow); ``instance`` without a decoder: one line
+    saying how to make one."""
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "grid":
@@ -137,6 +146,8 @@ def resolve_method(backend, method: str = "auto") -> str:
         return "instance"
     if method == "instance":
         InstanceMaps(backend)  # raises the one-line UsageError
+    if warn:
+        log.warning(GRID_FALLBACK)
     return "grid"
 
 
@@ -145,8 +156,7 @@ def auto_note(method: str, backend, note, grid_steps):
     if note is not None and method == "instance":
         note("automatic segmentation: the export's instance decoder + seeded watershed")
     elif note is not None:
-        note("automatic segmentation: a grid of point prompts" + ("" if has_instance_decoder(backend) else
-             " (this export has no instance decoder; finetune --instance-decoder makes one)"))
+        note("automatic segmentation: a grid of point prompts")
     if method == "instance":
         return lambda seg, _config=None: len(seg._require_plan().grid)
     return grid_steps

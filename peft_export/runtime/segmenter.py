@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,9 @@ class Segmenter:
         self.plan: ImagePlan | None = None
         self._emb: TileEmbeddings | None = None
         self.cache_hit = False
+        # progress over one image's tiles: on_tiles(k, n) after each encoder call (k more of n tiles embedded)
+        self.on_tiles: Callable[[int, int], None] | None = None
+        self._warned: set[str] = set()  # kinds of plan warnings already given (once per segmenter, not per image)
 
     # ---- bioimage.io packages (peft-export package; peft_export.runtime.package) ------------------------
     @classmethod
@@ -146,7 +150,12 @@ class Segmenter:
             if stored is not None:
                 check_stored(stored, plan, tuple(getattr(backend, "embedding_shape", (0,))[1:]) or None)
         self.plan, self.cache_hit = plan, stored is not None
-        self._emb = TileEmbeddings(backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy)
+        for kind, msg in plan.warnings:
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning(msg)
+        self._emb = TileEmbeddings(backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy,
+                                   on_tiles=self.on_tiles)
         if stored is None and (not lazy or self.cache is not None):
             embs = self._emb.all()
             if self.cache is not None:
