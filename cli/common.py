@@ -72,6 +72,7 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True, e
         task = prog.add_task(description, total=total, **fields)
 
         class _Handle:
+            progress = prog
             sub = None  # a second row: the tiles of the image in progress
 
             def advance(self, n: int = 1, **fields):

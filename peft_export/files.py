@@ -49,7 +49,7 @@ STALE_AFTER_S = 24 * 3600  # temporary entries of another host (or a reused pid)
 _NAME_MAX = 120  # characters of the target's name kept in a temporary name (file names are limited to 255 bytes)
 _TEMP = re.compile(r"^\.(?P<name>.*)\.(?P<tag>peft-export-(?:tmp|old))-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-"
                    r"(?P<rand>[0-9a-f]{8})(?P<suffix>\.[A-Za-z0-9]{1,8})?$")
-CRASH_ENV = "PEFT_EXPORT_TEST_CRASH_AT"  # tests: SIGKILL this process at the N-th crash point (see _crash_point)
+CRASH_ENV = "PEFT_EXPORT_TEST_CRASH_AT"  # tests: SIGKILL this process at the N-th crash point (see crash_point)
 CRASH_LOG_ENV = "PEFT_EXPORT_TEST_CRASH_LOG"  # tests: append each crash point's name to this file
 
 
@@ -218,7 +218,7 @@ def describe_os_error(exc: OSError) -> str:
 _crash_count = 0
 
 
-def _crash_point(name: str) -> None:
+def crash_point(name: str) -> None:
     """Fault injection for tests: with ``PEFT_EXPORT_TEST_CRASH_AT=N`` the process kills itself (SIGKILL, like
     ``kill -9``) at the N-th point where the files on disk change; ``PEFT_EXPORT_TEST_CRASH_LOG`` lists them."""
     global _crash_count
@@ -252,10 +252,18 @@ class _Group:
         self.items.clear()
 
     def commit(self) -> None:
-        """Rename the files into place, the last written first (the record that describes the others lands before
-        them, so a crash in between leaves a record whose data is missing: not done, redone by the next run)."""
+        """Rename the files into place, the last written first: the record that describes the others lands before
+        them, and the files it describes are removed before it lands, so a crash in between leaves a record whose
+        data is missing (not done, redone by the next run), never a new record beside old data."""
         pending = list(reversed(self.items))
         try:
+            for _, target in pending[1:]:
+                if target.is_file() or target.is_symlink():
+                    try:
+                        target.unlink()
+                    except OSError as exc:
+                        raise write_error(target, exc) from None
+                    crash_point(f"group-clear {target.name}")
             while pending:
                 tmp, target = pending[0]
                 try:
@@ -263,7 +271,7 @@ class _Group:
                 except OSError as exc:
                     raise write_error(target, exc) from None
                 pending.pop(0)
-                _crash_point(f"group-commit {target.name}")
+                crash_point(f"group-commit {target.name}")
         finally:
             for tmp, _ in pending:
                 tmp.unlink(missing_ok=True)
@@ -309,17 +317,17 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
     except OSError as exc:
         raise write_error(path, exc) from None
     try:
-        _crash_point(f"created {path.name}")
+        crash_point(f"created {path.name}")
         write_fn(tmp)
         with open(tmp, "rb+") as fh:  # on disk before it replaces anything (a power cut keeps the old file)
             os.fsync(fh.fileno())
-        _crash_point(f"written {path.name}")
+        crash_point(f"written {path.name}")
         group = _GROUP.get()
         if group is not None:
             group.items.append((tmp, path))
             return path
         os.replace(tmp, path)
-        _crash_point(f"replaced {path.name}")
+        crash_point(f"replaced {path.name}")
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from None
@@ -354,9 +362,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise write_error(target, exc) from None
     try:
-        _crash_point(f"created {target.name}/")
+        crash_point(f"created {target.name}/")
         yield tmp
-        _crash_point(f"written {target.name}/")
+        crash_point(f"written {target.name}/")
         _swap(tmp, target)
     except OSError as exc:
         _remove(tmp)
@@ -373,14 +381,14 @@ def _swap(new: Path, target: Path) -> None:
     if target.exists() or target.is_symlink():
         old = target.parent / temp_name(target.name, tag=OLD_TAG)
         os.rename(target, old)
-        _crash_point(f"moved aside {target.name}")
+        crash_point(f"moved aside {target.name}")
     try:
         os.rename(new, target)
     except BaseException:
         if old is not None:
             os.rename(old, target)
         raise
-    _crash_point(f"renamed into place {target.name}")
+    crash_point(f"renamed into place {target.name}")
     if old is not None:
         _remove(old)
 
@@ -397,6 +405,7 @@ def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise write_error(beside, exc) from None
     try:
+        crash_point(f"created scratch for {beside.name}")
         yield tmp
     except OSError as exc:
         if _is_write_failure(exc, tmp):
@@ -412,7 +421,7 @@ def move_into_place(src: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.replace(src, target)
     except OSError as exc:
         raise write_error(target, exc) from None
-    _crash_point(f"replaced {Path(target).name}")
+    crash_point(f"replaced {Path(target).name}")
     return Path(target)
 
 

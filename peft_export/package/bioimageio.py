@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from peft_export.errors import MissingDependencyError, UsageError, VerificationError
-from peft_export.files import clean_stale, move_into_place, refuse_inputs, scratch_dir
+from peft_export.files import clean_stale, crash_point, move_into_place, refuse_inputs, scratch_dir
 from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
 from peft_export.package.readme import render_readme
@@ -215,6 +215,7 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         spec_descr.save_rdf(descr, stage)
         tmp_zip = tmp / output.name
         files = zip_folder(stage, tmp_zip)
+        crash_point(f"zipped {output.name}")
         validation = None
         if options.validate:
             say("bioimageio.core: testing the package")
