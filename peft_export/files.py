@@ -454,8 +454,9 @@ def refuse_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
                                  "delete; choose another output path (--force never overwrites an input)")
         for shown, folder in keep:
             if _inside(real, folder):
-                raise UsageError(f"refusing to write {out}: it lies inside {shown}, an input of this command; "
-                                 "choose another output path (--force never overwrites an input)")
+                where = "is" if real == folder else f"lies inside {shown},"
+                raise UsageError(f"refusing to write {out}: it {where} an input of this command; choose another "
+                                 "output path (--force never overwrites an input)")
 
 
 # ---- files named by a manifest ------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
         gives a label stack (uint32 tif), one plane per plane; a prompt file applies to every plane.
         """
+        from peft_export.files import refuse_inputs
         from peft_export.runtime.auto import AutoConfig, auto_steps
         from peft_export.runtime.batch import PredictRequest, run_predict
         from peft_export.runtime.outputs import check_unique_outputs, export_record
@@ -100,6 +101,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         tiling = tiling_options(tile, halo, scale, no_tile)
         shard_kn = parse_shard(shard)
+        if Path(images).is_dir():  # -o the image folder itself: labels would land on the images
+            refuse_inputs([output], [images])
         everything = resolve_inputs(images, exclude=output)
         check_unique_outputs(everything)  # before sharding: every shard refuses the same collisions
         inputs = take_shard(everything, shard_kn)
