@@ -97,7 +97,7 @@ def parse_temp(path: str | os.PathLike) -> TempEntry | None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill would terminate the process: go by age there
         return True
     try:
         os.kill(pid, 0)
@@ -441,15 +441,18 @@ def refuse_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
     resolving symlinks: an output that *is* an input; with ``replaces`` (the output is a folder that is replaced
     as a whole) one that holds an input; one that lies inside any of ``folders`` (inputs nothing may be written
     into, e.g. the export folder a run reads)."""
-    ins = [(Path(p), _real(p)) for p in inputs if p is not None]
+    ins: dict[Path, Path] = {}
+    for p in inputs:
+        if p is not None:
+            ins.setdefault(_real(p), Path(p))
     keep = [(Path(p), _real(p)) for p in folders if p is not None]
     for out in outputs:
         real = _real(out)
-        for shown, inp in ins:
-            if real == inp:
-                raise UsageError(f"refusing to write {out}: it is the input {shown}; choose another output path "
-                                 "(--force never overwrites an input)")
-            if replaces and _inside(inp, real):
+        if real in ins:
+            raise UsageError(f"refusing to write {out}: it is the input {ins[real]}; choose another output path "
+                             "(--force never overwrites an input)")
+        for inp, shown in ins.items() if replaces else ():
+            if _inside(inp, real):
                 raise UsageError(f"refusing to write {out}: it holds the input {shown}, which replacing it would "
                                  "delete; choose another output path (--force never overwrites an input)")
         for shown, folder in keep:
