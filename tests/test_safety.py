@@ -293,6 +293,27 @@ def test_kill_9_during_package_then_rerun_gives_the_clean_package(tiny_export, t
         assert members(out) == members(ref) and not stray_files(out.parent), list(out.parent.iterdir())
 
 
+def test_an_unzipped_package_left_by_a_killed_process_is_removed_by_the_next_one(tmp_path):
+    """Opened .zip packages are unzipped into a per-user temporary folder under recognisable names: what a process
+    killed while it had one open left behind goes when the next package is opened."""
+    from peft_export.runtime.package import _extract, unzip_root
+
+    pkg = tmp_path / "model.zip"
+    with zipfile.ZipFile(pkg, "w") as zf:
+        zf.writestr("rdf.yaml", "type: model\n")
+    script = ("import os, sys\nfrom pathlib import Path\nfrom peft_export.runtime.package import _extract\n"
+              "print(_extract(Path(sys.argv[1])), flush=True)\nos.kill(os.getpid(), 9)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(pkg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == KILLED, r.stderr
+    left = Path(r.stdout.strip())
+    assert left.parent == unzip_root() and (left / "rdf.yaml").is_file()
+    mine = _extract(pkg)  # the next open cleans first
+    try:
+        assert not left.exists() and (mine / "rdf.yaml").is_file()
+    finally:
+        shutil.rmtree(mine)
+
+
 # ---- a full disk -----------------------------------------------------------------------------------------------
 
 def _enospc(*args, **kwargs):
@@ -481,6 +502,8 @@ def test_summaries_record_the_export_and_the_settings(tiny_export, plate, tmp_pa
     assert read_manifest(tiny_export.out_dir).source["checkpoint_sha256"] == sha256_file(tiny_export.checkpoint)
     code, stdout, err = run_cli("evaluate", str(tiny_export.out_dir), "--prompts", "box", "--json")
     assert code == 0 and json.loads(stdout)["export"]["sha256"] == manifest_sha, err
+    assert json.loads(stdout)["settings"] == {"prompts": ["box"], "tiling": {"mode": "auto", "tile": None,
+                                                                            "halo": None, "scale": 1.0}}
 
     other = tmp_path / "other_export"
     shutil.copytree(tiny_export.out_dir, other)

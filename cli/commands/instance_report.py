@@ -22,7 +22,8 @@ def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, method: str
         res = evaluate_instances(backend, pairs, method=method, tiling=tiling, batch_size=batch_size,
                                  progress=bar.advance)
     per_image = res.pop("per_image")
-    report = {**desc, "data": data, "split": split, "images": len(per_image), "auto": res, "per_image": per_image,
+    report = {**desc, "data": data, "split": split, "settings": {"method": method, "tiling": tiling.__dict__},
+              "images": len(per_image), "auto": res, "per_image": per_image,
               "skipped": pairs.failed, "empty": pairs.empty, "seconds": round(time.perf_counter() - t0, 2)}
     if json_out:
         common.print_json(report)
