@@ -1,10 +1,11 @@
 """Runs over many images (``predict`` and ``embed`` on a file, a folder, a glob or stacks), torch-free.
 
 Images are streamed: one image (one plane of a stack) is in memory at a time, whatever the number of inputs.
-Each input gives one output (a label image; a label stack for a stack, written plane by plane) and, for
-folders and globs, a JSON summary beside it; both are written atomically, so an interrupted run leaves only
-finished outputs and ``skip_existing`` resumes it. An unreadable input is skipped with a warning, listed in the
-report, and the run goes on (the CLI exits non-zero at the end).
+Each input gives one output (a label image; a label stack for a stack, written plane by plane) and a JSON summary
+beside it, its provenance record (:mod:`peft_export.runtime.outputs`); they are written together and atomically,
+so an interrupted run leaves only finished outputs and ``skip_existing`` resumes it. An unreadable input is skipped
+with a warning, listed in the report, and the run goes on (the CLI exits non-zero at the end); a write error (a
+full disk) stops the run with one line.
 """
 
 from __future__ import annotations
