@@ -149,7 +149,10 @@ EVALUATION_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 def evaluation_backend(model: str, checkpoint: str | None = None, backend: str = "auto", device: str = "auto"):
     """What ``evaluate`` runs: PyTorch for checkpoints and zoo names, a runtime backend (the runtime's opener,
     ``backend`` auto or named) for export folders and packages. Returns (backend, description dict)."""
+    from peft_export.errors import DataError
+    from peft_export.manifest import export_command, not_an_export
     from peft_export.runtime.backends import RuntimeOptions, is_export_folder, open_model
+    from peft_export.runtime.outputs import export_record
     from peft_export.runtime.package import is_package
 
     if backend not in EVALUATION_BACKENDS:
@@ -160,8 +163,14 @@ def evaluation_backend(model: str, checkpoint: str | None = None, backend: str =
         if checkpoint is not None:
             raise UsageError("--checkpoint does not apply to an export folder")
         be = open_model(model, RuntimeOptions(backend=backend))
-        return be, be.info.describe()
+        return be, {**be.info.describe(), "export": export_record(model)}
+    if Path(model).is_dir():  # a training run folder, or any folder without a manifest: say what it is
+        raise DataError(not_an_export(model))
     if backend not in ("auto", "torch"):
+        if Path(model).is_file():
+            raise UsageError(f"{model} is a training checkpoint, not an export folder: --backend {backend} runs "
+                             f"exports; make one with `{export_command(model)}`, or evaluate the checkpoint in "
+                             "PyTorch (--backend torch)")
         raise UsageError(f"--backend {backend} runs export folders; export {model} first "
                          "(peft-export export / merge-and-export) or use --backend torch")
     from peft_export.models.devices import resolve_device

@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
         if tiled and tiling.mode == "auto" and not quiet:
             common.info(f"note: {tiled} of {len(per_image)} image(s) were larger than the model input and were "
                         "embedded in tiles at native resolution (--no-tile to resize them whole)")
-        report = {**desc, "data": data, "split": split, "images": len(per_image), "results": results,
+        report = {**desc, "data": data, "split": split, "settings": {"prompts": kinds, "tiling": tiling.to_dict()},
+                  "images": len(per_image), "results": results,
                   "per_image": per_image, "skipped": pairs.failed, "empty": pairs.empty,
                   "seconds": round(time.perf_counter() - t0, 2)}
         if json_out:

@@ -99,7 +99,8 @@ def register(app: typer.Typer) -> None:
         from peft_export.loading import load_model
 
         opts = export.replace(force=force)
-        check_out_dir(output, force)
+        calibration = opts.int8.calibration
+        check_out_dir(output, force, [p for p in (model, checkpoint, calibration) if p and Path(p).exists()])
         if checkpoint is not None and not Path(checkpoint).exists():
             raise UsageError(f"checkpoint not found: {checkpoint}")
         common.info(f"loading {model}", quiet=json_out or quiet)
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
         from peft_export.loading import load_for_merge
 
         opts = export.replace(force=force)
-        check_out_dir(output, force)
+        calibration = opts.int8.calibration
+        check_out_dir(output, force, [p for p in (checkpoint, calibration) if p and Path(p).exists()])
         common.info(f"loading {checkpoint}", quiet=json_out or quiet)
         loaded = load_for_merge(checkpoint, source=merge.source, model=merge.model, peft=peft.peft,
                                 blocks=peft.blocks, options=peft.method_options(), warn=common.warn)

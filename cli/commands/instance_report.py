@@ -22,7 +22,8 @@ def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, auto, tilin
     if not quiet:
         common.info(f"note: {res['why']}")
     per_image = res.pop("per_image")
-    report = {**desc, "data": data, "split": split, "images": len(per_image), "auto": res, "per_image": per_image,
+    report = {**desc, "data": data, "split": split, "settings": {"auto": auto.to_dict(), "tiling": tiling.to_dict()},
+              "images": len(per_image), "auto": res, "per_image": per_image,
               "skipped": pairs.failed, "empty": pairs.empty, "seconds": round(time.perf_counter() - t0, 2)}
     if json_out:
         common.print_json(report)

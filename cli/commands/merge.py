@@ -50,8 +50,9 @@ def register(app: typer.Typer) -> None:
         -o merged.pt[/]
         """
         from peft_export.loading import load_for_merge
-        from peft_export.peft.merge import decoder_path, merge_to_file, sidecar_path
+        from peft_export.peft.merge import check_merge_output, decoder_path, merge_to_file, sidecar_path
 
+        check_merge_output(output, checkpoint)  # never the checkpoint itself, even with --force
         common.refuse_overwrite(output, force, "output")
         for beside in (sidecar_path(output), decoder_path(output)):
             if beside.exists() and not force:

@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
                                   "e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
         overlay: Path = typer.Option(None, "--overlay", help="Also write a PNG of the objects over the image (a "
                                      "folder for many images; 2D images only)."),
-        force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing output files (also files this tool "
+                                   "did not write; never an input)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
         *, tiling: Tiling, auto: AutoOptions, runtime: RuntimeOptions,
@@ -61,7 +62,9 @@ def register(app: typer.Typer) -> None:
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
         gives a label stack (uint32 tif), one plane per plane; a prompt file applies to every plane.
         """
+        from peft_export.files import refuse_inputs
         from peft_export.runtime.batch import PredictRequest, run_predict
+        from peft_export.runtime.outputs import check_unique_outputs, export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
@@ -69,47 +72,49 @@ def register(app: typer.Typer) -> None:
         if len(modes) != 1:
             raise UsageError("give exactly one of --boxes FILE, --points FILE or --auto")
         shard_kn = parse_shard(shard)
-        inputs = take_shard(resolve_inputs(images, exclude=output), shard_kn)
-        _check_outputs(inputs, output, overlay, force, skip_existing)
+        if Path(images).is_dir():  # -o the image folder itself: labels would land on the images
+            refuse_inputs([output], [images])
+        everything = resolve_inputs(images, exclude=output)
+        check_unique_outputs(everything)  # before sharding: every shard refuses the same collisions
+        inputs = take_shard(everything, shard_kn)
         req = PredictRequest(modes[0], boxes or points, auto, overlay, skip_existing, force)
         if req.prompts is not None and not req.prompts.exists():
             raise UsageError(f"prompt file not found: {req.prompts}")
         seg = Segmenter(export, runtime=runtime, tiling=tiling, cache=embeddings)
-        show = not (quiet or json_out)
-        note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
         strategy = why = None
         if req.mode == "auto":  # the strategy is chosen once, before any image is read: say which and why
             strategy, why = seg.strategy(auto)
+            req.method = strategy.name
+        req.export = export_record(export)  # which export made each output: recorded in every summary
+        _check_outputs(inputs, output, req, tiling, (export, embeddings))
+        show = not (quiet or json_out)
+        note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
         if inputs.single:
             report = _run_single(seg, inputs, output, req, show, note, strategy)
         else:
             with common.progress_bar("segmenting", len(inputs.items), enabled=show) as bar:
-                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(), on_note=note)
+                seg.on_tiles = bar.tiles  # a row for the tiles of a large image
+                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(),
+                                     on_skip=lambda item: bar.skip(), on_note=note)
         if why and report.done and note is not None:  # said once it worked (errors stay one line)
             note(why)
         _print(report, inputs, output, json_out, quiet, req, strategy)
         report.raise_if_failed(len(inputs.items))
 
 
-def _check_outputs(inputs, output: Path, overlay: Path | None, force: bool, skip_existing: bool) -> None:
-    from peft_export.runtime.batch import existing_outputs
+def _check_outputs(inputs, output: Path, req, tiling, protect) -> None:
+    """The output's form here; what may be written: the library's check (runtime/outputs.py), before any work."""
+    from peft_export.runtime.outputs import check_outputs
 
     if inputs.single:
         if not output.is_dir() and output.suffix.lower() not in LABEL_SUFFIXES:
             raise UsageError(f"unsupported output {output.name}: use .tif, .png or .npy")
-        if not skip_existing:
-            for path in (output, overlay):
-                if path is not None and not path.is_dir():
-                    common.refuse_overwrite(path, force)
-        return
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
-    if overlay is not None and overlay.suffix:
-        raise UsageError(f"--overlay {overlay}: give a folder for many images")
-    done = existing_outputs(inputs, output)
-    if done and not (force or skip_existing):
-        raise UsageError(f"{len(done)} of {len(inputs.items)} outputs already exist (first: {done[0]}): pass "
-                         "--skip-existing to resume, or --force to overwrite them")
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
+        if req.overlay is not None and req.overlay.suffix:
+            raise UsageError(f"--overlay {req.overlay}: give a folder for many images")
+    check_outputs(inputs, output, req, export=req.export, tiling=tiling, protect=tuple(p for p in protect if p))
 
 
 def _run_single(seg, inputs, output, req, show, note, strategy):
@@ -117,15 +122,27 @@ def _run_single(seg, inputs, output, req, show, note, strategy):
 
     if not show:
         return run_predict(seg, inputs, output, req, on_note=note)
-    # one image: a progress bar over its tiles (prompts: as they are embedded) or the strategy's steps (--auto),
-    # shown once the image is read and planned (an unreadable image gives its one-line error and nothing else)
     with contextlib.ExitStack() as stack:
         bars: list = []
+        if strategy is None:  # prompts on a large image: a progress bar over its tiles, once there are several
 
+            def tiles(k, n):
+                if n > 1 and not bars:
+                    bars.append(stack.enter_context(common.progress_bar("segmenting", 1)))
+                if bars:
+                    bars[0].tiles(k, n)
+
+            seg.on_tiles = tiles
+            report = run_predict(seg, inputs, output, req, on_note=note)
+            if bars:
+                bars[0].advance()
+            return report
+
+        # automatic: a progress bar over the strategy's steps (grid batches, or tiles), shown once the image is read
+        # and planned (an unreadable image gives its one-line error and nothing else)
         def step(n=1):
             if not bars:
-                total = strategy.steps(seg) if strategy is not None else len(seg.plan.grid)
-                bars.append(stack.enter_context(common.progress_bar("segmenting", total)))
+                bars.append(stack.enter_context(common.progress_bar("segmenting", strategy.steps(seg))))
             bars[0].advance(n)
 
         return run_predict(seg, inputs, output, req, progress=step, on_note=note)

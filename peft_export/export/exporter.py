@@ -5,14 +5,14 @@
     result = export_model(prepared, "export_dir", ExportOptions(precision="fp16"))
 
 The folder is built in a temporary sibling and renamed into place only when everything (export, conversion,
-parity gate, manifest) succeeded, so a failure never leaves a partial ``OUT_DIR``.
+parity gate, manifest) succeeded, so a failure never leaves a partial ``OUT_DIR`` (:func:`peft_export.files.atomic_dir`:
+a crash leaves a recognisable temporary folder that the next export beside it removes; the previous OUT_DIR stays
+until the new one is complete). An OUT_DIR that is or holds the checkpoint is refused, even with ``force``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +22,12 @@ from typing import Any
 
 import onnx
 
+from peft_export.data.samples import sha256_file
 from peft_export.errors import UsageError, VerificationError
 from peft_export.export import graphs, instance, onnx_export, precision
 from peft_export.export.options import ExportOptions
 from peft_export.export.parity import ParityReport, run_parity
+from peft_export.files import atomic_dir, refuse_inputs
 from peft_export.manifest import Manifest, file_entry, write_manifest
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
@@ -67,6 +69,7 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
     state = peft_state(model)
     ckpt = loaded.checkpoint
     source = {"checkpoint": str(Path(ckpt.path).resolve()) if ckpt is not None and ckpt.path else None,
+              "checkpoint_sha256": sha256_file(ckpt.path) if ckpt is not None and ckpt.path else None,
               "kind": ckpt.kind if ckpt is not None else "zoo", "peft": state.config.to_dict() if state else
               (loaded.peft if ckpt is not None and ckpt.merged else None),
               "merged": bool(ckpt is not None and ckpt.merged)}
@@ -101,34 +104,23 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
 
 
-def _make_tmp(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing OUT_DIR (file, or non-empty folder) without --force."""
+def check_out_dir(out_dir: Path, force: bool, inputs=()) -> None:
+    """Refuse an existing OUT_DIR (file, or non-empty folder) without --force, and, even with --force, an OUT_DIR
+    that is or holds one of ``inputs`` (the checkpoint, its run folder, calibration data): it is replaced whole."""
+    refuse_inputs([out_dir], inputs, replaces=True)
     if out_dir.exists() and not force and (out_dir.is_file() or any(out_dir.iterdir())):
         raise UsageError(f"output {out_dir} already exists; pass --force to overwrite it")
+
+
+def export_inputs(prepared: PreparedModel | None = None, options: ExportOptions | None = None) -> list[str]:
+    """What an export reads from disk and must never replace: the checkpoint (and so its run folder), the
+    calibration images."""
+    paths = []
+    if prepared is not None and prepared.source.get("checkpoint"):
+        paths.append(prepared.source["checkpoint"])
+    if options is not None and options.int8.calibration and not str(options.int8.calibration).startswith("sample:"):
+        paths.append(options.int8.calibration)
+    return paths
 
 
 def export_steps(options: ExportOptions) -> int:
@@ -252,7 +244,6 @@ def export_model(prepared: PreparedModel, out_dir: str | os.PathLike, options: E
     ``advance=False`` for details within a step)."""
     options = options or ExportOptions()
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, options.force)
     say = progress or (lambda msg, advance=True: None)
     seconds: dict[str, float] = {}
 
@@ -262,19 +253,15 @@ def export_model(prepared: PreparedModel, out_dir: str | os.PathLike, options: E
         seconds[name] = round(time.perf_counter() - t0, 3)
         return out
 
+    check_out_dir(out_dir, options.force, export_inputs(prepared, options))
     built = _build(prepared, options, say, timed)
-    tmp = _make_tmp(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:  # built beside OUT_DIR, swapped in when complete (peft_export/files.py)
         say("writing the graphs")
         written = {role: timed(f"save_{role}", lambda r=role, m=model: _save(m, tmp / ROLES[r]))
                    for role, model in built.models.items()}
         report = timed("parity", lambda: _verify(prepared, built, tmp, options, say)) if options.verify else None
         manifest = _manifest(prepared, built, written, report, options, seconds)
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out_dir, manifest, report, seconds)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from peft_export.errors import MissingDependencyError, UsageError, VerificationError
+from peft_export.files import clean_stale, crash_point, move_into_place, refuse_inputs, scratch_dir
 from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
 from peft_export.package.options import PackageOptions
@@ -78,6 +78,7 @@ def check_request(export_dir: Path, output: Path, options: PackageOptions) -> Ma
     """Everything that can be refused before any work, one line each."""
     if output.suffix.lower() != ".zip":
         raise UsageError(f"the package must be a .zip file, got {output.name}")
+    refuse_inputs([output], [export_dir, options.test_image], replaces=True)
     if output.exists() and not options.force:
         raise UsageError(f"output {output} already exists; pass --force to overwrite it")
     if output.is_dir():
@@ -166,11 +167,6 @@ def _loc(loc) -> str:
     return f"{'.'.join(map(str, loc))}: " if loc else ""
 
 
-def _make_tmp(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-
-
 def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, options: PackageOptions | None = None,
                   *, progress=None) -> PackageResult:
     """Build, check and write the package; see the module docstring. ``progress(message)`` reports each step."""
@@ -181,8 +177,8 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
     require_spec()
     sample = content.load_test_image(options.test_image)  # a missing sample fails before any work
     kind, seconds = package_kind(manifest), {}
-    tmp = _make_tmp(output)
-    try:
+    clean_stale(output.parent)  # what a killed run left beside OUTPUT
+    with scratch_dir(output) as tmp:  # beside OUTPUT: the finished zip is renamed into place
         stage = tmp / "package"
         stage.mkdir()
         t0 = time.perf_counter()
@@ -207,6 +203,7 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         spec_descr.save_rdf(descr, stage)
         tmp_zip = tmp / output.name
         files = zip_folder(stage, tmp_zip)
+        crash_point(f"zipped {output.name}")
         validation = None
         if options.validate_package:
             say("bioimageio.core: testing the package")
@@ -216,7 +213,5 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
             if validation["status"] != "passed":
                 first = (validation["errors"] or ["see the report"])[0]
                 raise VerificationError(f"bioimageio.core's test of the package failed: {first}; nothing written")
-        os.replace(tmp_zip, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_into_place(tmp_zip, output)
     return PackageResult(output, kind, facts.name, files, own, validation, seconds)

@@ -132,11 +132,15 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
     when the checkpoint holds an instance decoder. A method that cannot be folded (AdaptFormer) is written as a
     peft-export checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
     from peft_export.data.io import atomic_write
+    from peft_export.data.samples import sha256_file
+    from peft_export.files import clean_stale
     from peft_export.models.checkpoint import save_checkpoint
 
+    check_merge_output(output, checkpoint)
+    clean_stale(Path(output).parent)
     state = peft_state(loaded.model)
-    src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
-           "peft": state.config.to_dict() if state else None}
+    src = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+           "kind": loaded.checkpoint.kind, "peft": state.config.to_dict() if state else None}
     decoder = loaded.checkpoint.decoder_state
     if not is_mergeable(loaded.model):
         extra = {"source": src, **({"decoder_state": decoder} if decoder is not None else {})}
@@ -155,6 +159,14 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
     how = state.config.describe() if state else "no PEFT method (weights copied)"
     return {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True, "model": loaded.spec.name,
             "how": how, "verification": report.to_dict(), "instance_decoder": src.get("instance_decoder")}, report
+
+
+def check_merge_output(output: str | Path, checkpoint: str | Path) -> None:
+    """The merged weights, their sidecar and decoder file must not be (links to) the checkpoint read: refused even
+    with --force (:func:`peft_export.files.refuse_inputs`)."""
+    from peft_export.files import refuse_inputs
+
+    refuse_inputs([output, sidecar_path(output), decoder_path(output)], [checkpoint, sidecar_path(checkpoint)])
 
 
 def decoder_path(path: str | Path) -> Path:

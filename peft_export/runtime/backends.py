@@ -22,8 +22,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from peft_export.errors import UsageError
-from peft_export.manifest import MANIFEST_NAME, read_manifest
+from peft_export.errors import DataError, UsageError
+from peft_export.manifest import MANIFEST_NAME, not_an_export, read_manifest
 from peft_export.options import Options, option
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ BACKENDS: dict[str, str] = {
     "tensorrt": "peft_export.runtime.tensorrt_backend:TensorRTBackend",
     "onnxruntime": "peft_export.runtime.onnx_backend:OnnxBackend",
 }
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def _backend_name(value: str) -> str:
@@ -68,16 +67,6 @@ def is_export_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob("*.onnx")))
 
 
-def not_an_export(path: str | os.PathLike) -> UsageError:
-    """The one line for a path the runtime cannot run: a training checkpoint says how to export it."""
-    p = Path(path)
-    if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return UsageError(f"{p} is a PyTorch checkpoint, not an export: export it first with `peft-export "
-                          f"merge-and-export {p} -o {p.with_suffix('')}_onnx`, then use that folder")
-    if not p.exists():
-        return UsageError(f"export folder not found: {p}")
-    return UsageError(f"{p} is not an export folder (no {MANIFEST_NAME}) nor a bioimage.io package (.zip, or a "
-                      "folder with rdf.yaml)")
 
 
 def choose_backend(folder: Path, manifest, name: str) -> str:
@@ -107,7 +96,7 @@ def open_model(source: str | os.PathLike, options: RuntimeOptions | None = None)
             raise UsageError(f"a bioimage.io package runs with ONNX Runtime, not {opts.backend}")
         return package_backend(path, opts.providers, opts.threads)
     if not path.is_dir() or not (path / MANIFEST_NAME).is_file():
-        raise not_an_export(path)
+        raise DataError(not_an_export(path))  # a checkpoint or a run folder: says how to export it
     manifest = read_manifest(path)
     name = choose_backend(path, manifest, opts.backend)
     backend = backend_class(name).open(path, manifest, opts)

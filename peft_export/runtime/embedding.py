@@ -33,15 +33,18 @@ from peft_export.runtime.tiling import Tile, TileGrid, Tiling
 log = logging.getLogger(__name__)
 
 
-def embed_batched(backend, feeds: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """Embed (1, 3, S, S) inputs (or baked uint8 images) in batches of at most ``batch_size``: (n, C, h, w)."""
+def embed_batched(backend, feeds: list[np.ndarray], batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Embed (1, 3, S, S) inputs (or baked uint8 images) in batches of at most ``batch_size``: (n, C, h, w);
+    ``progress(k)`` after each call of k inputs."""
     limit = backend.info.encoder_batch
     step = max(1, batch_size if limit is None else min(batch_size, limit))
-    if step == 1:
-        return np.concatenate([backend.embed(f) for f in feeds])
     out = []
     for s in range(0, len(feeds), step):
-        out.append(backend.embed(np.concatenate(feeds[s: s + step])))
+        chunk = feeds[s: s + step]
+        out.append(backend.embed(chunk[0] if len(chunk) == 1 else np.concatenate(chunk)))
+        if progress is not None:
+            progress(len(chunk))
     return np.concatenate(out)
 
 
@@ -65,6 +68,7 @@ class ImagePlan:
     geometry: list[ModelInput]  # per tile: window size -> resized size (tensor not kept)
     img_size: int
     recipe: dict = field(default_factory=dict)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message): results may be poor
 
     @property
     def tiles(self) -> list[Tile]:
@@ -123,7 +127,28 @@ def plan_image(shape_hw: tuple[int, int], img_size: int, tiling: Tiling, name: s
                                                             min(img_size, int(t.hw[1] * f + 0.5))), img_size)
                     for t in grid.tiles]
         recipe = {"tiled": True, "tile": tile, "halo": halo, "scale": scale, "img_size": img_size}
-    return ImagePlan(name, (h, w), scaled, tiled, grid, geometry, img_size, recipe)
+    return ImagePlan(name, (h, w), scaled, tiled, grid, geometry, img_size, recipe,
+                     _plan_warnings(name, (h, w), scaled, tiled, tile, img_size))
+
+
+SMALL_FACTOR = 4  # an untiled image enlarged more than this many times is far smaller than the model input
+
+
+def _plan_warnings(name, hw, scaled, tiled, tile, img_size) -> list[tuple[str, str]]:
+    """Where the results will be poor: a tile larger than the image (the image is shrunk like a tile of that
+    size), an image far smaller than the model input (enlarged many times)."""
+    out = []
+    if tiled and tile > max(scaled):
+        f = img_size / tile
+        out.append(("tile", f"{name}: the tile ({tile} px) is larger than the {scaled[1]}x{scaled[0]} image, so the "
+                    f"image is resized by {f:.2g} like a tile of that size (objects {1 / f:.2g}x smaller than at "
+                    f"native resolution); use --tile {img_size} (the model input) unless objects are that large"))
+    if not tiled and max(hw) * SMALL_FACTOR < img_size:
+        f = img_size / max(hw)
+        out.append(("small", f"{name}: the {hw[1]}x{hw[0]} image is far smaller than the model input ({img_size} px)"
+                    f" and is enlarged {f:.0f}x: objects look {f:.0f}x larger than the model saw in training; "
+                    "results will be poor unless they are that small"))
+    return out
 
 
 class TileInputs:
@@ -166,9 +191,10 @@ class TileEmbeddings:
     large images)."""
 
     def __init__(self, backend, inputs: Callable[[int], np.ndarray], n: int, batch_size: int,
-                 stored: np.ndarray | None = None, *, keep: bool = True, progress: Callable[[int], None] | None = None):
+                 stored: np.ndarray | None = None, *, keep: bool = True,
+                 on_tiles: Callable[[int, int], None] | None = None):
         self.backend, self.inputs, self.n, self.batch_size = backend, inputs, n, batch_size
-        self.progress = progress  # progress(k) after k tiles were embedded
+        self.on_tiles = on_tiles  # on_tiles(k, n): k more of the image's n tiles embedded (progress)
         self.keep = keep  # False (lazy images): release() may forget tiles
         self._have: dict[int, np.ndarray] = {}
         self.stored = stored  # (n, C, h, w), e.g. memory-mapped from the cache
@@ -180,13 +206,11 @@ class TileEmbeddings:
         if self.stored is not None:
             return np.asarray(self.stored[idx], np.float32)
         missing = [i for i in dict.fromkeys(idx) if i not in self._have]
-        step = self.batch_size if self.progress is not None else max(1, len(missing))
-        for s in range(0, len(missing), step):  # in encoder batches when progress is reported
-            part = missing[s: s + step]
-            self._have.update(zip(part, embed_batched(self.backend, [self.inputs(i) for i in part], self.batch_size)))
-            self.computed += len(part)
-            if self.progress is not None:
-                self.progress(len(part))
+        if missing:
+            report = None if self.on_tiles is None else (lambda k: self.on_tiles(k, self.n))
+            embs = embed_batched(self.backend, [self.inputs(i) for i in missing], self.batch_size, report)
+            self._have.update(zip(missing, embs))
+            self.computed += len(missing)
         return np.stack([self._have[i] for i in idx])
 
     def all(self) -> np.ndarray:

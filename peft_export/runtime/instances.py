@@ -27,6 +27,8 @@ from pydantic import ConfigDict
 from peft_export.options import Options, option
 
 CHANNELS = ("foreground", "center_distance", "boundary_distance")
+
+
 class InstanceOptions(Options):
     """Post-processing of the instance decoder's maps; the defaults are micro-sam's
     (``InstanceSegmentationWithDecoder.generate``)."""

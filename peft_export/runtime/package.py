@@ -47,18 +47,37 @@ def _rdf_path(folder: Path) -> Path:
     raise DataError(f"{folder} holds no rdf.yaml or bioimageio.yaml: not a bioimage.io package")
 
 
+def unzip_root() -> Path:
+    """Where opened .zip packages are unzipped: one folder per user in the system's temporary folder, entries named
+    like every peft-export temporary (:mod:`peft_export.files`), so that what a killed process left is removed by
+    the next one that opens a package."""
+    root = Path(tempfile.gettempdir()) / f"peft-export-packages-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    return root
+
+
 def _extract(zip_path: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="peft_export_package_"))
+    from peft_export.files import clean_stale, temp_path
+
+    root = unzip_root()
+    clean_stale(root)
+    tmp = temp_path(root / zip_path.name)
     try:
+        tmp.mkdir()
         with zipfile.ZipFile(zip_path) as zf:
             for info in zf.infolist():
                 name = Path(info.filename)
-                if name.is_absolute() or ".." in name.parts:
+                if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
                     raise DataError(f"{zip_path}: unsafe path {info.filename!r} in the package")
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DataError(f"{zip_path}: {info.filename!r} is a symbolic link: refused")
             zf.extractall(tmp)
     except (zipfile.BadZipFile, OSError, DataError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"cannot read package {zip_path}: {first_line(exc)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -70,11 +89,15 @@ def _source(entry: dict, what: str) -> str:
 
 
 def _check_file(folder: Path, entry: dict, what: str) -> Path:
-    p = folder / _source(entry, what)
+    """A file the rdf names: inside the package (no absolute path, no ``..``, no link out), present, and matching
+    its sha256, which is required."""
+    from peft_export.files import member_path, required_sha256
+
+    p = member_path(folder, _source(entry, what), f"the package's {what}")
+    want = required_sha256(entry, str(folder), f"the package's {what} {p.name}")
     if not p.is_file():
         raise DataError(f"the package's {what} {p.name} is missing")
-    want = entry.get("sha256")
-    if want and sha256_file(p) != want:
+    if sha256_file(p) != want:
         raise DataError(f"the package's {what} {p.name} does not match its sha256 in the rdf (modified or corrupt)")
     return p
 
@@ -130,8 +153,6 @@ class PackageModel:
     """An opened package (see the module docstring). ``folder`` holds its files (a temporary copy for a .zip)."""
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None):
-        import yaml
-
         p = Path(path)
         if not p.exists():
             raise DataError(f"package not found: {p}")
@@ -145,9 +166,25 @@ class PackageModel:
             self.folder = p.parent if p.is_file() else p
         self.path = p
         try:
-            self.rdf = yaml.safe_load(_rdf_path(self.folder).read_text())
+            self._open(p, providers, threads)
+        except BaseException:
+            self.close()  # an unzipped copy goes at once, not when the object is collected
+            raise
+
+    def _open(self, p: Path, providers, threads) -> None:
+        import yaml
+
+        from peft_export.files import member_path
+
+        try:
+            rdf_path = member_path(self.folder, _rdf_path(self.folder).name, "the rdf")
+            self.rdf = yaml.safe_load(rdf_path.read_text())
         except yaml.YAMLError as exc:
             raise DataError(f"{p}: its rdf is not valid YAML: {first_line(exc)}") from None
+        except DataError:
+            if self.folder != p:
+                raise DataError(f"{p} holds no rdf.yaml or bioimageio.yaml: not a bioimage.io package") from None
+            raise
         if not isinstance(self.rdf, dict) or self.rdf.get("type") != "model":
             raise DataError(f"{p} is not a bioimage.io model package")
         self.config = (self.rdf.get("config") or {}).get("peft_export") or {}

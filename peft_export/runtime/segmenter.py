@@ -41,7 +41,7 @@ from peft_export.runtime.embedding import (
     recipe_key,
 )
 from peft_export.runtime.pieces import Piece, crop_piece, full_masks, paint
-from peft_export.runtime.strategies import AutoOptions, choose_strategy
+from peft_export.runtime.strategies import GRID_FALLBACK, AutoOptions, choose_strategy
 from peft_export.runtime.tiling import Stitcher, Tiling, check_prompts_inside
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class Segmenter:
         self.plan: ImagePlan | None = None
         self._emb: TileEmbeddings | None = None
         self.cache_hit = False
+        # progress over one image's tiles: on_tiles(k, n) after each encoder call (k more of n tiles embedded)
+        self.on_tiles: Callable[[int, int], None] | None = None
+        self._warned: set[str] = set()  # kinds of plan warnings already given (once per segmenter, not per image)
 
     @property
     def info(self) -> BackendInfo:
@@ -115,10 +118,9 @@ class Segmenter:
         return out
 
     def set_image(self, image: np.ndarray, *, name: str = "image", tile: int | None = None, halo: int | None = None,
-                  scale: float | None = None, tiled: bool | None = None, lazy: bool = False,
-                  progress: Callable[[int], None] | None = None) -> ImagePlan:
-        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed).
-        ``progress(n)`` is called as tiles are embedded (with the count)."""
+                  scale: float | None = None, tiled: bool | None = None, lazy: bool = False) -> ImagePlan:
+        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed; progress
+        over its tiles: ``on_tiles``)."""
         tiling = self._tiling(tile, halo, scale, tiled)
         info = self.info
         inputs = TileInputs(image, info.preprocess, info.baked_preprocessing, name=name)
@@ -131,8 +133,12 @@ class Segmenter:
             if stored is not None:
                 check_stored(stored, plan, info.embedding_shape)
         self.plan, self.cache_hit = plan, stored is not None
+        for kind, msg in plan.warnings:
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning(msg)
         self._emb = TileEmbeddings(self.backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy,
-                                   progress=progress)
+                                   on_tiles=self.on_tiles)
         if stored is None and (not lazy or self.cache is not None):
             embs = self._emb.all()
             if self.cache is not None:
@@ -328,7 +334,11 @@ class Segmenter:
         opts = options or AutoOptions()
         if method is not None:
             opts = opts.replace(method=method)
-        return choose_strategy(self.info, opts)
+        strategy, why = choose_strategy(self.info, opts)
+        if opts.method == "auto" and strategy.name == "grid" and "grid" not in self._warned:
+            self._warned.add("grid")  # results will be poor: said once per segmenter
+            log.warning(GRID_FALLBACK)
+        return strategy, why
 
     def map_tiles(self, fn, *, channels: int | None = None, blend: str = "core", progress=None) -> np.ndarray:
         """A per-tile output stitched over the image: ``fn(embeddings (k, C, h, w)) -> (k, K, S, S)`` float maps

@@ -35,6 +35,9 @@ STRATEGIES: dict[str, str] = {
     "grid": "peft_export.runtime.auto:GridStrategy",
 }
 NEEDS_INSTANCE_DECODER = ("instance",)
+GRID_FALLBACK = ("this model has no instance decoder: automatic segmentation falls back to a grid of point prompts "
+                 "(about 50x slower on a CPU, and weak for models not trained with points); `peft-export finetune "
+                 "--instance-decoder` makes a decoder; --method grid says you want the grid")
 
 
 class AutoOptions(Options):

@@ -31,6 +31,7 @@ from peft_export.errors import (
     VerificationError,
     first_line,
 )
+from peft_export.files import member_path
 from peft_export.manifest import Manifest, read_json_document, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
 
@@ -204,7 +205,7 @@ def read_engine_meta(out_dir: str | os.PathLike, manifest: Manifest | None = Non
         raise DataError(f"{path} is incomplete (needs engines {', '.join(ENGINES)} and tensorrt_version, gpu, "
                         "precision); rebuild with `peft-export build-engine --force`")
     for role, entry in engines.items():
-        p = out_dir / entry["path"]
+        p = member_path(out_dir, entry.get("path") if isinstance(entry, dict) else None, f"the {role} engine")
         if not p.is_file():
             raise DataError(f"{out_dir}: {entry['path']} ({role} engine) listed in {ENGINE_META} is missing; rebuild "
                             f"with `peft-export build-engine {out_dir} --force`")
@@ -388,7 +389,7 @@ class TensorRTBackend:
         runners = {}
         try:
             for role, (fname, _) in ENGINES.items():
-                plan = (self.out_dir / self.meta["engines"][role]["path"]).read_bytes()
+                plan = member_path(self.out_dir, self.meta["engines"][role]["path"], f"the {role} engine").read_bytes()
                 runners[role] = EngineRunner(trt, cudart, plan, fname)
         except BaseException:
             for r in runners.values():
