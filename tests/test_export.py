@@ -462,7 +462,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_export, tmp_path, run_
         (("merge-and-export", ckpt, "-o", str(out), "-p", "bf16"), "unknown precision 'bf16'"),
         (("export", ckpt, "-o", str(out), "--opset", "17"), "--opset 17 is too old"),
         (("export", ckpt, "-o", str(out), "--int8-iou", "1.5"), "--int8-iou must be between 0 and 1"),
-        (("export", ckpt, "-o", str(out), "--atol", "-1"), "--atol and --rtol must be >= 0"),
+        (("export", ckpt, "-o", str(out), "--atol", "-1"), "--atol: Input should be greater than or equal to 0"),
     ]
     for args, expected in cases:
         code, _, err = run_cli(*args)
