@@ -265,6 +265,20 @@ def test_every_recipe_command_line_parses(where, words):
         family.parse({k[len(prefix):].replace("__", "."): v for k, v in ctx.params.items() if k.startswith(prefix)})
 
 
+def test_recipes_write_distinct_outputs():
+    """The recipes run one after another as written: no two write the same output (no command overwrites one
+    without --force), except a line that says --force or --resume."""
+    seen: dict[str, str] = {}
+    for where, words in RECIPE_LINES:
+        if "--force" in words or "--resume" in words:
+            continue
+        for i, w in enumerate(words[:-1]):
+            if w in ("-o", "--out", "--output", "--overlay"):
+                out = words[i + 1].rstrip("/")
+                assert out not in seen, f"{where} writes {out}, as {seen[out]} does"
+                seen[out] = where
+
+
 def test_a_wrong_recipe_line_does_not_parse():
     cmd = COMMANDS["predict"]
     with pytest.raises(Exception, match="--nope"):

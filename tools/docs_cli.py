@@ -151,7 +151,7 @@ def _flag_forms(f) -> list[str]:
 
 def _kind_text(f) -> str:
     if f.choices:
-        return " \\| ".join(f.choices)
+        return " | ".join(f.choices)
     base = {int: "integer", float: "number", bool: "flag", str: "text"}.get(f.kind, getattr(f.kind, "__name__", "?"))
     if f.repeat:
         return f"{base} (repeat the flag)"
@@ -268,7 +268,7 @@ def command_section(c: Command) -> str:
                   "|---|---|---|---|---|"]
         for _, _, f in entries:
             flags = ", ".join(f"`{x}`" for x in _flag_forms(f))
-            lines.append(f"| {flags} | {_kind_text(f)} | {cell(f.shown_default() or '')} | {cell(f.help)} | "
+            lines.append(f"| {flags} | {cell(_kind_text(f))} | {cell(f.shown_default() or '')} | {cell(f.help)} | "
                          f"`{f.name}` |")
         lines.append("")
     return "\n".join(lines)
