@@ -412,3 +412,44 @@ def test_the_file_formats_page_names_what_the_code_writes():
     body = body[body.index("return {"):body.index("\n    }\n")]
     for key in re.findall(r'^\s+"(\w+)":', body, re.M):
         assert f"`{key}`" in page, f"engine.json key {key} is not documented"
+
+
+# ---- the generators on their own (fast) ------------------------------------------------------------------------
+
+@pytest.fixture
+def tools_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+
+
+def test_a_new_bench_json_of_unknown_kind_gets_a_page_with_its_values(tools_on_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    import docs_bench
+
+    path = tmp_path / "bench_new_thing.json"
+    path.write_text(json.dumps({"machine": {"cpu": "Some CPU", "cpu_count": 8, "gpus": ["Some GPU"]},
+                                "figures": {"speedup": 1.23, "rows": [{"case": "a", "ms": 4.5}]}}))
+    page = docs_bench.render(tmp_path, path)
+    assert page.uri == "benchmarks/bench_new_thing.md"
+    for shown in ("Some CPU", "Some GPU", "| cores | 8 |", "`figures.speedup` | 1.23", "`figures.rows[0].ms` | 4.5",
+                  "not committed yet"):
+        assert shown in page.markdown, shown
+
+
+def test_the_error_index_renders_f_string_messages(tools_on_path, tmp_path):
+    import docs_errors
+
+    (tmp_path / "peft_export").mkdir()
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "peft_export" / "thing.py").write_text(
+        "from peft_export.errors import DataError, UsageError\n"
+        "def f(p, n):\n"
+        "    raise DataError(f\"{p.name}: {n} planes\" + \" (one expected)\")\n"
+        "def g():\n"
+        "    raise UsageError('plain text')\n"
+        "def h():\n"
+        "    raise ValueError('not a user error')\n")
+    msgs = docs_errors.collect(tmp_path)
+    assert [(m.kind, m.text) for m in msgs] == [("DataError", "{p.name}: {n} planes (one expected)"),
+                                                ("UsageError", "plain text")]
