@@ -437,6 +437,21 @@ def test_a_new_bench_json_of_unknown_kind_gets_a_page_with_its_values(tools_on_p
         assert shown in page.markdown, shown
 
 
+def test_the_benchmark_pages_commands_exist(tools_on_path):
+    """The command lines the benchmark pages show for JSONs that do not record theirs: real flags, parsing."""
+    import docs_bench
+
+    problems: list[str] = []
+    for stem, line in docs_bench.COMMANDS.items():
+        assert (DOCS / f"{stem}.json").is_file(), f"COMMANDS names {stem}, which has no JSON"
+        for words in _segments(line):
+            _check_words(words, f"docs_bench.COMMANDS[{stem}]", problems)
+            cmd, args = _split_command(words)
+            if cmd:
+                COMMANDS[cmd].make_context(f"{PROG} {cmd}", list(args))
+    assert not problems, "\n".join(problems)
+
+
 def test_the_error_index_renders_f_string_messages(tools_on_path, tmp_path):
     import docs_errors
 

@@ -298,7 +298,7 @@ def render(root: Path, path: Path) -> BenchPage:
             "!!! note \"Generated\"",
             f"    Rendered from [`docs/{path.name}`](../{path.name}) when the site is built (`tools/docs_bench.py`);",
             "    no figure on this page is typed by hand.", "",
-            "| | |", "|---|---|",
+            "| provenance | |", "|---|---|",
             f"| file | `docs/{path.name}` |",
             f"| recorded | {recorded} |"]
     head += [f"| {k} | {_cell(v)} |" for k, v in machine.items()]
