@@ -301,9 +301,9 @@ def options_page() -> str:
                   + ", ".join(f"[`{PROG} {u}`](cli.md#{anchor_of(u)})" for u in used), ""]
         if doc:
             lines += [md_escape(" ".join(doc.split("\n\n")[0].split())), ""]
-        lines += ["| key | flag | type | default | constraints | help |", "|---|---|---|---|---|---|"]
+        lines += ["| key | flag | type | default | help |", "|---|---|---|---|---|"]
         for r in family_rows(model):
             flags = r["flags"] or "*(Python / config only)*"
-            lines.append(f"| `{r['key']}` | {flags} | {cell(r['type'])} | {cell(r['default'])} | "
-                         f"{cell(r['constraints'])} | {cell(r['help'])} |")
+            kind = r["type"] + (f" ({r['constraints']})" if r["constraints"] else "")
+            lines.append(f"| `{r['key']}` | {flags} | {cell(kind)} | {cell(r['default'])} | {cell(r['help'])} |")
     return "\n".join(lines) + "\n"
