@@ -53,8 +53,8 @@ def disks(tmp_path_factory):
 
 def _argv(data, out, *extra: str) -> list[str]:
     return ["benchmark", "study", "--model", "tinyvit_tiny", "--data", str(data), "--methods", "lora", "--rank", "4",
-            "--placements", "all,late:1,late:9", "--budget", str(STEPS), "--objects-per-image", "2", "--memory-steps", "1",
-            "--keep-checkpoints", "-o", str(out), *extra]
+            "--placements", "all,late:1,late:9", "--budget", str(STEPS), "--objects-per-image", "2",
+            "--memory-steps", "1", "--keep-checkpoints", "-o", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
