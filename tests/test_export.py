@@ -457,11 +457,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_export, tmp_path, run_
         (("export", "vit_tiny", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(out)), "not found"),
         (("merge-and-export", str(tmp_path / "missing.pt"), "-o", str(out)), "not found"),
         (("merge-and-export", str(plain), "-o", str(out)), "--model is required"),
-        (("merge-and-export", ckpt, "-o", str(out), "--from", "keras"), "--from must be one of"),
-        (("export", ckpt, "-o", str(out), "--precision", "int4"), "unknown precision 'int4'"),
-        (("merge-and-export", ckpt, "-o", str(out), "-p", "bf16"), "unknown precision 'bf16'"),
-        (("export", ckpt, "-o", str(out), "--opset", "17"), "--opset 17 is too old"),
-        (("export", ckpt, "-o", str(out), "--int8-iou", "1.5"), "--int8-iou must be between 0 and 1"),
+        (("merge-and-export", ckpt, "-o", str(out), "--from", "keras"), "--from: unknown value 'keras'; choose from auto, peft-export, micro-sam"),
+        (("export", ckpt, "-o", str(out), "--precision", "int4"), "--precision: unknown value 'int4'"),
+        (("merge-and-export", ckpt, "-o", str(out), "-p", "bf16"), "--precision: unknown value 'bf16'"),
+        (("export", ckpt, "-o", str(out), "--opset", "17"), "--opset: Input should be greater than or equal to 18"),
+        (("export", ckpt, "-o", str(out), "--int8-iou", "1.5"), "--int8-iou: Input should be less than or equal to 1"),
         (("export", ckpt, "-o", str(out), "--atol", "-1"), "--atol: Input should be greater than or equal to 0"),
     ]
     for args, expected in cases:

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -73,10 +72,9 @@ class Int8Result:
 
 def encoder_inputs(images: list[CalImage], spec: PreprocessSpec, baked: bool) -> list[tuple[np.ndarray, object]]:
     """(encoder feed, geometry) per image, exactly as the runtime prepares them."""
-    from peft_export.runtime.backend import prepare_input
+    from peft_export.runtime.backend import prepare_image
 
-    be = SimpleNamespace(preprocess=spec, baked=baked)
-    return [prepare_input(be, c.image, name=c.name) for c in images]
+    return [prepare_image(c.image, spec, baked=baked, name=c.name) for c in images]
 
 
 def gate_prompts(image: CalImage, prepared, multimask: bool, max_objects: int = 16

@@ -110,14 +110,19 @@ def select_masks(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple
 
 
 def prepare_input(backend: Backend, image: np.ndarray, *, name: str = "image") -> tuple[np.ndarray, ModelInput]:
-    """What ``backend.embed`` takes for ``image``, and the geometry to map prompts and masks.
+    """What ``backend.embed`` takes for ``image``, and the geometry to map prompts and masks."""
+    return prepare_image(image, backend.info.preprocess, baked=backend.info.baked_preprocessing, name=name)
+
+
+def prepare_image(image: np.ndarray, spec: PreprocessSpec, *, baked: bool = False,
+                  name: str = "image") -> tuple[np.ndarray, ModelInput]:
+    """The encoder feed for ``image`` under ``spec``, and its geometry.
 
     Normally the fully preprocessed (1, 3, S, S) float32 tensor. For an export with preprocessing baked into the
     encoder graph: the resized image as uint8 (h', w', 3) on a 0-255 scale (the graph normalises and pads).
     """
-    spec = backend.info.preprocess
     h, w = np.asarray(image).shape[:2]
-    if backend.info.baked_preprocessing:
+    if baked:
         scaled = to_uint8_scale(image)  # uint8 as is, other types min-max scaled to 0-255
         as_u8 = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
         resized = resize_for_model(as_u8, PreprocessSpec(spec.img_size, "sam"), name=name)
