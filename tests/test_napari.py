@@ -205,8 +205,8 @@ def test_bad_models_give_one_notification(viewer, tiny_export, tmp_path, notes):
         z.write(pkg / "rdf.yaml", "rdf.yaml")
     cases = [
         (tmp_path / "not_export", "has no manifest.json"),
-        (tiny_export.checkpoint, f"peft-export merge-and-export {tiny_export.checkpoint} -o DIR"),
-        (tiny_export.checkpoint.parent, "is a training run, not an export: export it first"),
+        (tiny_export.checkpoint, f"export it first with `peft-export merge-and-export {tiny_export.checkpoint} -o "),
+        (tiny_export.checkpoint.parent, "is a training run folder, not an export folder: export its checkpoint"),
         (pkg, "has no ONNX weights"),
         (tmp_path / "empty.zip", "has no ONNX weights"),
         (tmp_path / "missing", "not found"),
@@ -318,7 +318,7 @@ def test_segment_everything_equals_predict_auto(viewer, qtbot, tiny_export, inst
     got = viewer.layers["img objects"].data
     want = _cli_auto(run_cli, tiny_export.out_dir, tmp_path / "img.tif", tmp_path / "grid.tif", *GRID)
     assert want.max() >= 2 and np.array_equal(got, want)
-    assert ("info", f"segment everything (point grid): {want.max()} objects") in notes
+    assert ("info", f"segment everything (a grid of point prompts): {want.max()} objects") in notes
 
     # with a prompted object: automatic ids start above it, and the object is decoded again on top
     shapes, _ = w.add_prompt_layers()
@@ -340,7 +340,8 @@ def test_segment_everything_equals_predict_auto(viewer, qtbot, tiny_export, inst
     got = viewer.layers["img objects"].data
     want = _cli_auto(run_cli, inst_export, tmp_path / "img.tif", tmp_path / "inst.tif")
     assert want.max() >= 1 and np.array_equal(got, want)
-    assert ("info", f"segment everything (instance decoder): {len(np.unique(want)) - 1} objects") in notes
+    assert ("info", "segment everything (the instance decoder + seeded watershed (micro-sam's AIS)): "
+                    f"{len(np.unique(want)) - 1} objects") in notes
     assert not errors(notes)
 
 

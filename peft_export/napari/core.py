@@ -1,6 +1,6 @@
 """What the napari widget does, without Qt or napari: open a model, say what it is, turn layer data into prompts,
-decode them with the Segmenter, segment everything through ``predict``'s own dispatch, and save annotations in the
-CLI's formats. numpy + the torch-free runtime only.
+decode them with the Segmenter, segment everything as ``predict --auto`` does, and save annotations in the CLI's
+formats. numpy + the torch-free runtime only.
 
 Coordinates: napari layers hold (…, y, x) (a stack: (z, y, x)); the runtime and the prompt files take x, y image
 pixels. An object is one id in the labels layer; its prompt is at most one box (the ``object`` feature of a Shapes
@@ -16,25 +16,20 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from peft_export.errors import DataError, UsageError
-from peft_export.runtime.auto import AutoConfig, auto_steps
-from peft_export.runtime.batch import PredictRequest, segment_current, segment_image
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-RUN_CHECKPOINTS = ("best.pt", "latest.pt")
-
+from peft_export.runtime.backend import BackendInfo
+from peft_export.runtime.strategies import AutoOptions
 
 # ---- the model -------------------------------------------------------------------------------------------
 
-def open_segmenter(path: str | Path, backend: str = "onnxruntime", cache: str | Path | None = None):
-    """A Segmenter on an export folder or a bioimage.io package; one clear error for anything else (a training
-    checkpoint or run folder: how to export it)."""
-    from peft_export.runtime.package import is_package
+
+def open_segmenter(path: str | Path, backend: str = "auto", cache: str | Path | None = None):
+    """A Segmenter on an export folder or a bioimage.io package (``runtime.backends.open_model``: a checkpoint or a
+    run folder gets the command that exports it)."""
+    from peft_export.runtime.backends import RuntimeOptions
     from peft_export.runtime.segmenter import Segmenter
 
     text = str(path).strip()
@@ -43,50 +38,18 @@ def open_segmenter(path: str | Path, backend: str = "onnxruntime", cache: str | 
     p = Path(text).expanduser()
     if not p.exists():
         raise DataError(f"not found: {p}")
-    if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise UsageError(f"{p.name} is a training checkpoint, not an export: export it first, with "
-                         f"`peft-export merge-and-export {p} -o DIR`, then open DIR")
-    if p.is_dir() and not (p / "manifest.json").is_file():
-        run = [p / n for n in RUN_CHECKPOINTS if (p / n).is_file()]
-        if run:
-            raise UsageError(f"{p} is a training run, not an export: export it first, with "
-                             f"`peft-export merge-and-export {run[0]} -o DIR`, then open DIR")
     cache = str(cache).strip() if cache is not None and str(cache).strip() else None
-    if is_package(p):
-        return Segmenter.from_package(p, backend=backend, cache=cache)
-    if p.is_file():
-        raise UsageError(f"{p.name} is neither an export folder nor a bioimage.io package (.zip or rdf.yaml)")
-    return Segmenter(p, backend=backend, cache=cache)
+    return Segmenter(p, runtime=RuntimeOptions.parse({"backend": backend}), cache=cache)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    source: str
-    model: str
-    backend: str
-    device: str
-    precision: str
-    instance_decoder: bool
-    prompts: bool  # False for an instance package (no prompt decoder)
-
-    def text(self) -> str:
-        return (f"model: {self.model}\nbackend: {self.backend} ({self.device})\nprecision: {self.precision}\n"
-                f"instance decoder: {'yes' if self.instance_decoder else 'no'}"
-                + ("" if self.prompts else "\nprompts: no (an instance package has no prompt decoder)"))
-
-
-def model_info(seg, source: str | Path) -> ModelInfo:
-    """What the widget shows about the open model. (Read from the backend's manifest; the runtime's BackendInfo
-    record replaces this when it lands.)"""
-    from peft_export.runtime.backend import on_gpu
-    from peft_export.runtime.instances import has_instance_decoder
-
-    b = seg.backend
-    m = b.manifest
-    providers = getattr(b, "providers", None) or []
-    device = providers[0].replace("ExecutionProvider", "") if providers else ("GPU" if on_gpu(b) else "CPU")
-    return ModelInfo(str(source), m.model, b.name, device, m.precision, bool(has_instance_decoder(b)),
-                     "decoder_lowres" in m.files)
+def describe_model(info: BackendInfo) -> str:
+    """What the widget shows about the open model (its ``BackendInfo``)."""
+    providers = list(info.details.get("providers") or [])
+    device = providers[0].replace("ExecutionProvider", "") if providers else ("GPU" if info.on_gpu else "CPU")
+    precision = info.precision if info.compute in (info.precision, "fp32") else f"{info.precision} ({info.compute})"
+    return (f"model: {info.model}\nbackend: {info.name} ({device})\nprecision: {precision}\n"
+            f"instance decoder: {'yes' if info.instance_decoder else 'no'}"
+            + ("" if info.prompt_decoder else "\nprompts: no (an instance package has no prompt decoder)"))
 
 
 # ---- images ----------------------------------------------------------------------------------------------
@@ -193,47 +156,19 @@ def paint_object(plane_labels: np.ndarray, object_id: int, mask: np.ndarray | No
 
 # ---- segment everything ----------------------------------------------------------------------------------
 
-class AutoSettings(BaseModel):
-    """Automatic segmentation in the widget: ``predict --auto``'s method and point-grid options."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["auto", "instance", "grid"] = Field(
-        "auto", description="instance: the export's instance decoder; grid: point-grid prompts; auto: instance when "
-                            "the export has one")
-    points_per_side: int = Field(AutoConfig.points_per_side, ge=1, le=256,
-                                 description="grid: points per side (of each tile when tiled)")
-    pred_iou_thresh: float = Field(AutoConfig.pred_iou_thresh, ge=0, le=1,
-                                   description="grid: minimum predicted IoU of a mask")
-    stability_thresh: float = Field(AutoConfig.stability_thresh, ge=0, le=1,
-                                    description="grid: minimum stability score of a mask")
-    min_area: int = Field(AutoConfig.min_area, ge=0, description="grid: smallest object in pixels")
-
-    def request(self, seg) -> PredictRequest:
-        """``predict --auto``'s request, its method resolved for ``seg``'s export."""
-        from peft_export.runtime.instances import resolve_method
-
-        cfg = AutoConfig(points_per_side=self.points_per_side, pred_iou_thresh=self.pred_iou_thresh,
-                         stability_thresh=self.stability_thresh, min_area=self.min_area)
-        return PredictRequest("auto", None, cfg, method=resolve_method(seg.backend, self.method))
+def auto_options(method: str = "auto", **grid) -> AutoOptions:
+    """``predict --auto``'s options (:class:`~peft_export.runtime.strategies.AutoOptions`): the method and the
+    grid strategy's settings by field name; one line for a bad value."""
+    return AutoOptions.parse({"method": method, **{f"grid.{k}": v for k, v in grid.items()}})
 
 
-def auto_total(seg, req: PredictRequest) -> int:
-    """Progress steps of automatic segmentation on ``seg``'s current image (what ``predict``'s bar counts)."""
-    from peft_export.runtime.instances import auto_note
-
-    return int(auto_note(req.method, seg.backend, None, auto_steps)(seg, req.auto))
-
-
-def segment_plane(seg, req: PredictRequest, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Automatic segmentation of ``seg``'s current (embedded) image: ``predict --auto``'s dispatch."""
-    labels, _ = segment_current(seg, req, None, progress)
-    return labels
-
-
-def segment_planes(seg, planes: Iterable[np.ndarray], req: PredictRequest, names: Iterable[str],
+def segment_planes(seg, planes: Iterable[np.ndarray], options: AutoOptions, names: Iterable[str],
                    on_plane: Callable[[int], None] | None = None, progress=None) -> list[np.ndarray]:
-    """Every plane of a stack, one at a time, as ``predict`` segments a stack (``runtime.batch.segment_image``)."""
+    """Every plane of a stack, one at a time, as ``predict --auto`` segments a stack (``runtime.batch.segment_image``:
+    the plane set lazily, then ``Segmenter.segment``)."""
+    from peft_export.runtime.batch import PredictRequest, segment_image
+
+    req = PredictRequest("auto", auto=options)
     out = []
     for k, (plane, name) in enumerate(zip(planes, names)):
         labels, _ = segment_image(seg, plane, req, None, name, progress)
@@ -298,12 +233,13 @@ def points_csv(prompts: dict[int, ObjectPrompt]) -> str | None:
 
 
 def save_annotations(folder: str | Path, annotations: list[Annotation], *, overwrite: bool = False) -> list[Path]:
-    """Write each annotation's image, labels and prompt files (each file atomically; everything is checked and
-    formatted before the first file is written). Existing files are refused unless ``overwrite``; then prompt
-    files the annotation no longer has are removed."""
+    """Write each annotation's image, labels and prompt files, all together (``peft_export.files.together``: every
+    file under a temporary name first, moved into place only when all were written; otherwise none). Existing files
+    are refused unless ``overwrite``; then prompt files the annotation no longer has are removed."""
     import tifffile
 
-    from peft_export.data.io import atomic_write, write_labels
+    from peft_export.data.io import write_labels
+    from peft_export.files import atomic_write, together
 
     if not annotations:
         raise UsageError("nothing to save: no labels or prompts on the chosen plane(s)")
@@ -326,10 +262,9 @@ def save_annotations(folder: str | Path, annotations: list[Annotation], *, overw
                 jobs.append((paths[role], lambda p=paths[role], t=text: atomic_write(p, lambda tmp: tmp.write_text(t))))
             elif paths[role].exists():
                 stale.append(paths[role])
-    written = []
-    for path, write in jobs:
-        write()
-        written.append(path)
+    with together():
+        for _path, write in jobs:
+            write()
     for p in stale:
         p.unlink()
-    return written
+    return [path for path, _ in jobs]

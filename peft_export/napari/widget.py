@@ -44,10 +44,15 @@ from superqt.utils import ensure_main_thread
 
 from peft_export.errors import PeftExportError, UsageError, first_line
 from peft_export.napari import core
+from peft_export.runtime.auto import GridOptions
+from peft_export.runtime.backend import BackendInfo
+from peft_export.runtime.backends import BACKENDS as REGISTERED
+from peft_export.runtime.strategies import AutoOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("auto", *REGISTERED)  # the runtime's registry (--backend)
+GRID_FIELDS = ("points_per_side", "pred_iou_thresh", "stability_thresh", "min_area")  # shown in the widget
 SCOPES = ("current plane", "whole stack")
 POSITIVE, NEGATIVE = "#33ff33", "#ff3333"
 BOX_COLOR = "#ffd000"
@@ -100,13 +105,19 @@ class _Progress:
         self.done += int(n)
         self.widget._show_progress(self.what, self.done, self.total)
 
+    def tiles(self, k: int, n: int) -> None:
+        """``Segmenter.on_tiles``: k more of the image's n tiles embedded."""
+        if self.what != "embedding tiles" or self.total != n:
+            self.phase("embedding tiles", n)
+        self(k)
+
 
 class SegmenterWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
         self.seg = None
-        self.info: core.ModelInfo | None = None
+        self.info: BackendInfo | None = None
         self._embedded: tuple | None = None  # (layer unique_id, plane, data id) whose embedding the segmenter has
         self._decoded: dict[tuple, tuple] = {}  # (image name, plane, object id) -> the prompt painted for it
         self._worker = None
@@ -206,12 +217,12 @@ class SegmenterWidget(QWidget):
 
         box = QGroupBox("Segment everything")
         form = QFormLayout(box)
-        d = core.AutoSettings()
+        d, fields = GridOptions(), GridOptions.model_fields
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
         self.method_combo = QComboBox()
-        self.method_combo.addItems(["auto", "instance", "grid"])
-        self.method_combo.setToolTip(core.AutoSettings.model_fields["method"].description)
+        self.method_combo.addItems(list(AutoOptions.model_fields["method"].annotation.__args__))
+        self.method_combo.setToolTip(AutoOptions.model_fields["method"].description)
         self.pps_spin = QSpinBox()
         self.pps_spin.setRange(1, 256)
         self.pps_spin.setValue(d.points_per_side)
@@ -224,9 +235,8 @@ class SegmenterWidget(QWidget):
         self.area_spin = QSpinBox()
         self.area_spin.setRange(0, 10**9)
         self.area_spin.setValue(d.min_area)
-        for name, spin in (("points_per_side", self.pps_spin), ("pred_iou_thresh", self.iou_spin),
-                           ("stability_thresh", self.stab_spin), ("min_area", self.area_spin)):
-            spin.setToolTip(core.AutoSettings.model_fields[name].description)
+        for name, spin in zip(GRID_FIELDS, (self.pps_spin, self.iou_spin, self.stab_spin, self.area_spin)):
+            spin.setToolTip(f"grid: {fields[name].description}")
         self.auto_btn = QPushButton("Segment everything")
         self.auto_btn.clicked.connect(lambda: self.segment_everything())
         form.addRow("scope", self.scope_combo)
@@ -266,7 +276,7 @@ class SegmenterWidget(QWidget):
 
     def _update_state(self) -> None:
         idle, ready = not self.busy, self.seg is not None
-        prompts = ready and bool(self.info and self.info.prompts)
+        prompts = ready and bool(self.info and self.info.prompt_decoder)
         for w in (self.open_btn, self.save_btn):
             w.setEnabled(idle)
         self.embed_btn.setEnabled(idle and ready)
@@ -326,17 +336,17 @@ class SegmenterWidget(QWidget):
         self.path_edit.setText(path)
         cache = self.cache_edit.text().strip() or None
         seg = core.open_segmenter(path, self.backend_combo.currentText(), cache)
-        info = core.model_info(seg, path)
+        info = seg.info
         self.seg, self.info = seg, info
         self._embedded = None
         self._decoded.clear()
-        self.info_label.setText(info.text())
+        self.info_label.setText(core.describe_model(info))
         self._settings.setValue("model_path", str(Path(path).expanduser()))
         self._settings.setValue("cache", cache or "")
         self._settings.sync()
         self._update_state()
         self._show_plane_state()
-        show_info(f"opened {info.model} ({info.precision}, {info.backend}) from {Path(path).name}")
+        show_info(f"opened {info.model} ({info.precision}, {info.name}) from {Path(path).name}")
         return True
 
     def _require_model(self):
@@ -548,7 +558,7 @@ class SegmenterWidget(QWidget):
         gone = [oid for oid in mine if oid not in prompts or not prompts[oid].decodable]
         if not todo and not gone:
             return 0
-        if todo and not self.info.prompts:
+        if todo and not self.info.prompt_decoder:
             raise UsageError(f"{self.info.source} is an instance package: it has no prompt decoder (use Segment "
                              "everything, or package an export without an instance decoder)")
         if todo and self._embedded != self._key(image, plane):
@@ -618,28 +628,33 @@ class SegmenterWidget(QWidget):
             self._pending_prompts = False
             self.status_label.setText(f"{self._job}: cancelling…")
 
-    def _tiles(self, seg, hw: tuple[int, int]) -> int:
-        from peft_export.runtime.embedding import plan_image
-
-        return len(plan_image(hw, seg.img_size, seg.tiling_for()).grid)
+    @staticmethod
+    def _embed_plane(seg, progress, pixels: np.ndarray, name: str, *, lazy: bool = False) -> None:
+        """``Segmenter.set_image`` with its tile progress (``on_tiles``) on the worker's bar (Cancel stops it
+        between encoder calls: nothing is cached)."""
+        seg.on_tiles = progress.tiles
+        try:
+            seg.set_image(pixels, name=name, lazy=lazy)
+        finally:
+            seg.on_tiles = None
 
     @guarded("embedding")
     def embed(self, then=None):
         """Embed the current image (the plane shown, for a stack) in a worker; ``then()`` after it succeeded."""
         seg = self._require_model()
         image = self._image_layer()
-        _, hw = self._layout(image)
+        self._layout(image)
         plane = self._plane(image)
         pixels, name, key = self._pixels(image, plane), self._plane_name(image, plane), self._key(image, plane)
-        tiles = self._tiles(seg, hw)
 
         def job(progress):
-            progress.phase("embedding tiles", tiles)
-            seg.set_image(pixels, name=name, progress=progress)
-            return bool(seg.cache_hit)
+            self._embed_plane(seg, progress, pixels, name)
+            return bool(seg.cache_hit), len(seg.plan.grid)
 
-        def done(hit):
+        def done(result):
+            hit, tiles = result
             self._embedded = key
+            self._show_progress("embedding tiles", tiles, tiles)
             if then is not None:
                 then()
             self.status_label.setText(f"{name}: embedded, {tiles} tile{'s' * (tiles > 1)}"
@@ -647,15 +662,10 @@ class SegmenterWidget(QWidget):
 
         return self._start("embedding", job, done, invalidates=True)
 
-    def auto_settings(self) -> core.AutoSettings:
-        from pydantic import ValidationError
-
-        try:
-            return core.AutoSettings(method=self.method_combo.currentText(), points_per_side=self.pps_spin.value(),
-                                     pred_iou_thresh=self.iou_spin.value(), stability_thresh=self.stab_spin.value(),
-                                     min_area=self.area_spin.value())
-        except ValidationError as exc:
-            raise UsageError(f"segment everything: {first_line(exc)}") from None
+    def auto_options(self) -> AutoOptions:
+        """``predict --auto``'s options from the widget's controls."""
+        values = (self.pps_spin.value(), self.iou_spin.value(), self.stab_spin.value(), self.area_spin.value())
+        return core.auto_options(self.method_combo.currentText(), **dict(zip(GRID_FIELDS, values)))
 
     @guarded("segment everything")
     def segment_everything(self, scope: str | None = None):
@@ -663,43 +673,46 @@ class SegmenterWidget(QWidget):
         the labels layer gets the result only when it finished (the plane's or stack's labels are replaced)."""
         seg = self._require_model()
         image = self._image_layer()
-        planes, hw = self._layout(image)
+        planes, _hw = self._layout(image)
         scope = scope or ("stack" if self.scope_combo.currentText() == SCOPES[1] else "plane")
         if scope not in ("plane", "stack"):
             raise UsageError(f"scope must be plane or stack, got {scope!r}")
-        req = self.auto_settings().request(seg)
+        options = self.auto_options()
+        strategy, _why = seg.strategy(options)  # chosen once, from the model's BackendInfo (a bad choice: one line)
         if scope == "stack" and image.ndim == 3:
             data, names = self._data(image), [self._plane_name(image, (k,)) for k in range(planes)]
 
             def job(progress):
                 progress.phase("segmenting planes", planes)
-                return core.segment_planes(seg, (np.asarray(data[k]) for k in range(planes)), req, names,
-                                           on_plane=lambda _k: progress(1), progress=progress.check)
+                seg.on_tiles = lambda _k, _n: progress.check()  # lazy planes embed tile by tile: Cancel between
+                try:
+                    return core.segment_planes(seg, (np.asarray(data[k]) for k in range(planes)), options, names,
+                                               on_plane=lambda _k: progress(1), progress=progress.check)
+                finally:
+                    seg.on_tiles = None
 
             def done(result):
-                self._embedded = self._key(image, (planes - 1,))  # segment_image left the last plane set
-                self._put_auto(image, [(k,) for k in range(planes)], result)
+                self._put_auto(image, [(k,) for k in range(planes)], result, strategy)
 
             return self._start("segment everything", job, done, invalidates=True)
         plane = self._plane(image)
         key = self._key(image, plane)
         ready = self._embedded == key
-        pixels, name, tiles = self._pixels(image, plane), self._plane_name(image, plane), self._tiles(seg, hw)
+        pixels, name = self._pixels(image, plane), self._plane_name(image, plane)
 
         def job(progress):
             if not ready:
-                progress.phase("embedding tiles", tiles)
-                seg.set_image(pixels, name=name, progress=progress)
-            progress.phase("segmenting", core.auto_total(seg, req))
-            return core.segment_plane(seg, req, progress)
+                self._embed_plane(seg, progress, pixels, name)
+            progress.phase("segmenting", strategy.steps(seg))
+            return seg.segment(options, progress=progress)  # what predict --auto runs on an image
 
         def done(result):
             self._embedded = key
-            self._put_auto(image, [plane], [result])
+            self._put_auto(image, [plane], [result], strategy)
 
         return self._start("segment everything", job, done, invalidates=not ready)
 
-    def _put_auto(self, image, planes: list[tuple[int, ...]], results: list[np.ndarray]) -> None:
+    def _put_auto(self, image, planes: list[tuple[int, ...]], results: list[np.ndarray], strategy) -> None:
         """Automatic labels into the labels layer (ids above every prompted object's), then prompted objects of
         the current plane decoded on top again."""
         labels = self._labels_layer(image, create=True)
@@ -717,15 +730,9 @@ class SegmenterWidget(QWidget):
                 del self._decoded[k]
         labels.refresh()
         n = sum(len(np.unique(r[r > 0])) for r in results)
-        show_info(f"segment everything ({self._method_name()}): {n} objects")
+        show_info(f"segment everything ({strategy.description}): {n} objects")
         if offset:
             self.segment_prompts()
-
-    def _method_name(self) -> str:
-        from peft_export.runtime.instances import resolve_method
-
-        method = resolve_method(self.seg.backend, self.method_combo.currentText())
-        return "instance decoder" if method == "instance" else "point grid"
 
     # ---- saving ------------------------------------------------------------------------------------------
 
