@@ -61,10 +61,16 @@ def _canvas_problem() -> str | None:
 
 
 @pytest.fixture
-def viewer(make_napari_viewer, tmp_path, monkeypatch):
+def canvas():
+    """Skip (saying why) where napari cannot draw, before napari's own fixtures are set up (their teardown
+    expects a test that ran)."""
     problem = _canvas_problem()
     if problem:
         pytest.skip(problem)
+
+
+@pytest.fixture
+def viewer(canvas, make_napari_viewer, tmp_path):
     from qtpy.QtCore import QSettings
 
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "qsettings"))
