@@ -8,12 +8,24 @@ import typer
 from rich.table import Table
 
 from peft_export.errors import UsageError
+from peft_export.runtime.strategy import AutoOptions
 from peft_export_cli import common
-from peft_export_cli.commands.predict import BATCH_HELP, HALO_HELP, NO_TILE_HELP, SCALE_HELP, TILE_HELP, tiling_options
+from peft_export_cli.commands.predict import (
+    AUTO_PANEL,
+    BATCH_HELP,
+    HALO_HELP,
+    METHOD_HELP,
+    NO_TILE_HELP,
+    SCALE_HELP,
+    TILE_HELP,
+    tiling_options,
+)
+from peft_export_cli.model_options import with_model_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
+    @with_model_options(AutoOptions, "auto_options", panel=AUTO_PANEL)
     def evaluate_cmd(
         model: str = typer.Argument("lite_medsam", help="Zoo model name, a checkpoint file, or an export folder."),
         checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Weights for a zoo MODEL."),
@@ -25,9 +37,7 @@ def register(app: typer.Typer) -> None:
         prompts: str = typer.Option("box,point", help="Comma-separated prompt types: box, point, auto."),
         auto: bool = typer.Option(False, "--auto", help="Automatic segmentation without prompts instead: mSA, "
                                   "precision / recall / F1 at IoU 0.5, object counts (see --method)."),
-        method: str = typer.Option("auto", "--method", help="--auto with: instance (the instance decoder, from "
-                                   "finetune --instance-decoder), grid (point grid), auto: instance when the model "
-                                   "has one."),
+        method: str = typer.Option("auto", "--method", help=METHOD_HELP),
         backend: str = typer.Option("auto", help="auto (torch for checkpoints, onnxruntime for export folders), "
                                     "torch, onnxruntime or tensorrt."),
         device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
@@ -38,6 +48,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        auto_options: AutoOptions = None,
     ):
         """Mean IoU and mSA of box / point / automatic prompts against instance labels.
 
@@ -64,13 +75,20 @@ def register(app: typer.Typer) -> None:
         if not kinds:
             raise UsageError("--prompts is empty; choose from box, point, auto")
         tiling = tiling_options(tile, halo, scale, no_tile)
+        if auto_options.three_d:
+            raise UsageError("evaluate scores each plane; --3d links a stack's planes in predict --auto")
+        if auto:  # bad thresholds: one line before any work (issue 23)
+            from peft_export.runtime.strategy import Configs
+
+            Configs.from_options(auto_options)
         pairs = labelled_set(data, split, labels)
         be, desc = make_backend(model, checkpoint, backend, device)
         t0 = time.perf_counter()
         if auto:  # issue 14: instance metrics without prompts (runtime/instances.py)
             from peft_export_cli.commands.instance_report import evaluate_auto
 
-            return evaluate_auto(be, desc, pairs, data, split, method, tiling, batch_size, json_out, quiet, t0)
+            return evaluate_auto(be, desc, pairs, data, split, method, tiling, batch_size, json_out, quiet, t0,
+                                 auto_options)
         per_image: list = []
         with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
             results = evaluate(be, pairs, kinds, progress=bar.advance, tiling=tiling, batch_size=batch_size,

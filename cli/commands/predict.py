@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from peft_export.errors import UsageError
+from peft_export.runtime.strategy import AutoOptions
 from peft_export_cli import common
+from peft_export_cli.model_options import with_model_options
 
 RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
@@ -26,12 +28,18 @@ TILE_HELP = ("Tile size in pixels (of the image after --scale); default: the mod
 HALO_HELP = "Context added on each side of a tile's core, in pixels; default: tile / 8. Needs tile > 2 x halo."
 SCALE_HELP = "Resize images by this factor before tiling (e.g. 0.5 when objects are twice the trained size)."
 NO_TILE_HELP = "Resize the whole image to the model input instead of tiling (the behaviour before tiling)."
+METHOD_HELP = ("--auto with: apg (the instance decoder's seeds as point prompts for the prompt decoder, micro-sam's "
+               "APG), instance (the instance decoder + seeded watershed, micro-sam's AIS), grid (a grid of point "
+               "prompts, filtered), or auto: chosen once per export, apg when it has an instance decoder (from "
+               "finetune --instance-decoder), else grid; says which and why.")
+AUTO_PANEL = "Automatic segmentation (--auto)"
 BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gained at most ~5% there, for several times the "
               "memory), 4 on a GPU]. Older exports without a batch axis run one at a time.")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
+    @with_model_options(AutoOptions, "auto_options", panel=AUTO_PANEL)
     def predict_cmd(
         out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`), "
                                        "or a bioimage.io package from `peft-export package` (model.zip)."),
@@ -43,9 +51,7 @@ def register(app: typer.Typer) -> None:
                                    "a folder of <name>.json/.csv for many images."),
         points: Path = typer.Option(None, "--points", help="Point prompts, JSON or CSV (x,y[,label][,object])."),
         auto: bool = typer.Option(False, "--auto", help="Segment everything without prompts (see --method)."),
-        method: str = typer.Option("auto", "--method", help="--auto with: instance (the export's instance decoder "
-                                   "+ seeded watershed, micro-sam's AIS: from finetune --instance-decoder), grid (a "
-                                   "grid of point prompts, filtered), or auto: instance when the export has one."),
+        method: str = typer.Option("auto", "--method", help=METHOD_HELP),
         points_per_side: int = typer.Option(32, help="--auto: grid points per side (of each tile when tiled)."),
         pred_iou_thresh: float = typer.Option(0.8, help="--auto: minimum predicted IoU of a mask."),
         stability_thresh: float = typer.Option(0.9, help="--auto: minimum stability score of a mask."),
@@ -67,6 +73,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        auto_options: AutoOptions = None,
     ):
         """Segment IMAGES with prompts or automatically; write instance label images. Needs no PyTorch.
 
@@ -82,9 +89,11 @@ def register(app: typer.Typer) -> None:
 
         boxes.json: \\[\\[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt).
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
-        gives a label stack (uint32 tif), one plane per plane; a prompt file applies to every plane.
+        gives a label stack (uint32 tif), one plane per plane (--auto --3d: objects linked across planes); a prompt
+        file applies to every plane.
         """
-        from peft_export.runtime.auto import AutoConfig, auto_steps
+        from peft_export.runtime import strategy
+        from peft_export.runtime.auto import AutoConfig
         from peft_export.runtime.batch import PredictRequest, run_predict
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
@@ -94,13 +103,18 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give exactly one of --boxes FILE, --points FILE or --auto")
         if backend not in RUNTIME_BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+        if auto_options.three_d and not auto:
+            raise UsageError("--3d links the objects of automatic segmentation (--auto) across a stack's planes; "
+                             "prompted labels already share ids across planes")
         tiling = tiling_options(tile, halo, scale, no_tile)
+        grid = AutoConfig(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                          stability_thresh=stability_thresh, min_area=min_area)
+        configs = strategy.Configs.from_options(auto_options, grid)  # thresholds checked: one line each
         shard_kn = parse_shard(shard)
         inputs = take_shard(resolve_inputs(images, exclude=output), shard_kn)
         _check_outputs(inputs, output, overlay, force, skip_existing)
-        req = PredictRequest(modes[0], boxes or points, AutoConfig(
-            points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh,
-            min_area=min_area), overlay, skip_existing, force)
+        req = PredictRequest(modes[0], boxes or points, grid, overlay, skip_existing, force, configs=configs,
+                             stats=strategy.Stats(), three_d=auto_options.three_d)
         if req.prompts is not None and not req.prompts.exists():
             raise UsageError(f"prompt file not found: {req.prompts}")
         from peft_export.runtime.package import is_package  # bioimage.io packages (peft-export package)
@@ -109,18 +123,21 @@ def register(app: typer.Typer) -> None:
         seg = make(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=embeddings)
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
-        if req.mode == "auto":  # instance decoder or point grid (issue 14): say which
-            from peft_export.runtime.instances import auto_note, resolve_method
-
-            req.method = resolve_method(seg.backend, method)
-            auto_steps = auto_note(req.method, seg.backend, None, auto_steps)
+        choice = None
+        if req.mode == "auto":  # chosen once for the export (issue 23): apg, instance decoder or point grid
+            choice = strategy.choose(seg.backend, method)
+            req.method = choice.method
+        steps = (lambda s, _cfg=None: strategy.steps(s, req.method, configs)) if choice else None
         if inputs.single:
-            report = _run_single(seg, inputs, output, req, show, note, auto_steps)
+            report = _run_single(seg, inputs, output, req, show, note, steps)
         else:
             with common.progress_bar("segmenting", len(inputs.items), enabled=show) as bar:
                 report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(), on_note=note)
-        if req.mode == "auto" and report.done:  # said once it worked (errors stay one line)
-            auto_note(req.method, seg.backend, note, None)
+        if choice is not None and report.done and note is not None:  # said once it worked (errors stay one line)
+            note(f"automatic segmentation: {choice.reason}")
+            advice = strategy.quality_advice(choice, req.stats, seg.backend)
+            if advice:
+                common.warn(advice)
         _print(report, inputs, output, json_out, quiet, req)
         report.raise_if_failed(len(inputs.items))
 

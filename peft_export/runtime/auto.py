@@ -81,7 +81,7 @@ def grid_points(plan, cfg: AutoConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.ndarray, cfg: AutoConfig,
-                     pieces: list, progress) -> None:
+                     pieces: list, progress, stats=None) -> None:
     """Decode tile ``t``'s grid points (scaled-image pixels) and add the masks that pass the filters."""
     plan = seg.plan
     tile, geo = plan.tiles[t], plan.geometry[t]
@@ -104,6 +104,8 @@ def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.
             low, iou = seg.backend.decode(emb, coords, labels)
             low = np.concatenate([low[:, k] for k in outs])
             iou = np.concatenate([iou[:, k] for k in outs])
+            if stats is not None:  # strategy.Stats: the predicted IoUs seen (runtime/strategy.py quality_advice)
+                stats.ious += iou.tolist()
             keep = iou >= cfg.pred_iou_thresh
             if keep.any():
                 keep &= stability_scores(low, valid_low, cfg.stability_offset) >= cfg.stability_thresh
@@ -117,7 +119,7 @@ def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.
             progress(1)
 
 
-def segment_everything(segmenter, config: AutoConfig | None = None, progress=None) -> np.ndarray:
+def segment_everything(segmenter, config: AutoConfig | None = None, progress=None, stats=None) -> np.ndarray:
     """Instance label image (int32, 0 = background) of the segmenter's current image, at its original size.
 
     ``progress(1)`` is called per batch of grid points (untiled) or per tile (tiled): see :func:`auto_steps`."""
@@ -132,7 +134,7 @@ def segment_everything(segmenter, config: AutoConfig | None = None, progress=Non
         group = list(range(s, min(n, s + seg.batch_size)))
         embs = seg.tile_embeddings(group)  # one encoder batch per group of tiles
         for j, t in enumerate(group):
-            _tile_candidates(seg, t, embs[j:j + 1], pts[owner == t], covered, cfg, pieces, progress)
+            _tile_candidates(seg, t, embs[j:j + 1], pts[owner == t], covered, cfg, pieces, progress, stats)
             if progress is not None and plan.tiled:
                 progress(1)
         seg._emb.release(group)  # never needed again by this pass (kept if they were computed eagerly: no-op)

@@ -41,6 +41,16 @@ class PredictRequest:
     # "auto" (instance when the export has one); ``instance``: the watershed's InstanceConfig (None: defaults)
     method: str = "auto"
     instance: object = None
+    # issue 23: every strategy's configuration (runtime/strategy.py Configs; None: from ``auto`` / ``instance``),
+    # what the run saw (predicted IoUs: strategy.Stats) and --3d (link a stack's planes into 3D objects)
+    configs: object = None
+    stats: object = None
+    three_d: bool = False
+
+    def strategy_configs(self):
+        from peft_export.runtime.strategy import Configs
+
+        return self.configs or Configs(grid=self.auto, instance=self.instance)
 
 
 @dataclass
@@ -93,11 +103,10 @@ def segment_image(seg, image: np.ndarray, req: PredictRequest, prompts, name: st
         return seg.predict_labels(boxes=prompts)
     if req.mode == "points":
         return seg.predict_point_prompts(prompts)
-    from peft_export.runtime.instances import resolve_method  # automatic: instance decoder or point grid
+    from peft_export.runtime import strategy  # automatic: apg, instance decoder or point grid (chosen once)
 
-    if resolve_method(seg.backend, req.method) == "instance":
-        return seg.segment_instances(req.instance, progress=progress), None
-    return seg.segment_everything(config=req.auto, progress=progress), None
+    method = req.method if req.method in strategy.METHODS[1:] else strategy.choose(seg.backend, req.method).method
+    return strategy.run(seg, method, req.strategy_configs(), progress=progress, stats=req.stats), None
 
 
 def _objects(labels: np.ndarray) -> int:
@@ -116,6 +125,9 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
     prompts = read_prompts(req, item)
     labels_path = output_path(item, out, single)
     summary = {"input": str(item.path), "output": str(labels_path), "mode": req.mode, "backend": seg.backend.name}
+    if req.three_d and not src.is_stack:
+        raise UsageError(f"--3d links the planes of a stack into 3D objects; {item.path.name} is a 2D image "
+                         "(drop --3d)")
     if not src.is_stack:
         image = next(src.read())
         labels, scores = segment_image(seg, image, req, prompts, item.path.name, progress)
@@ -138,7 +150,14 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
 
         if labels_path.suffix.lower() not in (".tif", ".tiff"):
             raise UsageError(f"{item.path.name} is a stack ({src.planes} planes): write its labels to a .tif")
-        write_label_stack(labels_path, _planes(), src.planes, _plane_hw(src), src.plane_axis)
+        planes = _planes()
+        if req.three_d:  # all planes first (labels only), then linked across z (runtime/link3d.py)
+            from peft_export.runtime.link3d import link_planes
+
+            linked = link_planes(np.stack(list(planes)))
+            summary["objects_3d"] = int(linked.max(initial=0))
+            planes = iter(linked)
+        write_label_stack(labels_path, planes, src.planes, _plane_hw(src), src.plane_axis)
         summary.update(planes=src.planes, plane_axis=src.plane_axis, objects=int(sum(counts)),
                        objects_per_plane=counts, tiles=seg.plan.describe())
     summary["cache_hit"] = bool(seg.cache_hit) if seg.cache is not None else None

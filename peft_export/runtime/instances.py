@@ -123,21 +123,19 @@ class InstanceMaps:
                                                                                               np.float32)})[0]
 
 
-METHODS = ("auto", "instance", "grid")
+def require_instance_decoder(backend, method: str = "instance") -> None:
+    """One line (``UsageError``) when ``backend`` has no instance decoder for ``--method apg|instance``."""
+    if not has_instance_decoder(backend):
+        where = getattr(backend, "out_dir", None)
+        what = "this model" if where is None else where
+        raise UsageError(f"--method {method}: {what} " + NO_DECODER.format(role=ROLE))
 
 
 def resolve_method(backend, method: str = "auto") -> str:
-    """``auto`` -> ``instance`` when the backend has an instance decoder, else ``grid`` (point-grid prompts);
-    ``instance`` without a decoder: one line saying how to make one."""
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "grid":
-        return "grid"
-    if has_instance_decoder(backend):
-        return "instance"
-    if method == "instance":
-        InstanceMaps(backend)  # raises the one-line UsageError
-    return "grid"
+    """The automatic segmentation strategy, chosen once (:func:`peft_export.runtime.strategy.choose`)."""
+    from peft_export.runtime.strategy import choose
+
+    return choose(backend, method).method
 
 
 def auto_note(method: str, backend, note, grid_steps):
@@ -172,32 +170,36 @@ def segment_instances(segmenter, config: InstanceConfig | None = None, *, runner
 
 def evaluate_instances(backend, samples: Sequence, *, method: str = "instance", config: InstanceConfig | None = None,
                        grid_config=None, tiling=None, batch_size: int | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, configs=None) -> dict:
     """Automatic segmentation without prompts, scored against each sample's labels (see
-    :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module), ``grid`` (point grid) or
-    ``auto`` (:func:`resolve_method`). ``seconds_after_embedding``: the decoder(s) and post-processing per image."""
+    :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module), ``apg``
+    (:mod:`peft_export.runtime.apg`), ``grid`` (point grid) or ``auto`` (chosen once:
+    :func:`peft_export.runtime.strategy.choose`); ``configs``: a :class:`peft_export.runtime.strategy.Configs`
+    (else ``config`` / ``grid_config``). ``seconds_after_embedding``: the decoder(s) and post-processing per image."""
     import time
 
     from peft_export.metrics import instance_scores, merge_instance_scores
+    from peft_export.runtime import strategy
     from peft_export.runtime.segmenter import Segmenter
 
-    method = resolve_method(backend, method)
+    choice = strategy.choose(backend, method)
+    configs = configs or strategy.Configs(grid=grid_config, instance=config)
     seg = Segmenter(backend=backend, tiling=tiling, batch_size=batch_size)
-    runner = InstanceMaps(backend) if method == "instance" else None
+    runner = InstanceMaps(backend) if choice.method in ("instance", "apg") else None
+    stats = strategy.Stats()
     per_image = []
     for sample in samples:
         name = getattr(sample, "name", "image")
         t0 = time.perf_counter()
         seg.set_image(sample.image, name=name)
         t1 = time.perf_counter()
-        if runner is not None:
-            pred = segment_instances(seg, config, runner=runner)
-        else:
-            pred = seg.segment_everything(config=grid_config)
+        pred = strategy.run(seg, choice.method, configs, runner=runner, stats=stats)
         t2 = time.perf_counter()
         scores = {"name": name, **instance_scores(pred, sample.labels)}
         scores["seconds_embedding"], scores["seconds_after_embedding"] = round(t1 - t0, 3), round(t2 - t1, 3)
         per_image.append(scores)
         if progress is not None:
             progress(1)
-    return {"method": method, **merge_instance_scores(per_image), "per_image": per_image}
+    advice = strategy.quality_advice(choice, stats, backend)
+    return {"method": choice.method, "reason": choice.reason, **({"advice": advice} if advice else {}),
+            **merge_instance_scores(per_image), "per_image": per_image}
