@@ -121,6 +121,10 @@ def register(app: typer.Typer) -> None:
 
         make = Segmenter.from_package if is_package(out_dir) else Segmenter
         seg = make(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=embeddings)
+        package = getattr(seg.backend, "package", None)
+        if req.mode == "auto" and package is not None and package.kind == "instance":
+            # the watershed settings the package declares (none: one line, nothing written)
+            req.configs = strategy.Configs.from_options(auto_options, grid, package.instance_config().to_dict())
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
         choice = None

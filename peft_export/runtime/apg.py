@@ -49,6 +49,8 @@ class APGConfig(BaseModel):
     nms_threshold: float = Field(0.9, ge=0, le=1, description="NMS: a mask overlapping a better one more is dropped")
     intersection_over_min: bool = Field(False, description="NMS overlap: intersection over the smaller mask")
     multimask: bool = Field(False, description="decode with SAM's three masks and keep the best")
+    refine_with_boxes: bool = Field(False, description=(
+        "decode each mask again from its bounding box, extended by 1% (micro-sam's refine_with_box_prompts)"))
     batch_size: int = Field(32, ge=1, description="point prompts per prompt-decoder call")
 
     @classmethod
@@ -151,11 +153,12 @@ def _crop(mask: np.ndarray, oy: int, ox: int, iou: float, stab: float, tile: int
                      tile)
 
 
-def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarray, cfg: APGConfig) -> list[Candidate]:
-    """Masks of point prompts (N, 2) (x/y pixels of the scaled image) decoded in ``tile`` with its embedding
-    (1, C, h, w), ``cfg.batch_size`` prompts per decoder call."""
+def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarray, cfg: APGConfig,
+                  boxes: np.ndarray | None = None) -> list[Candidate]:
+    """Masks of point prompts (N, 2) (x/y pixels of the scaled image), or of ``boxes`` (N, 4) x0, y0, x1, y1,
+    decoded in ``tile`` with its embedding (1, C, h, w), ``cfg.batch_size`` prompts per decoder call."""
     from peft_export.imaging import upscale_masks
-    from peft_export.prompts import pad_points
+    from peft_export.prompts import box_prompts, pad_points
     from peft_export.runtime.backend import select_masks
 
     plan = segmenter.plan
@@ -164,10 +167,16 @@ def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarra
     wh, ww = window.hw
     out: list[Candidate] = []
     chunk = max(1, 2**25 // max(1, wh * ww))  # bounded memory for the window-size logits
-    for s in range(0, len(points), cfg.batch_size):
-        pts = points[s: s + cfg.batch_size]
-        local = geo.transform_coords(pts - np.array([x0, y0], np.float32))
-        coords, labels = pad_points(local[:, None, :], np.ones((len(pts), 1), np.float32))
+    prompts = points if boxes is None else boxes
+    for s in range(0, len(prompts), cfg.batch_size):
+        if boxes is None:
+            pts = points[s: s + cfg.batch_size]
+            local = geo.transform_coords(pts - np.array([x0, y0], np.float32))
+            coords, labels = pad_points(local[:, None, :], np.ones((len(pts), 1), np.float32))
+        else:
+            pts = boxes[s: s + cfg.batch_size]
+            local = geo.transform_boxes(pts - np.array([x0, y0, x0, y0], np.float32))
+            coords, labels = box_prompts(local)
         low, iou = segmenter.backend.decode(embedding, coords, labels)
         low, iou = select_masks(np.asarray(low), np.asarray(iou), cfg.multimask)
         for c in range(0, len(pts), chunk):
@@ -178,6 +187,20 @@ def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarra
                 if cand is not None:
                     out.append(cand)
     return out
+
+
+def refine_boxes(cands: list[Candidate], window, extension: float = 0.01) -> np.ndarray:
+    """Box prompts (N, 4) x0, y0, x1, y1 from the masks' bounding boxes (SAM's: the last row/column inclusive),
+    each side moved out by ``extension`` of the box's size and clipped to the tile window (micro-sam's
+    ``_derive_box_prompts``)."""
+    y0w, y1w, x0w, x1w = window
+    out = []
+    for c in cands:
+        y0, x0, y1, x1 = c.bbox
+        h, w = y1 - 1 - y0, x1 - 1 - x0
+        out.append([max(x0 - w * extension, x0w), max(y0 - h * extension, y0w),
+                    min(x0 + (1 + extension) * w, x1w), min(y0 + (1 + extension) * h, y1w)])
+    return np.asarray(out, np.float32).reshape(-1, 4)
 
 
 # ---- NMS and painting (micro-sam's apply_nms / mask_data_to_segmentation) ----------------------------------
@@ -286,7 +309,11 @@ def segment_apg(segmenter, config: APGConfig | None = None, *, runner=None, maps
     for t in range(len(plan.grid)):
         mine = pts[owner == t]
         if len(mine):
-            cands += decode_points(seg, t, seg.tile_embeddings([t]), mine, cfg)
+            emb = seg.tile_embeddings([t])
+            got = decode_points(seg, t, emb, mine, cfg)
+            if cfg.refine_with_boxes and got:
+                got = decode_points(seg, t, emb, mine, cfg, boxes=refine_boxes(got, plan.tiles[t].window))
+            cands += got
         if progress is not None:
             progress(1)
     if stats is not None:

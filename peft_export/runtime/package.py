@@ -265,14 +265,35 @@ class PackageModel:
         """The watershed parameters the package records (``config.peft_export.instance_postprocessing``)."""
         return dict(self.config.get("instance_postprocessing") or {})
 
+    def postprocessing_settings(self) -> dict | None:
+        """The kwargs of the package's declared post-processing step (the spec's custom step ``instance_watershed``,
+        :mod:`peft_export.runtime.watershed_op`), or None when it declares none. The runtime runs its own copy of
+        that step with these settings; it never executes code from a package."""
+        for step in self.output.get("postprocessing") or []:
+            if isinstance(step, dict) and step.get("id") == "custom" and step.get("callable") == "instance_watershed":
+                return dict(step.get("kwargs") or {})
+        return None
+
+    def instance_config(self):
+        """The watershed settings the package declares for its post-processing; a package without that step:
+        one line saying to re-package the export."""
+        from peft_export.runtime.instances import InstanceConfig
+
+        settings = self.postprocessing_settings()
+        if settings is None:
+            raise DataError(f"{self.path} carries no post-processing step (bioimage.io custom step "
+                            "instance_watershed): it was made by an older peft-export; re-package its export "
+                            f"(peft-export package EXPORT_DIR -o {self.path.name} --force)")
+        return InstanceConfig.from_dict(settings)
+
     def segment_instances(self, image: np.ndarray, config=None, *, name: str = "image") -> np.ndarray:
         """Instance labels (int32) of ``image`` from an instance package: :meth:`predict`'s maps, then the seeded
         watershed of :mod:`peft_export.runtime.instances` with ``config`` (default: the recorded parameters)."""
         if self.kind != "instance":
             raise UsageError(f"{self.path} is an encoder package: it computes an embedding, not instance maps")
-        from peft_export.runtime.instances import InstanceConfig, maps_to_instances
+        from peft_export.runtime.instances import maps_to_instances
 
-        cfg = config or InstanceConfig.from_dict(self.instance_settings())
+        cfg = config or self.instance_config()
         return maps_to_instances(self.predict(image, name=name), cfg)
 
 
@@ -284,6 +305,7 @@ class InstancePackageBackend:
 
     name = "onnxruntime"
     instance_decoder_available = True
+    prompt_decoder = False  # automatic segmentation: the watershed (AIS) only (runtime/strategy.py)
 
     def __init__(self, pkg: PackageModel, manifest):
         from peft_export.manifest import Manifest

@@ -49,6 +49,9 @@ class AutoOptions(BaseModel):
         "apg / instance: smallest object in pixels [default: apg 25, instance 0]."))
     nms_threshold: float | None = Field(None, ge=0, le=1, description=(
         "apg: a mask overlapping a better-scored one by more than this IoU is dropped [default: 0.9]."))
+    refine_with_boxes: bool | None = Field(None, description=(
+        "apg: decode each mask again from its bounding box (micro-sam's refine_with_box_prompts) [default: off]."),
+        json_schema_extra={"cli": "--apg-box-refine"})
     prompt_batch: int | None = Field(None, ge=1, description=(
         "apg / grid: point prompts per prompt-decoder call [default: apg 32, grid 64]."))
     three_d: bool = Field(False, description=(
@@ -67,12 +70,15 @@ class AutoOptions(BaseModel):
     def apg(self):
         from peft_export.runtime.apg import APGConfig
 
-        return APGConfig.build(**self._shared(), nms_threshold=self.nms_threshold, batch_size=self.prompt_batch)
+        return APGConfig.build(**self._shared(), nms_threshold=self.nms_threshold, batch_size=self.prompt_batch,
+                               refine_with_boxes=self.refine_with_boxes)
 
-    def instance(self):
+    def instance(self, defaults: dict | None = None):
+        """AIS settings: the given options over ``defaults`` (e.g. what a package declares) over micro-sam's."""
         from peft_export.runtime.instances import InstanceConfig
 
-        return InstanceConfig(**{k: v for k, v in self._shared().items() if v is not None}).validate()
+        given = {k: v for k, v in self._shared().items() if v is not None}
+        return InstanceConfig.from_dict({**(defaults or {}), **given}).validate()
 
     def _shared(self) -> dict:
         return dict(foreground_threshold=self.foreground_threshold, min_size=self.min_size,
@@ -114,6 +120,13 @@ def choose(backend, method: str = "auto") -> Choice:
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     has = has_instance_decoder(backend)
+    if not getattr(backend, "prompt_decoder", True):  # an instance package: maps only (BackendInfo once ported)
+        if method in ("apg", "grid"):
+            raise UsageError(f"--method {method} needs a prompt decoder, and {getattr(backend, 'out_dir', 'this')} "
+                             "is an instance-segmentation package without one: use --method instance (or auto), "
+                             "or the export folder")
+        return Choice("instance", "an instance-segmentation package: its instance decoder + the seeded watershed "
+                      "it declares (AIS)")
     if method in ("apg", "instance"):
         if not has:
             require_instance_decoder(backend, method)
@@ -140,13 +153,14 @@ class Configs:
     three_d: bool = False
 
     @classmethod
-    def from_options(cls, options: AutoOptions | None, grid=None) -> Configs:
+    def from_options(cls, options: AutoOptions | None, grid=None, instance_defaults: dict | None = None) -> Configs:
         options = options or AutoOptions()
         if grid is not None and options.prompt_batch is not None:
             from dataclasses import replace
 
             grid = replace(grid, batch_size=options.prompt_batch)
-        return cls(None if grid is None else check_grid(grid), options.instance(), options.apg(), options.three_d)
+        return cls(None if grid is None else check_grid(grid), options.instance(instance_defaults), options.apg(),
+                   options.three_d)
 
 
 @dataclass
