@@ -216,18 +216,18 @@ def test_apg_decodes_one_prompt_per_seed_in_batches(apg_export, dsb_val):
 
 
 def test_strategy_choice(apg_export, tiny_export):
-    """auto: apg with an instance decoder, grid without (with a line saying what to train); apg / instance on an
-    export without a decoder: one line."""
+    """auto: AIS with an instance decoder (measured better and faster, strategy.AUTO_WITH_DECODER), grid without
+    (with a line saying what to train); apg / instance on an export without a decoder: one line."""
     from peft_export.errors import UsageError
     from peft_export.runtime.backends import open_backend
     from peft_export.runtime.strategy import choose
 
     with_dec, without = open_backend(apg_export[1]), open_backend(tiny_export.out_dir)
     c = choose(with_dec)
-    assert c.method == "apg" and "instance decoder" in c.reason and c.advice is None
+    assert c.method == "instance" and "instance decoder" in c.reason and c.advice is None
     c = choose(without)
     assert c.method == "grid" and "no instance decoder" in c.reason and "--instance-decoder" in c.advice
-    assert choose(with_dec, "instance").method == "instance" and choose(with_dec, "grid").method == "grid"
+    assert choose(with_dec, "apg").method == "apg" and choose(with_dec, "grid").method == "grid"
     for m in ("apg", "instance"):
         with pytest.raises(UsageError, match=f"--method {m}: .*no instance decoder"):
             choose(without, m)
@@ -236,8 +236,8 @@ def test_strategy_choice(apg_export, tiny_export):
 
 
 def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
-    """predict --auto (apg by default on an export with a decoder; says so), on a stack with --3d (objects linked
-    across planes), and evaluate --auto --method apg."""
+    """predict --auto --method apg (says so), on a stack with --3d (objects linked across planes), and evaluate
+    --auto --method apg."""
     import tifffile
 
     _ckpt, out = apg_export
@@ -245,14 +245,14 @@ def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
     tifffile.imwrite(img, dsb_val[0].image)
     thr = ("--foreground-threshold", "0.5", "--center-distance-threshold", "0.6", "--boundary-distance-threshold",
            "0.6", "--min-size", "5")
-    code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "-o", str(tmp_path / "a.tif"), "--json",
-                                *thr)
+    code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "--method", "apg", "-o",
+                                str(tmp_path / "a.tif"), "--json", *thr)
     assert code == 0, err
     assert "APG" in err and json.loads(stdout)["objects"] >= 0
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.stack([dsb_val[0].image] * 3), metadata={"axes": "ZYX"})
-    code, stdout, err = run_cli("predict", str(out), str(stack), "--auto", "--3d", "-o", str(tmp_path / "s.tif"),
-                                "--json", *thr)
+    code, stdout, err = run_cli("predict", str(out), str(stack), "--auto", "--method", "apg", "--3d", "-o",
+                                str(tmp_path / "s.tif"), "--json", *thr)
     assert code == 0, err
     summary = json.loads(stdout)
     labels = tifffile.imread(tmp_path / "s.tif")
@@ -345,3 +345,25 @@ def test_link_planes_hand_made():
     assert out[0, 22, 4] != out[1, 22, 22]
     assert out[0, 5, 32] != out[1, 5, 45]
     assert out.max() == 6
+
+
+def test_box_refinement_and_mask_threshold(apg_export, dsb_val):
+    """refine_with_boxes decodes once more per mask, with a box prompt from the mask's bounding box extended by 1%
+    (micro-sam's refine_with_box_prompts); a lower mask threshold never gives smaller masks (same prompts)."""
+    from peft_export.runtime.apg import APGConfig, Candidate, decode_points, point_prompts, refine_boxes
+    from peft_export.runtime.instances import image_maps
+    from peft_export.runtime.segmenter import Segmenter
+
+    box = refine_boxes([Candidate(10, 20, np.ones((11, 21), bool), 0.9, 1.0)], (0, 256, 0, 256))
+    np.testing.assert_allclose(box, [[20 - 0.2, 10 - 0.1, 20 + 1.01 * 20, 10 + 1.01 * 10]], rtol=1e-6)
+    seg = Segmenter(apg_export[1])
+    seg.set_image(dsb_val[0].image)
+    cfg = _median_config(seg)
+    pts = point_prompts(image_maps(seg), cfg)[:6]
+    emb = seg.tile_embeddings([0])
+    a = decode_points(seg, 0, emb, pts, cfg)
+    b = decode_points(seg, 0, emb, pts, APGConfig(**{**cfg.model_dump(), "mask_threshold": -1.0}))
+    assert len(a) and sum(c.area for c in b) >= sum(c.area for c in a)
+    boxes = refine_boxes(a, seg.plan.tiles[0].window)
+    refined = decode_points(seg, 0, emb, pts, cfg, boxes=boxes)
+    assert 0 < len(refined) <= len(boxes)

@@ -30,8 +30,9 @@ SCALE_HELP = "Resize images by this factor before tiling (e.g. 0.5 when objects 
 NO_TILE_HELP = "Resize the whole image to the model input instead of tiling (the behaviour before tiling)."
 METHOD_HELP = ("--auto with: apg (the instance decoder's seeds as point prompts for the prompt decoder, micro-sam's "
                "APG), instance (the instance decoder + seeded watershed, micro-sam's AIS), grid (a grid of point "
-               "prompts, filtered), or auto: chosen once per export, apg when it has an instance decoder (from "
-               "finetune --instance-decoder), else grid; says which and why.")
+               "prompts, filtered), or auto: chosen once per export, instance when it has an instance decoder (from "
+               "finetune --instance-decoder; measured better and faster than apg there), else grid; says which "
+               "and why.")
 AUTO_PANEL = "Automatic segmentation (--auto)"
 BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gained at most ~5% there, for several times the "
               "memory), 4 on a GPU]. Older exports without a batch axis run one at a time.")

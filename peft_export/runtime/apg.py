@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from peft_export.errors import UsageError
 
 STABILITY_OFFSET = 1.0  # micro-sam's batched_inference: calculate_stability_score(masks, threshold, 1.0)
-MASK_THRESHOLD = 0.0  # SAM's mask threshold on the logits
+MASK_THRESHOLD = 0.0  # SAM's mask threshold on the logits (micro-sam's mask_threshold=None)
 
 
 class APGConfig(BaseModel):
@@ -52,6 +52,8 @@ class APGConfig(BaseModel):
     refine_with_boxes: bool = Field(False, description=(
         "decode each mask again from its bounding box, extended by 1% (micro-sam's refine_with_box_prompts)"))
     batch_size: int = Field(32, ge=1, description="point prompts per prompt-decoder call")
+    mask_threshold: float = Field(MASK_THRESHOLD, allow_inf_nan=False, description=(
+        "logits above this are the mask (micro-sam's mask_threshold; SAM's 0)"))
 
     @classmethod
     def build(cls, **values) -> APGConfig:
@@ -137,10 +139,11 @@ class Candidate:
         return self.y0, self.x0, self.y0 + self.mask.shape[0], self.x0 + self.mask.shape[1]
 
 
-def stability_scores(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> np.ndarray:
+def stability_scores(logits: np.ndarray, offset: float = STABILITY_OFFSET, threshold: float = MASK_THRESHOLD
+                     ) -> np.ndarray:
     """SAM's stability score per mask: area(logits > thr + offset) / area(logits > thr - offset)."""
-    hi = (logits > MASK_THRESHOLD + offset).sum(axis=(-2, -1))
-    lo = (logits > MASK_THRESHOLD - offset).sum(axis=(-2, -1))
+    hi = (logits > threshold + offset).sum(axis=(-2, -1))
+    lo = (logits > threshold - offset).sum(axis=(-2, -1))
     return np.where(lo > 0, hi / np.maximum(lo, 1), 0.0)
 
 
@@ -181,8 +184,8 @@ def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarra
         low, iou = select_masks(np.asarray(low), np.asarray(iou), cfg.multimask)
         for c in range(0, len(pts), chunk):
             logits = upscale_masks(low[c: c + chunk], geo.img_size, geo.resized_hw, (wh, ww))
-            stab = stability_scores(logits)
-            for j, m in enumerate(logits > MASK_THRESHOLD):
+            stab = stability_scores(logits, threshold=cfg.mask_threshold)
+            for j, m in enumerate(logits > cfg.mask_threshold):
                 cand = _crop(m, y0, x0, iou[c + j], stab[j], tile)
                 if cand is not None:
                     out.append(cand)

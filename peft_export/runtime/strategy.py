@@ -4,9 +4,10 @@
 - ``instance``: the instance decoder's maps + a seeded watershed (micro-sam's AIS, :mod:`.instances`).
 - ``grid``: a grid of point prompts, filtered (:mod:`.auto`); the only choice without an instance decoder.
 
-``--method auto`` (:func:`choose`) picks APG when the export has an instance decoder (see ``AUTO_WITH_DECODER``:
-measured better and fast enough), else the grid, and says which and why; where the result will be poor (no
-instance decoder; low predicted IoUs seen while segmenting, :func:`quality_advice`) one line says what to train.
+``--method auto`` (:func:`choose`) picks AIS when the export has an instance decoder (see ``AUTO_WITH_DECODER``:
+measured better and faster on CPU-trained exports), else the grid, and says which and why; where the result will be
+poor (no instance decoder; low predicted IoUs seen while segmenting, :func:`quality_advice`) one line says what to
+train.
 
 Each strategy takes the Segmenter's public surface (its plan, tile embeddings, ``backend.decode`` and the instance
 maps) and returns an int32 label image; :class:`AutoOptions` holds the options these strategies add to
@@ -23,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from peft_export.errors import UsageError
 
 METHODS = ("auto", "apg", "instance", "grid")
-# With an instance decoder, auto picks APG: on the held-out DSB2018 tile APG's mSA was at least AIS's with the
-# README's main-job export, and the prompt decoder runs once per seed (a few ms each in batches), so a 1024x1024
-# image stays well inside the time AIS takes to embed it (benchmarks/ais_vs_grid.py; README "Automatic
-# segmentation").
-AUTO_WITH_DECODER = "apg"
+# With an instance decoder, auto picks AIS: on the held-out DSB2018 tile, with exports of the README's CPU
+# finetunes, AIS had the higher mSA (APG's masks come from the prompt decoder's answer to one point, which a
+# few CPU-minutes of training leave too small) and ran 5-10x faster (one watershed instead of one prompt-decoder
+# run per seed); benchmarks/ais_vs_grid.py measures both. --method apg is micro-sam's APG.
+AUTO_WITH_DECODER = "instance"
 LOW_IOU = 0.6  # median predicted IoU of the decoded prompts below this: the prompt heads answer poorly
 TRAIN_LINE = ("peft-export finetune --model {model} --data YOUR_DATA --instance-decoder --out run && peft-export "
               "merge-and-export run/best.pt -o export")
@@ -52,6 +53,8 @@ class AutoOptions(BaseModel):
     refine_with_boxes: bool | None = Field(None, description=(
         "apg: decode each mask again from its bounding box (micro-sam's refine_with_box_prompts) [default: off]."),
         json_schema_extra={"cli": "--apg-box-refine"})
+    mask_threshold: float | None = Field(None, allow_inf_nan=False, description=(
+        "apg: logits above this are the mask (micro-sam's mask_threshold; lower gives larger masks) [default: 0]."))
     prompt_batch: int | None = Field(None, ge=1, description=(
         "apg / grid: point prompts per prompt-decoder call [default: apg 32, grid 64]."))
     three_d: bool = Field(False, description=(
@@ -71,7 +74,7 @@ class AutoOptions(BaseModel):
         from peft_export.runtime.apg import APGConfig
 
         return APGConfig.build(**self._shared(), nms_threshold=self.nms_threshold, batch_size=self.prompt_batch,
-                               refine_with_boxes=self.refine_with_boxes)
+                               refine_with_boxes=self.refine_with_boxes, mask_threshold=self.mask_threshold)
 
     def instance(self, defaults: dict | None = None):
         """AIS settings: the given options over ``defaults`` (e.g. what a package declares) over micro-sam's."""
@@ -137,8 +140,8 @@ def choose(backend, method: str = "auto") -> Choice:
         return Choice("grid", "a grid of point prompts, as asked (--method grid)",
                       None if has else train_advice(backend))
     if has:
-        return Choice(AUTO_WITH_DECODER, "the export has an instance decoder: its seeds as point prompts (APG; "
-                      "--method instance for the faster watershed, AIS)")
+        return Choice(AUTO_WITH_DECODER, "the export has an instance decoder: its maps + seeded watershed (AIS; "
+                      "--method apg for its seeds as point prompts, APG)")
     return Choice("grid", "the export has no instance decoder: a grid of point prompts (slow, and weak unless the "
                   "model was trained with point prompts)", train_advice(backend))
 
