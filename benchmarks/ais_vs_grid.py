@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 
 from peft_export.bench.common import cpu_name
 
@@ -61,13 +60,11 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(seg, sample, method: str, configs):
+def run(seg, sample, options):
     """(labels, seconds for the whole image: embedding + automatic segmentation, and the CPU seconds of it)."""
-    from peft_export.runtime import strategy
-
     t0, c0 = time.perf_counter(), _cpu()
     seg.set_image(sample.image, name=sample.name)
-    labels = strategy.run(seg, method, configs)
+    labels = seg.segment(options)
     return labels, time.perf_counter() - t0, _cpu() - c0
 
 
@@ -78,8 +75,8 @@ def measure(seg, sample, cases: dict, repeats: int) -> dict:
     cpu = {k: [] for k in cases}
     labels = {}
     for _ in range(repeats):  # interleaved: one call of each case per round
-        for name, (method, configs) in cases.items():
-            labels[name], dt, dc = run(seg, sample, method, configs)
+        for name, options in cases.items():
+            labels[name], dt, dc = run(seg, sample, options)
             times[name].append(dt)
             cpu[name].append(dc)
     out = {}
@@ -98,35 +95,36 @@ def measure(seg, sample, cases: dict, repeats: int) -> dict:
 
 def best_grid(seg, tile) -> tuple[object, list]:
     from peft_export.metrics import mean_segmentation_accuracy
-    from peft_export.runtime.auto import AutoConfig
-
     seg.set_image(tile.image, name=tile.name)
     sweep = []
     for iou in GRID_IOU:
         for st in GRID_STABILITY:
-            cfg = AutoConfig(pred_iou_thresh=iou, stability_thresh=st)
-            msa = mean_segmentation_accuracy(seg.segment_everything(config=cfg), tile.labels)
+            msa = mean_segmentation_accuracy(seg.segment(grid(iou, st)), tile.labels)
             sweep.append({"pred_iou_thresh": iou, "stability_thresh": st, "msa": round(float(msa), 4)})
     top = max(sweep, key=lambda r: r["msa"])
-    best = replace(AutoConfig(), pred_iou_thresh=top["pred_iou_thresh"], stability_thresh=top["stability_thresh"])
-    return best, sweep
+    return grid(top["pred_iou_thresh"], top["stability_thresh"]), sweep
+
+
+def grid(iou: float | None = None, stability: float | None = None):
+    from peft_export.runtime.strategies import AutoOptions
+
+    return AutoOptions.parse({"method": "grid", "grid.pred_iou_thresh": iou, "grid.stability_thresh": stability})
 
 
 def torch_vs_onnx(checkpoint: str, seg, tile) -> dict:
+    from peft_export.loading import load_model
     from peft_export.metrics import matched_iou
-    from peft_export.models.loading import load_model
     from peft_export.models.torch_backend import TorchBackend
-    from peft_export.runtime import strategy
     from peft_export.runtime.segmenter import Segmenter
 
     loaded = load_model(checkpoint)
-    ref = Segmenter(backend=TorchBackend(loaded.model, loaded.spec.preprocess, multimask=loaded.spec.multimask,
-                                         instance_decoder=loaded.instance_decoder))
+    ref = Segmenter(TorchBackend(loaded.model, loaded.spec.preprocess, multimask=loaded.spec.multimask,
+                                 instance_decoder=loaded.instance_decoder))
     ref.set_image(tile.image)
     seg.set_image(tile.image)
     out = {}
     for method in ("instance", "apg"):
-        a, b = strategy.run(seg, method), strategy.run(ref, method)
+        a, b = seg.segment(method=method), ref.segment(method=method)
         out[method] = {"matched_iou": round(matched_iou(a, b), 4), "objects_onnx": int(a.max()),
                        "objects_torch": int(b.max())}
     return out
@@ -146,10 +144,8 @@ def main(argv=None) -> dict:
 
     from peft_export.data.dataset import Sample, dsb2018_tiles
     from peft_export.data.samples import dsb2018
-    from peft_export.runtime.apg import APGConfig
-    from peft_export.runtime.auto import AutoConfig
     from peft_export.runtime.segmenter import Segmenter
-    from peft_export.runtime.strategy import Configs
+    from peft_export.runtime.strategies import AutoOptions
 
     seg = Segmenter(args.export)
     tile = dsb2018_tiles("val")[0]
@@ -157,20 +153,21 @@ def main(argv=None) -> dict:
     whole = Sample(image, labels, "dsb2018_whole")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_before": [round(v, 2) for v in os.getloadavg()],
               "export": args.export, "repeats": args.repeats}
-    cases = {"apg": ("apg", None), "apg_box": ("apg", Configs(apg=APGConfig(refine_with_boxes=True))),
-             "ais": ("instance", None)}
+    cases = {"apg": AutoOptions.parse({"method": "apg"}),
+             "apg_box": AutoOptions.parse({"method": "apg", "apg.refine_with_boxes": True}),
+             "ais": AutoOptions.parse({"method": "instance"})}
     if not args.no_grid:
-        cases["grid_default"] = ("grid", Configs(grid=AutoConfig()))
+        cases["grid_default"] = grid()
         if args.grid_best:
-            best_cfg, sweep = best_grid(seg, tile)
-            cases["grid_best"] = ("grid", Configs(grid=best_cfg))
-            result.update(grid_best_thresholds={"pred_iou_thresh": best_cfg.pred_iou_thresh,
-                                                "stability_thresh": best_cfg.stability_thresh}, grid_sweep=sweep)
+            best, sweep = best_grid(seg, tile)
+            cases["grid_best"] = best
+            result.update(grid_best_thresholds={"pred_iou_thresh": best.grid.pred_iou_thresh,
+                                                "stability_thresh": best.grid.stability_thresh}, grid_sweep=sweep)
     samples = [("heldout_tile", tile, cases), ("whole_image", whole, cases)]
     if args.mosaic:
         m_img, m_lab = mosaic_1024()
         samples.append(("mosaic_1024", Sample(m_img, m_lab, "mosaic_1024"),
-                        {k: v for k, v in cases.items() if v[0] != "grid"}))
+                        {k: v for k, v in cases.items() if v.method != "grid"}))
     for name, sample, these in samples:
         result[name] = measure(seg, sample, these, args.repeats)
     if args.checkpoint:

@@ -43,11 +43,11 @@ def test_point_prompts_are_micro_sams(shape):
     """Seeds (fg >= 0.5, centre < 0.5, boundary < 0.5, 4-connected) and their most interior pixels: the same
     points, in the same order, as micro-sam's ``_derive_point_prompts``; also at other thresholds."""
     mis = _micro_sam("micro_sam.instance_segmentation")
-    from peft_export.runtime.apg import APGConfig, point_prompts
+    from peft_export.runtime.apg import APGOptions, point_prompts
 
     maps = _smooth_maps(np.random.default_rng(sum(shape)), *shape)
-    for cfg in (APGConfig(), APGConfig(foreground_threshold=0.3, center_distance_threshold=0.6,
-                                       boundary_distance_threshold=0.4)):
+    for cfg in (APGOptions(), APGOptions(foreground_threshold=0.3, center_distance_threshold=0.6,
+                                         boundary_distance_threshold=0.4)):
         ref = mis._derive_point_prompts(*maps, foreground_threshold=cfg.foreground_threshold,
                                         center_distance_threshold=cfg.center_distance_threshold,
                                         boundary_distance_threshold=cfg.boundary_distance_threshold)
@@ -97,7 +97,7 @@ def test_nms_and_painting_are_micro_sams(seed):
     """Size filter, mask NMS (IoU 0.9 and 0.5; intersection over min), largest-first painting, components and the
     final size filter: the same label image as micro-sam's ``apply_nms`` on the same masks and scores."""
     util = _micro_sam("micro_sam.util")
-    from peft_export.runtime.apg import APGConfig, candidates_to_labels, nms
+    from peft_export.runtime.apg import APGOptions, candidates_to_labels, nms
 
     masks, cands = _candidates(np.random.default_rng(seed))
     preds = []
@@ -108,7 +108,7 @@ def test_nms_and_painting_are_micro_sams(seed):
     dropped = 0
     for thr, over_min in ((0.9, False), (0.5, False), (0.7, True)):
         ref = util.apply_nms(preds, min_size=25, nms_thresh=thr, intersection_over_min=over_min)
-        cfg = APGConfig(nms_threshold=thr, intersection_over_min=over_min)
+        cfg = APGOptions(nms_threshold=thr, intersection_over_min=over_min)
         ours = candidates_to_labels(cands, masks[0].shape, cfg)
         np.testing.assert_array_equal(ours, ref.astype(np.int32))
         dropped = max(dropped, len(cands) - len(nms(cands, thr, over_min)))
@@ -117,16 +117,15 @@ def test_nms_and_painting_are_micro_sams(seed):
 
 def test_bad_apg_options_give_one_line():
     from peft_export.errors import UsageError
-    from peft_export.runtime.apg import APGConfig
-    from peft_export.runtime.strategy import AutoOptions
+    from peft_export.runtime.strategies import AutoOptions
 
-    for kwargs, flag in ((dict(foreground_threshold=1.5), "--foreground-threshold"),
-                         (dict(nms_threshold=-0.1), "--nms-threshold"), (dict(min_size=-1), "--min-size")):
+    for key, value, flag in (("apg.foreground_threshold", 1.5, "--apg-foreground-threshold"),
+                             ("apg.nms_threshold", -0.1, "--nms-threshold"), ("apg.min_size", -1, "--apg-min-size"),
+                             ("apg.prompts_per_batch", 0, "--apg-prompts-per-batch"),
+                             ("apg.mask_threshold", float("nan"), "--mask-threshold")):
         with pytest.raises(UsageError, match=flag) as err:
-            AutoOptions.build(**kwargs)
+            AutoOptions.parse({key: value})
         assert "\n" not in str(err.value)
-    with pytest.raises(UsageError, match="--batch-size"):
-        APGConfig.build(batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,24 +156,31 @@ def apg_export(tmp_path_factory, tiny_export):
 
 def _median_config(seg, **extra):
     """Random weights give maps near 0.5: thresholds at their medians, so that there are seeds."""
-    from peft_export.runtime.apg import APGConfig
+    from peft_export.runtime.apg import APGOptions
     from peft_export.runtime.instances import image_maps
 
     fg, center, boundary = (float(np.median(m)) for m in image_maps(seg))
-    return APGConfig(foreground_threshold=fg, center_distance_threshold=center, boundary_distance_threshold=boundary,
-                     **extra)
+    return APGOptions(foreground_threshold=fg, center_distance_threshold=center, boundary_distance_threshold=boundary,
+                      **extra)
+
+
+def _apg(seg, cfg):
+    """(labels, the strategy) of strategy ``apg`` with ``cfg`` on the segmenter's image."""
+    from peft_export.runtime.strategies import AutoOptions, choose_strategy
+
+    strategy, why = choose_strategy(seg.info, AutoOptions(method="apg", apg=cfg))
+    assert strategy.name == "apg" and "APG" in why
+    return strategy.segment(seg), strategy
 
 
 def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(apg_export, dsb_val):
-    """segment_apg on the export (ONNX Runtime: encoder, instance_decoder.onnx, decoder_lowres.onnx) vs the
+    """APG on the export (ONNX Runtime: encoder, instance_decoder.onnx, decoder_lowres.onnx) vs the
     checkpoint's PyTorch model + decoder: object-matched IoU >= 0.99, untiled and tiled (a 2x2 mosaic: seeds routed
     to the tile whose core holds them)."""
+    from peft_export.loading import load_model
     from peft_export.metrics import matched_iou
-    from peft_export.models.loading import load_model
     from peft_export.models.torch_backend import TorchBackend
-    from peft_export.runtime.apg import segment_apg
     from peft_export.runtime.segmenter import Segmenter
-    from peft_export.runtime.strategy import Stats
     from peft_export.runtime.tiling import Tiling
 
     ckpt, out = apg_export
@@ -183,22 +189,21 @@ def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(apg_export, dsb_val):
                             instance_decoder=loaded.instance_decoder)
     image = dsb_val[0].image
     for tiling, img in ((None, image), (Tiling(tile=256, halo=32), np.tile(image, (2, 2)))):
-        ours, ref = Segmenter(out, tiling=tiling), Segmenter(backend=torch_be, tiling=tiling)
+        ours, ref = Segmenter(out, tiling=tiling), Segmenter(torch_be, tiling=tiling)
         ours.set_image(img)
         ref.set_image(img)
         cfg = _median_config(ref, min_size=5)
-        stats = Stats()
-        a, b = segment_apg(ours, cfg, stats=stats), segment_apg(ref, cfg)
+        (a, strategy), (b, _) = _apg(ours, cfg), _apg(ref, cfg)
         assert a.shape == img.shape[:2] and b.max() >= 3, "the maps should give a few objects"
         assert matched_iou(a, b) >= 0.99, (tiling, a.max(), b.max())
-        assert len(stats.ious) > 0  # the decoded prompts' predicted IoUs (for quality_advice)
+        assert len(strategy.ious) > 0  # the decoded prompts' predicted IoUs (for its advice)
         if tiling is not None:
             assert len(ours.plan.grid) > 1
 
 
 def test_apg_decodes_one_prompt_per_seed_in_batches(apg_export, dsb_val):
     """Each seed is decoded once, in batches of batch_size, with the tile of its core (a counting backend)."""
-    from peft_export.runtime.apg import point_prompts, segment_apg
+    from peft_export.runtime.apg import point_prompts
     from peft_export.runtime.instances import image_maps
     from peft_export.runtime.segmenter import Segmenter
     from peft_export.runtime.tiling import Tiling
@@ -209,29 +214,34 @@ def test_apg_decodes_one_prompt_per_seed_in_batches(apg_export, dsb_val):
     real = seg.backend.decode
     seg.backend.decode = lambda emb, c, lab, mi=None: (calls.append(len(c)), real(emb, c, lab, mi))[1]
     seg.set_image(np.tile(dsb_val[0].image, (2, 2)))
-    cfg = _median_config(seg, batch_size=5)
+    cfg = _median_config(seg, prompts_per_batch=5)
     n = len(point_prompts(image_maps(seg), cfg))
-    segment_apg(seg, cfg)
+    _apg(seg, cfg)
     assert sum(calls) == n and max(calls) <= 5 and n > 5
 
 
 def test_strategy_choice(apg_export, tiny_export):
-    """auto: AIS with an instance decoder (measured better and faster, strategy.AUTO_WITH_DECODER), grid without
+    """auto: AIS with an instance decoder (measured better and faster: strategies.AUTO_WITH_DECODER), grid without
     (with a line saying what to train); apg / instance on an export without a decoder: one line."""
     from peft_export.errors import UsageError
-    from peft_export.runtime.backends import open_backend
-    from peft_export.runtime.strategy import choose
+    from peft_export.runtime.backends import open_model
+    from peft_export.runtime.strategies import AutoOptions, choose_strategy
 
-    with_dec, without = open_backend(apg_export[1]), open_backend(tiny_export.out_dir)
-    c = choose(with_dec)
-    assert c.method == "instance" and "instance decoder" in c.reason and c.advice is None
-    c = choose(without)
-    assert c.method == "grid" and "no instance decoder" in c.reason and "--instance-decoder" in c.advice
-    assert choose(with_dec, "apg").method == "apg" and choose(with_dec, "grid").method == "grid"
+    def choose(info, method="auto"):
+        return choose_strategy(info, AutoOptions.parse({"method": method}))
+
+    with_dec, without = open_model(apg_export[1]).info, open_model(tiny_export.out_dir).info
+    strategy, why = choose(with_dec)
+    assert strategy.name == "instance" and "has an instance decoder" in why and "--method apg" in why
+    assert strategy.advice() is None
+    strategy, why = choose(without)
+    assert strategy.name == "grid" and "no instance decoder" in why and "--instance-decoder" in why
+    assert choose(with_dec, "apg")[0].name == "apg" and choose(with_dec, "grid")[0].name == "grid"
     for m in ("apg", "instance"):
-        with pytest.raises(UsageError, match=f"--method {m}: .*no instance decoder"):
+        with pytest.raises(UsageError, match=r"no instance decoder.*--instance-decoder") as err:
             choose(without, m)
-    with pytest.raises(UsageError, match="--method must be one of auto, apg, instance, grid"):
+        assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="--method: unknown value 'amg'"):
         choose(with_dec, "amg")
 
 
@@ -243,14 +253,14 @@ def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
     _ckpt, out = apg_export
     img = tmp_path / "tile.tif"
     tifffile.imwrite(img, dsb_val[0].image)
-    thr = ("--foreground-threshold", "0.5", "--center-distance-threshold", "0.6", "--boundary-distance-threshold",
-           "0.6", "--min-size", "5")
+    thr = ("--apg-foreground-threshold", "0.5", "--apg-center-distance-threshold", "0.6",
+           "--apg-boundary-distance-threshold", "0.6", "--apg-min-size", "5")
     code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "--method", "apg", "-o",
                                 str(tmp_path / "a.tif"), "--json", *thr)
     assert code == 0, err
     assert "APG" in err and json.loads(stdout)["objects"] >= 0
     stack = tmp_path / "stack.tif"
-    tifffile.imwrite(stack, np.stack([dsb_val[0].image] * 3), metadata={"axes": "ZYX"})
+    tifffile.imwrite(stack, np.stack([dsb_val[0].image] * 3), photometric="minisblack", metadata={"axes": "ZYX"})
     code, stdout, err = run_cli("predict", str(out), str(stack), "--auto", "--method", "apg", "--3d", "-o",
                                 str(tmp_path / "s.tif"), "--json", *thr)
     assert code == 0, err
@@ -261,7 +271,7 @@ def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
     code, stdout, err = run_cli("evaluate", str(out), "--auto", "--method", "apg", "--json", *thr)
     assert code == 0, err
     auto = json.loads(stdout)["auto"]
-    assert auto["method"] == "apg" and "APG" in auto["reason"] and {"msa", "f1", "objects_pred"} <= set(auto)
+    assert auto["method"] == "apg" and "APG" in auto["why"] and {"msa", "f1", "objects_pred"} <= set(auto)
 
 
 def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, tiny_export, dsb_val, tmp_path):
@@ -277,6 +287,7 @@ def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, t
         ((str(apg_export[1]), str(img), "--boxes", str(img), "--3d"), "--3d links the objects of automatic"),
         ((str(apg_export[1]), str(img), "--auto", "--foreground-threshold", "1.5"), "--foreground-threshold"),
         ((str(apg_export[1]), str(img), "--auto", "--nms-threshold", "-0.2"), "--nms-threshold"),
+        ((str(apg_export[1]), str(img), "--auto", "--apg-min-size", "-1"), "--apg-min-size"),
         ((str(apg_export[1]), str(img), "--auto", "--method", "grid", "--pred-iou-thresh", "2"), "--pred-iou-thresh"),
     ]
     for args, message in cases:
@@ -284,8 +295,10 @@ def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, t
         assert code == 2 and message in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not list(tmp_path.glob(".labels*")), args
-    code, _, err = run_cli("evaluate", str(apg_export[1]), "--auto", "--center-distance-threshold", "7")
-    assert code == 2 and "--center-distance-threshold" in err and len(err.strip().splitlines()) == 1
+    for args, message in ((("--center-distance-threshold", "7"), "--center-distance-threshold"),
+                          (("--3d",), "--3d")):
+        code, _, err = run_cli("evaluate", str(apg_export[1]), "--auto", *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,7 +363,7 @@ def test_link_planes_hand_made():
 def test_box_refinement_and_mask_threshold(apg_export, dsb_val):
     """refine_with_boxes decodes once more per mask, with a box prompt from the mask's bounding box extended by 1%
     (micro-sam's refine_with_box_prompts); a lower mask threshold never gives smaller masks (same prompts)."""
-    from peft_export.runtime.apg import APGConfig, Candidate, decode_points, point_prompts, refine_boxes
+    from peft_export.runtime.apg import APGOptions, Candidate, decode_points, point_prompts, refine_boxes
     from peft_export.runtime.instances import image_maps
     from peft_export.runtime.segmenter import Segmenter
 
@@ -362,7 +375,7 @@ def test_box_refinement_and_mask_threshold(apg_export, dsb_val):
     pts = point_prompts(image_maps(seg), cfg)[:6]
     emb = seg.tile_embeddings([0])
     a = decode_points(seg, 0, emb, pts, cfg)
-    b = decode_points(seg, 0, emb, pts, APGConfig(**{**cfg.model_dump(), "mask_threshold": -1.0}))
+    b = decode_points(seg, 0, emb, pts, APGOptions(**{**cfg.model_dump(), "mask_threshold": -1.0}))
     assert len(a) and sum(c.area for c in b) >= sum(c.area for c in a)
     boxes = refine_boxes(a, seg.plan.tiles[0].window)
     refined = decode_points(seg, 0, emb, pts, cfg, boxes=boxes)

@@ -5,13 +5,13 @@ give one point prompt per object; SAM's prompt decoder turns each into a mask; d
 ``AutomaticPromptGenerator.generate`` / ``TiledAutomaticPromptGenerator.generate`` with their defaults:
 
 1. Maps at the image's size (tiled: each tile's maps stitched across the halo, as AIS does,
-   :meth:`Segmenter.map_tiles`); no smoothing (APG thresholds the raw maps).
+   ``EmbeddedImage.map_tiles``); no smoothing (APG thresholds the raw maps).
 2. Seeds: 4-connected components of ``foreground >= foreground_threshold`` and ``centre distance <
    center_distance_threshold`` and ``boundary distance < boundary_distance_threshold``
    (micro-sam's ``_derive_point_prompts``).
 3. One positive point per seed: its most interior pixel (the maximum of the distance transform of the
    non-boundary pixels, ``find_boundaries(mode="outer")``, image border excluded; micro-sam's ``_get_centers``).
-4. The points are decoded in batches of ``batch_size`` prompts by the backend's prompt decoder (single-mask
+4. The points are decoded in batches of ``prompts_per_batch`` prompts by the backend's prompt decoder (single-mask
    output unless ``multimask``); on a tiled image each point in the tile whose core holds it, with that tile's
    embedding (micro-sam's ``batched_tiled_inference``). Masks: logits > 0 at the image's resolution; score =
    predicted IoU x stability score (offset 1.0).
@@ -20,8 +20,9 @@ give one point prompt per object; SAM's prompt decoder turns each into a mask; d
 6. Painted largest first, each mask only onto unclaimed pixels; 4-connected components of the result become the
    objects; objects under ``min_size`` pixels are removed; ids 1..N (micro-sam's ``mask_data_to_segmentation``).
 
-Works with any backend exposing ``decode`` and instance maps (its own ``instance_maps`` or the export's
-``instance_decoder.onnx``: :class:`peft_export.runtime.instances.InstanceMaps`).
+Works with any backend whose ``info.instance_decoder`` is set (its ``decode`` and ``instance_maps``), through the
+:class:`peft_export.runtime.strategies.EmbeddedImage` protocol; :class:`APGStrategy` is strategy ``apg``, its
+settings :class:`APGOptions` (``AutoOptions.apg``).
 """
 
 from __future__ import annotations
@@ -29,61 +30,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict
 
-from peft_export.errors import UsageError
+from peft_export.options import Options, option
 
 STABILITY_OFFSET = 1.0  # micro-sam's batched_inference: calculate_stability_score(masks, threshold, 1.0)
 MASK_THRESHOLD = 0.0  # SAM's mask threshold on the logits (micro-sam's mask_threshold=None)
 
 
-class APGConfig(BaseModel):
-    """APG's parameters; the defaults are micro-sam's (``AutomaticPromptGenerator.generate``)."""
+class APGOptions(Options):
+    """APG's settings; the defaults are micro-sam's (``AutomaticPromptGenerator.generate``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    family = "apg"
+    panel = "Automatic segmentation: APG"
 
-    foreground_threshold: float = Field(0.5, ge=0, le=1, description="seeds: foreground probability at least this")
-    center_distance_threshold: float = Field(0.5, ge=0, le=1, description="seeds: centre distance below this")
-    boundary_distance_threshold: float = Field(0.5, ge=0, le=1, description="seeds: boundary distance below this")
-    min_size: int = Field(25, ge=0, description="masks and objects smaller than this (pixels) are removed")
-    nms_threshold: float = Field(0.9, ge=0, le=1, description="NMS: a mask overlapping a better one more is dropped")
-    intersection_over_min: bool = Field(False, description="NMS overlap: intersection over the smaller mask")
-    multimask: bool = Field(False, description="decode with SAM's three masks and keep the best")
-    refine_with_boxes: bool = Field(False, description=(
-        "decode each mask again from its bounding box, extended by 1% (micro-sam's refine_with_box_prompts)"))
-    batch_size: int = Field(32, ge=1, description="point prompts per prompt-decoder call")
-    mask_threshold: float = Field(MASK_THRESHOLD, allow_inf_nan=False, description=(
-        "logits above this are the mask (micro-sam's mask_threshold; SAM's 0)"))
-
-    @classmethod
-    def build(cls, **values) -> APGConfig:
-        """Validated, with one clear line for a bad value (``UsageError``)."""
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as exc:
-            raise UsageError(one_line(exc, cls)) from None
-
-
-def one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """A pydantic error as one line naming the command-line option (``--field-name``, or the field's ``cli``)."""
-    e = exc.errors()[0]
-    key = str(e["loc"][0]) if e["loc"] else ""
-    info = (model.model_fields.get(key) if model is not None else None)
-    extra = (info.json_schema_extra or {}) if info is not None and isinstance(info.json_schema_extra, dict) else {}
-    flag = extra.get("cli") or "--" + key.replace("_", "-")
-    msg = e["msg"][0].lower() + e["msg"][1:]
-    return f"{flag}: {msg}, got {e.get('input')!r}"
+    foreground_threshold: float = option(0.5, "Seeds: foreground probability at least this.", ge=0, le=1,
+                                         cli="--apg-foreground-threshold")
+    center_distance_threshold: float = option(0.5, "Seeds: centre distance below this ...", ge=0, le=1,
+                                              cli="--apg-center-distance-threshold")
+    boundary_distance_threshold: float = option(0.5, "... and boundary distance below this.", ge=0, le=1,
+                                                cli="--apg-boundary-distance-threshold")
+    min_size: int = option(25, "Masks and objects with at most this many pixels are removed.", ge=0,
+                           cli="--apg-min-size")
+    nms_threshold: float = option(0.9, "NMS: a mask overlapping a better-scored one by more than this IoU is "
+                                  "dropped.", ge=0, le=1)
+    intersection_over_min: bool = option(False, "NMS overlap as intersection over the smaller mask.",
+                                         cli="--apg-intersection-over-min/--no-apg-intersection-over-min")
+    multimask: bool = option(False, "Decode with SAM's three masks and keep the best.",
+                             cli="--apg-multimask/--no-apg-multimask")
+    refine_with_boxes: bool = option(False, "Decode each mask again from its bounding box, extended by 1% "
+                                     "(micro-sam's refine_with_box_prompts).",
+                                     cli="--apg-box-refine/--no-apg-box-refine")
+    prompts_per_batch: int = option(32, "Point prompts per prompt-decoder call.", ge=1, cli="--apg-prompts-per-batch")
+    mask_threshold: float = option(MASK_THRESHOLD, "Logits above this are the mask (micro-sam's mask_threshold; "
+                                   "lower gives larger masks).", allow_inf_nan=False)
 
 
 # ---- seeds and point prompts (micro-sam's _derive_point_prompts / _get_centers) ---------------------------
 
-def seed_mask(maps: np.ndarray, cfg: APGConfig) -> np.ndarray:
+def seed_mask(maps: np.ndarray, cfg: APGOptions) -> np.ndarray:
     fg, center, boundary = (np.asarray(m) for m in maps[:3])
     return (fg >= cfg.foreground_threshold) & (center < cfg.center_distance_threshold) & \
         (boundary < cfg.boundary_distance_threshold)
 
 
-def seed_labels(maps: np.ndarray, cfg: APGConfig) -> np.ndarray:
+def seed_labels(maps: np.ndarray, cfg: APGOptions) -> np.ndarray:
     """Seeds: 4-connected components of :func:`seed_mask` (ids 1..N in raster order)."""
     from skimage.measure import label
 
@@ -109,9 +101,9 @@ def object_centers(labels: np.ndarray) -> np.ndarray:
     return np.asarray(centers, np.int64).reshape(-1, 2)
 
 
-def point_prompts(maps: np.ndarray, cfg: APGConfig | None = None) -> np.ndarray:
+def point_prompts(maps: np.ndarray, cfg: APGOptions | None = None) -> np.ndarray:
     """(N, 2) x/y pixel coordinates of one point per seed of the (3, H, W) maps."""
-    rc = object_centers(seed_labels(maps, cfg or APGConfig()))
+    rc = object_centers(seed_labels(maps, cfg or APGOptions()))
     return rc[:, ::-1].astype(np.float32)
 
 
@@ -156,31 +148,31 @@ def _crop(mask: np.ndarray, oy: int, ox: int, iou: float, stab: float, tile: int
                      tile)
 
 
-def decode_points(segmenter, tile: int, embedding: np.ndarray, points: np.ndarray, cfg: APGConfig,
+def decode_points(image, tile: int, embedding: np.ndarray, points: np.ndarray, cfg: APGOptions,
                   boxes: np.ndarray | None = None) -> list[Candidate]:
     """Masks of point prompts (N, 2) (x/y pixels of the scaled image), or of ``boxes`` (N, 4) x0, y0, x1, y1,
-    decoded in ``tile`` with its embedding (1, C, h, w), ``cfg.batch_size`` prompts per decoder call."""
+    decoded in ``tile`` with its embedding (1, C, h, w), ``cfg.prompts_per_batch`` prompts per decoder call."""
     from peft_export.imaging import upscale_masks
     from peft_export.prompts import box_prompts, pad_points
     from peft_export.runtime.backend import select_masks
 
-    plan = segmenter.plan
+    plan = image.plan
     window, geo = plan.tiles[tile], plan.geometry[tile]
     y0, _, x0, _ = window.window
     wh, ww = window.hw
     out: list[Candidate] = []
     chunk = max(1, 2**25 // max(1, wh * ww))  # bounded memory for the window-size logits
     prompts = points if boxes is None else boxes
-    for s in range(0, len(prompts), cfg.batch_size):
+    for s in range(0, len(prompts), cfg.prompts_per_batch):
         if boxes is None:
-            pts = points[s: s + cfg.batch_size]
+            pts = points[s: s + cfg.prompts_per_batch]
             local = geo.transform_coords(pts - np.array([x0, y0], np.float32))
             coords, labels = pad_points(local[:, None, :], np.ones((len(pts), 1), np.float32))
         else:
-            pts = boxes[s: s + cfg.batch_size]
+            pts = boxes[s: s + cfg.prompts_per_batch]
             local = geo.transform_boxes(pts - np.array([x0, y0, x0, y0], np.float32))
             coords, labels = box_prompts(local)
-        low, iou = segmenter.backend.decode(embedding, coords, labels)
+        low, iou = image.backend.decode(embedding, coords, labels)
         low, iou = select_masks(np.asarray(low), np.asarray(iou), cfg.multimask)
         for c in range(0, len(pts), chunk):
             logits = upscale_masks(low[c: c + chunk], geo.img_size, geo.resized_hw, (wh, ww))
@@ -269,7 +261,7 @@ def finish_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
     return relabel_sequential(cc)[0].astype(np.int32)
 
 
-def candidates_to_labels(cands: list[Candidate], shape: tuple[int, int], cfg: APGConfig,
+def candidates_to_labels(cands: list[Candidate], shape: tuple[int, int], cfg: APGOptions,
                          area_scale: float = 1.0, to_original=None) -> np.ndarray:
     """Size filter (area > min_size), NMS, painting, components, size filter: the label image. ``area_scale``:
     original pixels per scaled pixel (a ``--scale``d image); ``to_original``: scaled labels -> original size."""
@@ -281,7 +273,7 @@ def candidates_to_labels(cands: list[Candidate], shape: tuple[int, int], cfg: AP
     return finish_labels(labels, cfg.min_size)
 
 
-# ---- the whole chain on a Segmenter's current image --------------------------------------------------------
+# ---- the strategy ------------------------------------------------------------------------------------------
 
 def route_points(plan, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Original-image points -> (scaled-image points, the tile whose core holds each)."""
@@ -291,42 +283,64 @@ def route_points(plan, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pts, plan.grid.core_index(pts[:, 1], pts[:, 0])
 
 
-def segment_apg(segmenter, config: APGConfig | None = None, *, runner=None, maps: np.ndarray | None = None,
-                progress=None, return_maps: bool = False, stats=None):
-    """Instance labels (int32, 0 = background) of the segmenter's current image at its original size; with
-    ``return_maps`` also the (3, H, W) maps. ``progress(n)``: tiles mapped, then tiles decoded (2 x tiles in all,
-    see :func:`steps`); ``stats.ious`` (a :class:`peft_export.runtime.strategy.Stats`) receives the decoded
-    prompts' predicted IoUs."""
-    from peft_export.runtime.instances import image_maps
+class APGStrategy:
+    """Strategy ``apg`` (:mod:`peft_export.runtime.strategies`): the instance decoder's seeds as point prompts."""
 
-    cfg = config or APGConfig()
-    seg = segmenter
-    plan = seg._require_plan()
-    if maps is None:
-        maps = image_maps(seg, runner, progress)
-    elif progress is not None:
-        progress(len(plan.grid))
-    points = point_prompts(maps, cfg)
-    pts, owner = route_points(plan, points)
-    cands: list[Candidate] = []
-    for t in range(len(plan.grid)):
-        mine = pts[owner == t]
-        if len(mine):
-            emb = seg.tile_embeddings([t])
-            got = decode_points(seg, t, emb, mine, cfg)
-            if cfg.refine_with_boxes and got:
-                got = decode_points(seg, t, emb, mine, cfg, boxes=refine_boxes(got, plan.tiles[t].window))
-            cands += got
-        if progress is not None:
-            progress(1)
-    if stats is not None:
-        stats.ious += [c.iou for c in cands]
-    (hs, ws), (h, w) = plan.scaled_hw, plan.original_hw
-    labels = candidates_to_labels(cands, plan.scaled_hw, cfg, (h * w) / (hs * ws),
-                                  plan.to_original if plan.scaled_hw != plan.original_hw else None)
-    return (labels, maps) if return_maps else labels
+    name = "apg"
+    description = "the instance decoder's seeds as point prompts for the prompt decoder (micro-sam's APG)"
+
+    def __init__(self, options):
+        self.cfg: APGOptions = options.apg
+        self.ious: list[float] = []  # the decoded prompts' predicted IoUs (all images so far): see advice()
+
+    def steps(self, image) -> int:
+        """``segment`` calls ``progress`` for the tiles mapped, then once per tile decoded."""
+        return 2 * len(image.plan.grid)
+
+    def segment(self, image, progress=None, *, maps: np.ndarray | None = None) -> np.ndarray:
+        """Instance labels (int32, 0 = background) of the image at its original size (``maps``: the (3, H, W)
+        instance maps when already computed)."""
+        labels, _ = self.segment_with_maps(image, progress, maps=maps)
+        return labels
+
+    def segment_with_maps(self, image, progress=None, *, maps: np.ndarray | None = None):
+        """(labels, the (3, H, W) maps)."""
+        from peft_export.runtime.instances import image_maps
+
+        cfg, plan = self.cfg, image.plan
+        if maps is None:
+            maps = image_maps(image, progress)
+        elif progress is not None:
+            progress(len(plan.grid))
+        pts, owner = route_points(plan, point_prompts(maps, cfg))
+        cands: list[Candidate] = []
+        for t in range(len(plan.grid)):
+            mine = pts[owner == t]
+            if len(mine):
+                emb = image.tile_embeddings([t])
+                got = decode_points(image, t, emb, mine, cfg)
+                if cfg.refine_with_boxes and got:
+                    got = decode_points(image, t, emb, mine, cfg, boxes=refine_boxes(got, plan.tiles[t].window))
+                cands += got
+            image.release([t])
+            if progress is not None:
+                progress(1)
+        self.ious += [c.iou for c in cands]
+        (hs, ws), (h, w) = plan.scaled_hw, plan.original_hw
+        labels = candidates_to_labels(cands, plan.scaled_hw, cfg, (h * w) / (hs * ws),
+                                      plan.to_original if plan.scaled_hw != plan.original_hw else None)
+        return labels, maps
+
+    def advice(self) -> str | None:
+        """One line when the prompt decoder answers poorly (median predicted IoU below ``LOW_IOU``)."""
+        if not self.ious:
+            return None
+        med = float(np.median(self.ious))
+        if med >= LOW_IOU:
+            return None
+        return (f"the prompt decoder's predicted IoUs are low (median {med:.2f} over {len(self.ious)} prompts): APG "
+                "will be poor; finetune with point prompts and the instance decoder (finetune --instance-decoder), "
+                "or use --method instance")
 
 
-def steps(segmenter) -> int:
-    """How many ``progress`` units :func:`segment_apg` reports on the current image."""
-    return 2 * len(segmenter._require_plan().grid)
+LOW_IOU = 0.6  # median predicted IoU of the decoded prompts below this: the prompt heads answer poorly
