@@ -234,3 +234,16 @@ def test_a_folder_without_images_is_refused(tmp_path):
         resolve_inputs(tmp_path / "empty")
     with pytest.raises(DataError, match="no images match"):
         resolve_inputs(str(tmp_path / "empty" / "*.tif"))
+
+
+def test_the_bundled_sample_is_an_input():
+    """``predict EXPORT sample:dsb2018``: the bundled image itself (what the README's examples segment)."""
+    from peft_export.data.io import read_image
+    from peft_export.data.samples import dsb2018
+    from peft_export.runtime.sources import resolve_inputs
+
+    inputs = resolve_inputs("sample:dsb2018")
+    assert inputs.single and [str(i.rel) for i in inputs.items] == ["dsb2018.tif"]
+    np.testing.assert_array_equal(read_image(inputs.items[0].path), dsb2018()[0])
+    with pytest.raises(UsageError, match="unknown sample 'sample:cells'"):
+        resolve_inputs("sample:cells")

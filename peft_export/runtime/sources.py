@@ -4,7 +4,8 @@
 - a file: that image (a 2D image or a stack);
 - a folder: every image below it (``.tif .tiff .png .jpg .jpeg .bmp``, sub-folders included, hidden entries and
   the run's own output folder skipped), sorted by relative path;
-- a glob (``'data/**/*.tif'``, quoted so that the shell leaves it alone): the matching image files, sorted.
+- a glob (``'data/**/*.tif'``, quoted so that the shell leaves it alone): the matching image files, sorted;
+- ``sample:dsb2018``: the bundled DSB2018 nuclei image (512 x 512, the ``samples`` extra), read as ``dsb2018.tif``.
 
 ``--shard K/N`` keeps items K, K + N, K + 2N, … (0 <= K < N) of that sorted list: N processes (a SLURM job array,
 several GPUs) split one dataset with no coordination but the file system, and resume with ``--skip-existing``.
@@ -19,7 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from peft_export.data.dataset import SAMPLE_PREFIX
 from peft_export.data.io import IMAGE_SUFFIXES
+from peft_export.data.samples import dsb2018_paths
 from peft_export.errors import DataError, UsageError
 
 _MAGIC = re.compile(r"[*?\[]")
@@ -59,6 +62,8 @@ def _inside(p: Path, folder: Path | None) -> bool:
 def resolve_inputs(spec: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> Inputs:
     """The images named by ``spec`` (file, folder or glob); ``exclude``: a folder to leave out (the outputs)."""
     text = str(spec)
+    if text.startswith("sample:"):
+        return _sample_input(text)
     p = Path(text)
     skip = Path(exclude) if exclude is not None else None
     if p.is_file():
@@ -80,6 +85,13 @@ def resolve_inputs(spec: str | os.PathLike, *, exclude: str | os.PathLike | None
         return Inputs([InputItem(q, q.relative_to(root) if _inside(q, root) else Path(q.name)) for q in found],
                       root, "glob")
     raise DataError(f"input not found: {text} (give an image file, a folder or a quoted glob)")
+
+
+def _sample_input(text: str) -> Inputs:
+    if text != f"{SAMPLE_PREFIX}dsb2018":
+        raise UsageError(f"unknown sample {text!r}; the bundled one is {SAMPLE_PREFIX}dsb2018")
+    image, _ = dsb2018_paths()
+    return Inputs([InputItem(image, Path("dsb2018.tif"))], image.parent, "file")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
