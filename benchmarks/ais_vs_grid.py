@@ -1,26 +1,33 @@
-"""Automatic segmentation without prompts: the instance decoder (micro-sam's AIS) vs the point grid, one run.
+"""Automatic segmentation without prompts, three ways in one run: APG, the instance decoder (AIS), the point grid.
 
-    python benchmarks/ais_vs_grid.py EXPORT_DIR [--checkpoint RUN/best.pt] [--out ais.json]
+    python benchmarks/ais_vs_grid.py EXPORT_DIR [--checkpoint RUN/best.pt] [--out docs/bench_ais_vs_grid.json]
 
 EXPORT_DIR: a `merge-and-export` folder of a run trained with `finetune --instance-decoder` (it has
-instance_decoder.onnx). Both methods run on the same export with ONNX Runtime (CPU) on
-- the DSB2018 held-out tile (256x256, never trained on), and
-- the whole DSB2018 image (512x512, tiled at native resolution; three of its four tiles are the training tiles).
+instance_decoder.onnx). Every method runs on the same export with ONNX Runtime (CPU) on
+- the DSB2018 held-out tile (256x256, never trained on),
+- the whole DSB2018 image (512x512, tiled at native resolution; three of its four tiles are the training tiles),
+- with --mosaic: the 1024x1024 mosaic of the image and its flips (500 nuclei; 3 of every copy's 4 tiles trained on).
 
-Figures per method: mSA (IoU 0.5..0.95), precision / recall / F1 at IoU 0.5, objects found vs true, seconds per
-image (embedding + decoding + post-processing, median of --repeats runs, measured interleaved in this one run) and
-the ratio grid / AIS. The grid runs at its defaults (`predict --auto` defaults) and at its best thresholds: the
-best mSA on the held-out tile over a sweep of predicted-IoU x stability thresholds (chosen on the evaluation tile
-itself: an upper bound for the grid). AIS runs at its defaults only.
+Methods: ``apg`` (micro-sam's APG at its defaults: seeds as point prompts, NMS 0.9, min size 25), ``apg_box``
+(APG with micro-sam's refine_with_box_prompts), ``ais`` (the instance decoder + seeded watershed at micro-sam's
+defaults), ``grid`` (the point grid at `predict --auto`'s defaults; --grid-best also at its best thresholds on the
+held-out tile, chosen on the evaluation tile itself: an upper bound for the grid). The grid is skipped on the
+mosaic (minutes per image on a CPU).
 
-With --checkpoint (the run's PyTorch checkpoint): PyTorch vs ONNX Runtime instance labels on the held-out tile
-(object-matched IoU, and the objects each finds).
+Figures per method and image: mSA (IoU 0.5..0.95), precision / recall / F1 at IoU 0.5, objects found vs true,
+seconds per image (embedding + automatic segmentation; median of --repeats runs, the methods interleaved round by
+round), and the ratios to AIS. The CPU, its core count and the load average before and after are recorded: on a
+shared machine absolute seconds are inflated, ratios from one run are what to compare.
+
+With --checkpoint (the run's PyTorch checkpoint): PyTorch vs ONNX Runtime labels on the held-out tile for AIS and
+APG (object-matched IoU, and the objects each finds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -28,49 +35,80 @@ from peft_export.bench.common import cpu_name
 
 GRID_IOU = (0.5, 0.6, 0.7, 0.8, 0.88)
 GRID_STABILITY = (0.6, 0.75, 0.9)
+KEYS = ("msa", "precision", "recall", "f1", "objects_pred", "objects_true")
+
+
+def mosaic_1024():
+    """The 1024x1024 mosaic of the DSB2018 image and its flips (x, y, both) with labels to match (as
+    tests/test_runtime_scale.py's dsb_mosaic)."""
+    import numpy as np
+
+    from peft_export.data.samples import dsb2018
+
+    img, lab = dsb2018()
+    n = int(lab.max())
+    flips = [lab, lab[:, ::-1], lab[::-1], lab[::-1, ::-1]]
+    labs = [np.where(f > 0, f + k * n, 0) for k, f in enumerate(flips)]
+    image = np.block([[img, img[:, ::-1]], [img[::-1], img[::-1, ::-1]]])
+    return image, np.block([[labs[0], labs[1]], [labs[2], labs[3]]]).astype(np.int32)
+
+
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run(seg, sample, options):
-    """(labels, seconds for the whole image: embedding + automatic segmentation)."""
-    t0 = time.perf_counter()
+    """(labels, seconds for the whole image: embedding + automatic segmentation, and the CPU seconds of it)."""
+    t0, c0 = time.perf_counter(), _cpu()
     seg.set_image(sample.image, name=sample.name)
     labels = seg.segment(options)
-    return labels, time.perf_counter() - t0
+    return labels, time.perf_counter() - t0, _cpu() - c0
 
 
 def measure(seg, sample, cases: dict, repeats: int) -> dict:
     from peft_export.metrics import instance_scores
 
     times = {k: [] for k in cases}
+    cpu = {k: [] for k in cases}
     labels = {}
     for _ in range(repeats):  # interleaved: one call of each case per round
         for name, options in cases.items():
-            labels[name], dt = run(seg, sample, options)
+            labels[name], dt, dc = run(seg, sample, options)
             times[name].append(dt)
+            cpu[name].append(dc)
     out = {}
     for name in cases:
         s = instance_scores(labels[name], sample.labels)
-        out[name] = {k: s[k] for k in ("msa", "precision", "recall", "f1", "objects_pred", "objects_true")}
+        out[name] = {k: round(float(s[k]), 4) for k in KEYS}
         out[name]["seconds"] = round(statistics.median(times[name]), 3)
+        out[name]["cpu_seconds"] = round(statistics.median(cpu[name]), 3)  # all threads; less load-dependent
+    if "ais" in out:
+        for name in cases:
+            if name != "ais":
+                out[f"{name}_vs_ais"] = {"msa_gain": round(out[name]["msa"] - out["ais"]["msa"], 4),
+                                         "time_ratio": round(out[name]["seconds"] / out["ais"]["seconds"], 2)}
     return out
 
 
 def best_grid(seg, tile) -> tuple[object, list]:
     from peft_export.metrics import mean_segmentation_accuracy
-    from peft_export.runtime.strategies import AutoOptions
-
     seg.set_image(tile.image, name=tile.name)
     sweep = []
-
-    def grid(iou, st):
-        return AutoOptions.parse({"method": "grid", "grid.pred_iou_thresh": iou, "grid.stability_thresh": st})
-
     for iou in GRID_IOU:
         for st in GRID_STABILITY:
             msa = mean_segmentation_accuracy(seg.segment(grid(iou, st)), tile.labels)
             sweep.append({"pred_iou_thresh": iou, "stability_thresh": st, "msa": round(float(msa), 4)})
     top = max(sweep, key=lambda r: r["msa"])
     return grid(top["pred_iou_thresh"], top["stability_thresh"]), sweep
+
+
+def grid(iou: float | None = None, stability: float | None = None):
+    from peft_export.runtime.strategies import AutoOptions
+
+    return AutoOptions.parse({"method": "grid", "grid.pred_iou_thresh": iou, "grid.stability_thresh": stability})
 
 
 def torch_vs_onnx(checkpoint: str, seg, tile) -> dict:
@@ -84,8 +122,12 @@ def torch_vs_onnx(checkpoint: str, seg, tile) -> dict:
                                  instance_decoder=loaded.instance_decoder))
     ref.set_image(tile.image)
     seg.set_image(tile.image)
-    a, b = seg.segment(method="instance"), ref.segment(method="instance")
-    return {"matched_iou": round(matched_iou(a, b), 4), "objects_onnx": int(a.max()), "objects_torch": int(b.max())}
+    out = {}
+    for method in ("instance", "apg"):
+        a, b = seg.segment(method=method), ref.segment(method=method)
+        out[method] = {"matched_iou": round(matched_iou(a, b), 4), "objects_onnx": int(a.max()),
+                       "objects_torch": int(b.max())}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -93,9 +135,11 @@ def main(argv=None) -> dict:
     ap.add_argument("export")
     ap.add_argument("--checkpoint", help="the run's checkpoint: PyTorch vs ONNX Runtime labels")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", help="write the JSON here too")
-    ap.add_argument("--ais-only", action="store_true", help="only the instance decoder (e.g. a decoder-only run on "
-                    "the same SAM weights, whose point-grid figures are those of its base run)")
+    ap.add_argument("--out", help="write the JSON here too (e.g. docs/bench_ais_vs_grid.json)")
+    ap.add_argument("--no-grid", action="store_true", help="AIS and APG only (the grid takes minutes per image)")
+    ap.add_argument("--grid-best", action="store_true", help="also the grid at its best thresholds (a sweep of 15 "
+                    "threshold pairs on the held-out tile)")
+    ap.add_argument("--mosaic", action="store_true", help="also the 1024x1024 mosaic (AIS and APG)")
     args = ap.parse_args(argv)
 
     from peft_export.data.dataset import Sample, dsb2018_tiles
@@ -107,21 +151,28 @@ def main(argv=None) -> dict:
     tile = dsb2018_tiles("val")[0]
     image, labels = dsb2018()
     whole = Sample(image, labels, "dsb2018_whole")
-    result = {"cpu": cpu_name(), "export": args.export, "repeats": args.repeats}
-    cases = {"ais": AutoOptions(method="instance")}
-    if not args.ais_only:
-        best_cfg, sweep = best_grid(seg, tile)
-        cases.update(grid_default=AutoOptions(method="grid"), grid_best=best_cfg)
-        result.update(grid_best_thresholds={"pred_iou_thresh": best_cfg.grid.pred_iou_thresh,
-                                            "stability_thresh": best_cfg.grid.stability_thresh}, grid_sweep=sweep)
-    for name, sample in (("heldout_tile", tile), ("whole_image", whole)):
-        r = measure(seg, sample, cases, args.repeats)
-        for g in [c for c in cases if c != "ais"]:
-            r[f"msa_gain_vs_{g}"] = round(r["ais"]["msa"] - r[g]["msa"], 4)
-            r[f"speedup_vs_{g}"] = round(r[g]["seconds"] / r["ais"]["seconds"], 2)
-        result[name] = r
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_before": [round(v, 2) for v in os.getloadavg()],
+              "export": args.export, "repeats": args.repeats}
+    cases = {"apg": AutoOptions.parse({"method": "apg"}),
+             "apg_box": AutoOptions.parse({"method": "apg", "apg.refine_with_boxes": True}),
+             "ais": AutoOptions.parse({"method": "instance"})}
+    if not args.no_grid:
+        cases["grid_default"] = grid()
+        if args.grid_best:
+            best, sweep = best_grid(seg, tile)
+            cases["grid_best"] = best
+            result.update(grid_best_thresholds={"pred_iou_thresh": best.grid.pred_iou_thresh,
+                                                "stability_thresh": best.grid.stability_thresh}, grid_sweep=sweep)
+    samples = [("heldout_tile", tile, cases), ("whole_image", whole, cases)]
+    if args.mosaic:
+        m_img, m_lab = mosaic_1024()
+        samples.append(("mosaic_1024", Sample(m_img, m_lab, "mosaic_1024"),
+                        {k: v for k, v in cases.items() if v.method != "grid"}))
+    for name, sample, these in samples:
+        result[name] = measure(seg, sample, these, args.repeats)
     if args.checkpoint:
         result["torch_vs_onnx_heldout"] = torch_vs_onnx(args.checkpoint, seg, tile)
+    result["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -169,9 +169,12 @@ def test_tiny_instance_package_passes_bioimageio_core(tiny_instance_package):
     (inp,), (out,) = rdf["inputs"], rdf["outputs"]
     steps = [s["id"] for s in inp["preprocessing"] if s["id"] != "ensure_dtype"]
     assert steps == ["scale_range", "scale_linear", "fixed_zero_mean_unit_variance"]  # vit_tiny: SAM's recipe
-    assert out["id"] == "instance_maps"
+    assert out["id"] == "instance_maps"  # after the custom post-processing step: instance ids in channel 0
     assert [a.get("channel_names") for a in out["axes"] if a["type"] == "channel"] == [
-        ["foreground", "center_distance", "boundary_distance"]]
+        ["instance_ids", "center_distance", "boundary_distance"]]
+    (step,) = [s for s in out["postprocessing"] if s["id"] != "ensure_dtype"]  # the spec appends ensure_dtype
+    assert (step["id"], step["callable"], step["source"]) == ("custom", "instance_watershed", "instance_watershed.py")
+    assert step["kwargs"]["center_distance_threshold"] == 0.5
     assert rdf["config"]["peft_export"]["kind"] == "instance" and rdf["license"] == "MIT"
     dois = {c["doi"] for c in rdf["cite"]}
     assert {"10.48550/arXiv.2502.00418", "10.48550/arXiv.2304.02643", "10.1038/s41592-024-02580-4"} <= dois
@@ -246,6 +249,57 @@ def test_package_with_the_real_instance_decoder_graph(tiny_export, tmp_path):
     assert result.kind == "instance" and result.own_check["max_abs_diff"] <= result.own_check["limit"]
     tile = np.random.default_rng(1).random((200, 256)).astype(np.float32)
     assert np.max(np.abs(_runtime_maps(result.path, tile) - _export_maps(export, tile))) <= 1e-4
+
+
+def test_instance_output_through_bioimageio_core(tiny_instance_package, dsb_val, tmp_path):
+    """bioimageio.core runs the package (graph + its custom post-processing step, the shipped source file) on the
+    DSB2018 tile: channel 0 holds the same instances as peft-export's runtime on the package (object-matched IoU
+    1.0), channels 1-2 the distance maps; the test output's instance ids are those too."""
+    from bioimageio.core import create_prediction_pipeline, load_description
+    from bioimageio.core.digest_spec import get_test_input_sample
+
+    from peft_export.metrics import matched_iou
+    from peft_export.runtime.instances import InstanceOptions, maps_to_instances
+
+    pkg = PackageModel(tiny_instance_package.path)
+    descr = load_description(str(tiny_instance_package.path))
+    sample = get_test_input_sample(descr)
+    with create_prediction_pipeline(descr, devices=["CPUExecutionProvider"]) as pipeline:
+        out = pipeline.predict_sample_without_blocking(sample)
+    (tensor,) = out.members.values()
+    got = tensor.data.values
+    maps = pkg.run(np.load(_extract(tiny_instance_package.path, "test_input.npy")))
+    ours = maps_to_instances(maps[0], InstanceOptions.from_dict(pkg.instance_settings()))
+    assert got.shape == maps.shape and ours.max() > 0
+    assert np.array_equal(got[0, 0].astype(np.int32), ours) and matched_iou(got[0, 0].astype(np.int32), ours) == 1
+    assert np.max(np.abs(got[0, 1:] - maps[0, 1:])) <= 1e-5
+    expected = np.load(_extract(tiny_instance_package.path, "test_output.npy"))
+    assert np.array_equal(expected[0, 0].astype(np.int32), ours)
+    assert tiny_instance_package.own_check["postprocessing_equal"]
+
+
+def test_package_without_postprocessing_is_refused(run_cli, tiny_instance_package, dsb_val, tmp_path):
+    """An instance package whose rdf declares no post-processing step (an older peft-export's): predict --auto on
+    it is one line and writes nothing; --method apg on an instance package (no prompt decoder) too."""
+    import tifffile
+    import yaml
+
+    folder = tmp_path / "old_pkg"
+    with zipfile.ZipFile(tiny_instance_package.path) as zf:
+        zf.extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    rdf["outputs"][0].pop("postprocessing")
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    img = tmp_path / "tile.tif"
+    tifffile.imwrite(img, dsb_val[0].image)
+    out = tmp_path / "labels.tif"
+    for pkg, args, message in ((folder, (), "carries no post-processing step"),
+                               (tiny_instance_package.path, ("--method", "apg"), "needs a prompt decoder")):
+        code, _, err = run_cli("predict", str(pkg), str(img), "--auto", *args, "-o", str(out))
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    code, _, err = run_cli("predict", str(tiny_instance_package.path), str(img), "--auto", "-o", str(out))
+    assert code == 0 and out.exists() and "seeded watershed" in err, err
 
 
 # ---- the encoder path (LiteMedSAM, real weights) -----------------------------------------------------------

@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
         kinds = common.parse_list(prompts, ALL_PROMPT_TYPES, "prompt type")
         if not kinds:
             raise UsageError("--prompts is empty; choose from box, point, auto")
+        if auto.link_3d:
+            raise UsageError("--3d: evaluate scores 2D images; --3d links a stack's planes in predict --auto")
         pairs = labelled_set(data, split, labels)
         be, desc = evaluation_backend(model, checkpoint, runtime.backend, device)
         batch_size = runtime.batch_size

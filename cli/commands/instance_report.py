@@ -21,6 +21,8 @@ def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, auto, tilin
         res = evaluate_instances(backend, pairs, auto, tiling=tiling, batch_size=batch_size, progress=bar.advance)
     if not quiet:
         common.info(f"note: {res['why']}")
+        if res.get("advice"):
+            common.warn(res["advice"])
     per_image = res.pop("per_image")
     report = {**desc, "data": data, "split": split, "settings": {"auto": auto.to_dict(), "tiling": tiling.to_dict()},
               "images": len(per_image), "auto": res, "per_image": per_image,
@@ -28,7 +30,8 @@ def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, auto, tilin
     if json_out:
         common.print_json(report)
     else:
-        how = "instance decoder + watershed" if res["method"] == "instance" else "point grid"
+        how = {"instance": "instance decoder + watershed (AIS)", "apg": "instance decoder seeds as point prompts "
+               "(APG)"}.get(res["method"], "point grid")
         table = Table(title=f"{desc['model']} on {data} ({split}, {len(per_image)} images, {desc['backend']}, "
                             f"automatic: {how})")
         for col in ("mSA", "precision", "recall", "F1 @0.5", "objects (pred / true)", "s / image"):

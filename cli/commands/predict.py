@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
 
         boxes.json: \\[\\[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt).
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
-        gives a label stack (uint32 tif), one plane per plane; a prompt file applies to every plane.
+        gives a label stack (uint32 tif), one plane per plane (--auto --3d: objects linked across planes); a prompt
+        file applies to every plane.
         """
         from peft_export.files import refuse_inputs
         from peft_export.runtime.batch import PredictRequest, run_predict
@@ -71,6 +72,9 @@ def register(app: typer.Typer) -> None:
         modes = [m for m, on in (("boxes", boxes), ("points", points), ("auto", auto_mode)) if on]
         if len(modes) != 1:
             raise UsageError("give exactly one of --boxes FILE, --points FILE or --auto")
+        if auto.link_3d and not auto_mode:
+            raise UsageError("--3d links the objects of automatic segmentation (--auto) across a stack's planes; "
+                             "prompted labels already share ids across planes")
         shard_kn = parse_shard(shard)
         if Path(images).is_dir():  # -o the image folder itself: labels would land on the images
             refuse_inputs([output], [images])
@@ -98,6 +102,9 @@ def register(app: typer.Typer) -> None:
                                      on_skip=lambda item: bar.skip(), on_note=note)
         if why and report.done and note is not None:  # said once it worked (errors stay one line)
             note(why)
+            advice = strategy.advice()
+            if advice:
+                common.warn(advice)
         _print(report, inputs, output, json_out, quiet, req, strategy)
         report.raise_if_failed(len(inputs.items))
 

@@ -118,9 +118,11 @@ def _stage_attachments(export_dir: Path, manifest: Manifest, kind: str, stage: P
     return out
 
 
-def _own_check(stage: Path, test_input: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+def _own_check(stage: Path, test_input: np.ndarray, expected: np.ndarray,
+               expected_post: np.ndarray | None = None) -> dict[str, Any]:
     """The package (its rdf, graph and declared preprocessing, read by the torch-free runtime) on the test input
-    vs the export's own answer."""
+    vs the export's own answer; for instance packages also the runtime's watershed with the settings the package
+    declares for its post-processing step vs the test output's instance ids."""
     from peft_export.runtime.package import PackageModel
 
     pkg = PackageModel(stage)
@@ -131,7 +133,27 @@ def _own_check(stage: Path, test_input: np.ndarray, expected: np.ndarray) -> dic
     if not result["passed"]:
         raise VerificationError(f"the package's graph does not reproduce the export: max |diff| {diff:.3g} > "
                                 f"{limit:.3g} (shape {got.shape} vs {expected.shape}); nothing written")
+    if expected_post is not None:
+        from peft_export.runtime.instances import InstanceOptions, maps_to_instances
+
+        labels = maps_to_instances(got[0], InstanceOptions.from_dict(pkg.instance_settings()))
+        same = bool(np.array_equal(labels, expected_post[0, 0].astype(np.int32)))
+        result.update(postprocessing_objects=int(labels.max()), postprocessing_equal=same)
+        if not same:
+            raise VerificationError("the package's declared post-processing does not reproduce the export's "
+                                    "instances on the test input; nothing written")
     return result
+
+
+def _stage_postprocessing(manifest: Manifest, kind: str, stage: Path, expected: np.ndarray) -> np.ndarray:
+    """Instance packages: the watershed as the spec's custom post-processing step (its self-contained source file
+    staged beside the graph); returns the test output after that step (channel 0: instance ids)."""
+    if kind != "instance":
+        return expected
+    from peft_export.runtime import watershed_op
+
+    shutil.copy2(watershed_op.__file__, stage / spec_descr.POSTPROCESS_FILE)
+    return watershed_op.instance_watershed(**spec_descr.instance_settings(manifest))(expected)
 
 
 def zip_folder(folder: Path, zip_path: Path) -> list[str]:
@@ -189,15 +211,16 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         square = content.square_input(sample.image, manifest.preprocess_spec.img_size, name=sample.name)
         test_input = content.make_test_input(square, manifest.baked_preprocessing)
         expected, embedding = content.reference_output(export_dir, manifest, test_input, kind)
+        test_output = _stage_postprocessing(manifest, kind, stage, expected)  # instance ids in channel 0
         prompted = (content.prompted_labels(export_dir, manifest, square, sample.labels) if kind == "encoder"
                     else None)  # the cover: the attached decoder on box prompts of the sample's objects
         facts = spec_descr.write_files(stage, manifest, kind, square, test_input, expected, embedding, sample,
-                                       options, prompted)
+                                       options, prompted, test_output=test_output)
         descr = spec_descr.model_description(stage, manifest, kind, graph, attachments, facts, options)
         spec_descr.save_rdf(descr, stage)
         seconds["build"] = round(time.perf_counter() - t0, 3)
         say("checking the package reproduces the export")
-        own = _own_check(stage, test_input, expected)
+        own = _own_check(stage, test_input, expected, test_output if kind == "instance" else None)
         (stage / "README.md").write_text(render_readme(facts.readme(own)))  # with the check's figures
         descr = spec_descr.model_description(stage, manifest, kind, graph, attachments, facts, options)
         spec_descr.save_rdf(descr, stage)

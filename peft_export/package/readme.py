@@ -61,6 +61,14 @@ A seeded watershed (micro-sam's `watershed_from_center_and_boundary_distances`; 
 to the image like masks; Gaussian smoothing; foreground = foreground map > threshold; seeds = connected
 components of foreground pixels whose centre distance and boundary distance are below their thresholds; seeded
 watershed on the boundary-distance map inside the foreground; objects smaller than the minimum size removed.
+It ships in the package as the spec's custom post-processing step (`instance_watershed.py`, numpy + scipy +
+scikit-image; bioimage.io tools run it on the output, `bioimageio.core` >= 0.11): as custom steps must keep the
+tensor's shape, the post-processed output holds the instance ids in channel 0 (0 background) and the centre and
+boundary distances in channels 1 and 2. A bioimage.io tool that tiles large images applies the step per tile;
+use peft-export (maps stitched across tiles, one watershed) for images larger than the input.
+Automatic prompt generation (micro-sam's APG: seeds as point prompts for SAM's prompt decoder) cannot be such a
+step: a custom step receives one output tensor, not the image embedding, and cannot run a second graph (the
+prompt decoder); run APG on the export folder (`peft-export predict EXPORT --auto --method apg`).
 Parameters (those the export recorded, else the runtime's defaults, which are micro-sam's):
 
 | parameter | value |

@@ -19,6 +19,9 @@ from peft_export.package.readme import render_readme
 
 CHANNELS_RGB = ("red", "green", "blue")
 INSTANCE_CHANNELS = ("foreground", "center_distance", "boundary_distance")
+# after the custom post-processing step (runtime/watershed_op.py: bioimage.io's custom steps keep the shape)
+POSTPROCESSED_CHANNELS = ("instance_ids", "center_distance", "boundary_distance")
+POSTPROCESS_CALLABLE, POSTPROCESS_FILE = "instance_watershed", "instance_watershed.py"
 
 
 @dataclass
@@ -94,10 +97,11 @@ def _pictures(stage: Path, kind: str, square: np.ndarray, expected: np.ndarray, 
 
 def write_files(stage: Path, manifest: Manifest, kind: str, square: np.ndarray, test_input: np.ndarray,
                 expected: np.ndarray, embedding: np.ndarray, sample: content.SampleImage, options,
-                prompted: np.ndarray | None = None) -> Facts:
-    """Test tensors, sample pictures, cover and a first README in ``stage``; what the description needs."""
+                prompted: np.ndarray | None = None, test_output: np.ndarray | None = None) -> Facts:
+    """Test tensors, sample pictures, cover and a first README in ``stage``; what the description needs.
+    ``test_output``: the output after the post-processing step (default: ``expected``, the graph's output)."""
     np.save(stage / "test_input.npy", test_input)
-    np.save(stage / "test_output.npy", expected.astype(np.float32))
+    np.save(stage / "test_output.npy", (expected if test_output is None else test_output).astype(np.float32))
     post = instance_settings(manifest) if kind == "instance" else {}
     _pictures(stage, kind, square, expected, embedding, post, prompted)
     pre, pre_text = preprocessing_steps(manifest)
@@ -125,7 +129,7 @@ def _axes(v: Any, manifest: Manifest, kind: str, facts: Facts):
         ins = [batch, rgb, v.SpaceInputAxis(id=v.AxisId("y"), size=s), v.SpaceInputAxis(id=v.AxisId("x"), size=s)]
     out_batch = v.BatchAxis(size=1 if manifest.baked_preprocessing else facts.batch)
     if kind == "instance":
-        names = [v.Identifier(c) for c in INSTANCE_CHANNELS]
+        names = [v.Identifier(c) for c in POSTPROCESSED_CHANNELS]
         return ins, [out_batch, v.ChannelAxis(channel_names=names), v.SpaceOutputAxis(id=v.AxisId("y"), size=s),
                      v.SpaceOutputAxis(id=v.AxisId("x"), size=s)]
     c, h, w = manifest.embedding
@@ -160,13 +164,16 @@ def _tensors(v: Any, stage: Path, manifest: Manifest, kind: str, facts: Facts):
         test_tensor=v.FileDescr(source=stage / "test_input.npy"),
         sample_tensor=v.FileDescr(source=stage / "sample_input.png"),
         preprocessing=_preprocessing(v, facts.preprocessing))
-    out_id, out_text = (("instance_maps", "foreground, centre distance, boundary distance (sigmoid)")
+    out_id, out_text = (("instance_maps", "post-processed (seeded watershed): instance ids (0 background), centre "
+                         "and boundary distance")
                         if kind == "instance" else ("image_embeddings", "SAM image embedding"))
+    post = [v.CustomProcessingDescr(id="custom", callable=POSTPROCESS_CALLABLE, source=stage / POSTPROCESS_FILE,
+                                    kwargs=dict(facts.postprocessing))] if kind == "instance" else []
     out = v.OutputTensorDescr(
         id=v.TensorId(out_id), axes=outs, description=out_text,
-        data=v.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0) if kind == "instance" else (None, None)),
+        data=v.IntervalOrRatioDataDescr(type="float32"),
         test_tensor=v.FileDescr(source=stage / "test_output.npy"),
-        sample_tensor=v.FileDescr(source=stage / "sample_output.png"))
+        sample_tensor=v.FileDescr(source=stage / "sample_output.png"), postprocessing=post)
     return inp, out
 
 

@@ -142,3 +142,6 @@ class GridStrategy:
             return np.zeros(plan.original_hw, np.int32)
         labels = merge_pieces(pieces, plan.scaled_hw, cfg.nms_iou, plan.grid if plan.tiled else None)
         return relabel_sequential(plan.to_original(labels)).astype(np.int32)
+
+    def advice(self) -> str | None:
+        return None  # the grid's weakness is said when it is chosen (strategies.GRID_FALLBACK)

@@ -116,6 +116,10 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
     settings = run_settings(req, seg.tiling, prompt_file(req.prompts, item))
     summary = {"format": LABELS_FORMAT, "format_version": LABELS_FORMAT_VERSION, "input": str(item.path),
                "output": str(labels_path), "mode": req.mode, "backend": seg.info.name}
+    link_3d = req.mode == "auto" and req.auto.link_3d
+    if link_3d and not src.is_stack:
+        raise UsageError(f"--3d links the planes of a stack into 3D objects; {item.path.name} is a 2D image "
+                         "(drop --3d)")
     with together() as group:
         if not src.is_stack:
             image = next(src.read())
@@ -139,7 +143,14 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
 
             if labels_path.suffix.lower() not in (".tif", ".tiff"):
                 raise UsageError(f"{item.path.name} is a stack ({src.planes} planes): write its labels to a .tif")
-            write_label_stack(labels_path, _planes(), src.planes, _plane_hw(src), src.plane_axis)
+            planes = _planes()
+            if link_3d:  # every plane's labels first, then linked across planes (runtime/link3d.py)
+                from peft_export.runtime.link3d import link_planes
+
+                linked = link_planes(np.stack(list(planes)))
+                summary["objects_3d"] = int(linked.max(initial=0))
+                planes = iter(linked)
+            write_label_stack(labels_path, planes, src.planes, _plane_hw(src), src.plane_axis)
             summary.update(planes=src.planes, plane_axis=src.plane_axis, objects=int(sum(counts)),
                            objects_per_plane=counts, tiles=seg.plan.describe())
         summary["cache_hit"] = bool(seg.cache_hit) if seg.cache is not None else None

@@ -161,4 +161,6 @@ def evaluate_instances(backend: Backend, samples: Sequence, auto: AutoOptions | 
         per_image.append(scores)
         if progress is not None:
             progress(1)
-    return {"method": strategy.name, "why": why, **merge_instance_scores(per_image), "per_image": per_image}
+    advice = strategy.advice()
+    return {"method": strategy.name, "why": why, **({"advice": advice} if advice else {}),
+            **merge_instance_scores(per_image), "per_image": per_image}

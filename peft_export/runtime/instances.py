@@ -52,27 +52,12 @@ class InstanceOptions(Options):
 
 
 def maps_to_instances(maps: np.ndarray, config: InstanceOptions | None = None) -> np.ndarray:
-    """(3, H, W) maps (foreground, centre distance, boundary distance) -> int32 instance labels (0 = background)."""
-    from scipy import ndimage
-    from skimage.measure import label
-    from skimage.segmentation import relabel_sequential, watershed
+    """(3, H, W) maps (foreground, centre distance, boundary distance) -> int32 instance labels (0 = background);
+    the code is :mod:`peft_export.runtime.watershed_op` (self-contained: also the bioimage.io packages' custom
+    post-processing step)."""
+    from peft_export.runtime.watershed_op import seeded_watershed
 
-    cfg = config or InstanceOptions()
-    fg, center, boundary = (np.asarray(m, np.float32) for m in maps)
-    smooth = dict(mode="mirror", truncate=3.0)  # vigra's / bioimage-cpp's Gaussian, which micro-sam uses
-    if cfg.foreground_smoothing > 0:
-        fg = ndimage.gaussian_filter(fg, cfg.foreground_smoothing, **smooth)
-    if cfg.distance_smoothing > 0:
-        center = ndimage.gaussian_filter(center, cfg.distance_smoothing, **smooth)
-        boundary = ndimage.gaussian_filter(boundary, cfg.distance_smoothing, **smooth)
-    mask = fg > cfg.foreground_threshold
-    seeds = mask & (center < cfg.center_distance_threshold) & (boundary < cfg.boundary_distance_threshold)
-    markers = label(seeds, connectivity=2)
-    seg = watershed(boundary, markers=markers, mask=mask)
-    if cfg.min_size > 0:
-        ids, counts = np.unique(seg, return_counts=True)
-        seg[np.isin(seg, ids[(counts < cfg.min_size) & (ids != 0)])] = 0
-    return relabel_sequential(seg)[0].astype(np.int32)
+    return seeded_watershed(maps, **(config or InstanceOptions()).to_dict())
 
 
 # ---- the strategy ------------------------------------------------------------------------------------------
@@ -92,6 +77,9 @@ class InstanceStrategy:
 
     def segment(self, image, progress=None) -> np.ndarray:
         return maps_to_instances(image_maps(image, progress), self.cfg)
+
+    def advice(self) -> str | None:
+        return None
 
 
 def image_maps(image, progress=None) -> np.ndarray:

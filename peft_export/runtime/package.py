@@ -257,8 +257,16 @@ class PackageModel:
         return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
 
     def instance_settings(self) -> dict:
-        """The watershed parameters the package records (``config.peft_export.instance_postprocessing``)."""
-        return dict(self.config.get("instance_postprocessing") or {})
+        """The watershed settings of the package's declared post-processing step (the spec's custom step
+        ``instance_watershed``, :mod:`peft_export.runtime.watershed_op`). The runtime runs its own copy of that step
+        with these settings; it never executes code from a package. A package without that step: one line saying
+        to re-package the export."""
+        for step in self.output.get("postprocessing") or []:
+            if isinstance(step, dict) and step.get("id") == "custom" and step.get("callable") == "instance_watershed":
+                return dict(step.get("kwargs") or {})
+        raise DataError(f"{self.path} carries no post-processing step (bioimage.io custom step instance_watershed): "
+                        "it was made by an older peft-export; re-package its export (peft-export package EXPORT -o "
+                        f"{self.path.name} --force)")
 
 
 class InstancePackageBackend:
@@ -279,7 +287,8 @@ class InstancePackageBackend:
         # the package's own identity: its graph is the "encoder", its maps the "embedding" (caches stay apart)
         sha = (pkg.rdf["weights"]["onnx"] or {}).get("sha256")
         self.info = replace(manifest_info(manifest, self.name, str(pkg.path), details={
-            "providers": pkg.session.get_providers(), "package": "instance"}),
+            "providers": pkg.session.get_providers(), "package": "instance",
+            "instance_postprocessing": pkg.instance_settings()}),
             embedding_shape=(3, s, s), max_batch=1 if baked or not dims or dims[0] == 1 else None,
             prompt_decoder=False, instance_decoder=True, encoder_sha256=sha)
 
