@@ -420,6 +420,12 @@ def test_predict_and_evaluate_auto_use_the_instance_decoder(run_cli, inst_export
     auto = json.loads(stdout)["auto"]
     assert auto["method"] == "instance" and auto["objects_true"] == int(dsb_val[0].labels.max())
     assert {"msa", "precision", "recall", "f1", "objects_pred"} <= set(auto)
+    # the prompt table's automatic row: the same strategy, the objects it found beside the true ones
+    code, stdout, err = run_cli("evaluate", str(out), "--prompts", "box,auto", "--json")
+    assert code == 0, err
+    row = json.loads(stdout)["results"]["auto"]
+    assert row["method"] == "instance" and row["objects_found"] == auto["objects_pred"]
+    assert row["objects"] == auto["objects_true"] and row["msa"] == pytest.approx(auto["msa"])
     # an export without an instance decoder, asked for one: one line saying how to make one
     code, _, err = run_cli("predict", str(tiny_export.out_dir), str(img), "--auto", "--method", "instance", "-o",
                            str(tmp_path / "b.tif"))

@@ -89,7 +89,9 @@ def register(app: typer.Typer) -> None:
             for col in ("prompt", "mean IoU", "mSA", "objects"):
                 table.add_column(col, justify="right" if col != "prompt" else "left")
             for kind, r in results.items():
-                table.add_row(kind, f"{r['mean_iou']:.3f}", f"{r['msa']:.3f}", str(r["objects"]))
+                found = f"{r['objects_found']} / " if "objects_found" in r else ""  # automatic: found / true
+                name = f"{kind} ({r['method']})" if r.get("method") else kind
+                table.add_row(name, f"{r['mean_iou']:.3f}", f"{r['msa']:.3f}", f"{found}{r['objects']}")
             common.out.print(table)
         if pairs.failed:
             first = pairs.failed[0]

@@ -42,13 +42,17 @@ ALL_PROMPT_TYPES = (*PROMPT_TYPES, "auto")
 class PromptResult:
     ious: list[float] = field(default_factory=list)
     msa: list[float] = field(default_factory=list)
+    found: int | None = None  # automatic segmentation: the objects it found (``objects``: the true ones)
+    method: str | None = None  # automatic segmentation: the strategy that ran
 
     def summary(self) -> dict:
+        auto = {} if self.found is None else {"objects_found": self.found, "method": self.method}
         return {
             "mean_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
             "msa": float(np.mean(self.msa)) if self.msa else float("nan"),
             "objects": len(self.ious),
             "images": len(self.msa),
+            **auto,
         }
 
 
@@ -123,6 +127,8 @@ def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMP
                 ious = (iou.max(axis=0) if iou.shape[0] else np.zeros(iou.shape[1])).tolist()
                 msa = mean_segmentation_accuracy(pred_labels, labels)
                 record["auto_instances"] = int(iou.shape[0])
+                results[kind].found = (results[kind].found or 0) + int(iou.shape[0])
+                results[kind].method = seg.strategy(auto)[0].name
             elif len(objects) == 0:
                 continue
             else:
