@@ -6,13 +6,12 @@ from pathlib import Path
 
 import typer
 
-from peft_export.errors import UsageError
 from peft_export_cli import common
+from peft_export_cli import runtime_options as ro
 from peft_export_cli.commands.predict import (
     BATCH_HELP,
     HALO_HELP,
     NO_TILE_HELP,
-    RUNTIME_BACKENDS,
     SCALE_HELP,
     TILE_HELP,
     tiling_options,
@@ -31,7 +30,8 @@ def register(app: typer.Typer) -> None:
         no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
         batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
         shard: str = typer.Option(None, "--shard", help="K/N: embed every N-th input starting at K (0 <= K < N)."),
-        backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt (engines from build-engine)."),
+        backend: str = typer.Option("onnxruntime", help=ro.BACKEND_HELP),
+        inference_precision: str = ro.PRECISION_OPTION,
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ):
@@ -45,22 +45,24 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export embed export/ plates/ -o plates_embeddings/ --batch-size 8[/]
         """
+        from peft_export.runtime.backend_choice import runtime_summary
         from peft_export.runtime.batch import run_embed
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
-        if backend not in RUNTIME_BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+        ro.check_backend(backend)
         tiling = tiling_options(tile, halo, scale, no_tile)
         inputs = take_shard(resolve_inputs(images, exclude=output), parse_shard(shard))
-        seg = Segmenter(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=output)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
+        seg = Segmenter(backend=ro.open_runtime(out_dir, backend, inference_precision, note), tiling=tiling,
+                        batch_size=batch_size, cache=output)
         with common.progress_bar("embedding", len(inputs.items), enabled=not (quiet or json_out)) as bar:
             report = run_embed(seg, inputs, on_image=lambda item: bar.advance(), on_note=note)
         images_n = sum(d["images"] for d in report.done)
         cached = sum(d["cached_before"] for d in report.done)
         summary = {"cache": str(output), "inputs": len(inputs.items), "images": images_n, "already_cached": cached,
-                   "tiles": sum(d["tiles"] for d in report.done), **report.to_dict()}
+                   "tiles": sum(d["tiles"] for d in report.done), **report.to_dict(),
+                   "runtime": runtime_summary(seg.backend)}
         if json_out:
             common.print_json(summary)
         else:

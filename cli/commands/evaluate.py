@@ -9,6 +9,7 @@ from rich.table import Table
 
 from peft_export.errors import UsageError
 from peft_export_cli import common
+from peft_export_cli import runtime_options as ro
 from peft_export_cli.commands.predict import BATCH_HELP, HALO_HELP, NO_TILE_HELP, SCALE_HELP, TILE_HELP, tiling_options
 
 
@@ -28,8 +29,10 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("auto", "--method", help="--auto with: instance (the instance decoder, from "
                                    "finetune --instance-decoder), grid (point grid), auto: instance when the model "
                                    "has one."),
-        backend: str = typer.Option("auto", help="auto (torch for checkpoints, onnxruntime for export folders), "
-                                    "torch, onnxruntime or tensorrt."),
+        backend: str = typer.Option("auto", help="auto (torch for checkpoints; for export folders the fastest "
+                                    "runtime installed: ONNX Runtime with CUDA on a GPU, else OpenVINO when installed, "
+                                    "else ONNX Runtime), torch, onnxruntime, openvino or tensorrt."),
+        inference_precision: str = ro.PRECISION_OPTION,
         device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
         tile: int = typer.Option(None, "--tile", help=TILE_HELP),
         halo: int = typer.Option(None, "--halo", help=HALO_HELP),
@@ -65,7 +68,12 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--prompts is empty; choose from box, point, auto")
         tiling = tiling_options(tile, halo, scale, no_tile)
         pairs = labelled_set(data, split, labels)
-        be, desc = make_backend(model, checkpoint, backend, device)
+        from peft_export.runtime.openvino_backend import OpenVinoOptions
+
+        be, desc = make_backend(model, checkpoint, backend, device, OpenVinoOptions(precision=inference_precision))
+        if not quiet and desc.get("runtime"):
+            r = desc["runtime"]
+            common.info(f"note: backend {r['backend']} ({r['precision']} graphs, computing in {r['compute']})")
         t0 = time.perf_counter()
         if auto:  # issue 14: instance metrics without prompts (runtime/instances.py)
             from peft_export_cli.commands.instance_report import evaluate_auto

@@ -9,8 +9,9 @@ import typer
 
 from peft_export.errors import UsageError
 from peft_export_cli import common
+from peft_export_cli import runtime_options as ro
 
-RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
+RUNTIME_BACKENDS = ro.RUNTIME_CHOICES
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 
 
@@ -63,7 +64,8 @@ def register(app: typer.Typer) -> None:
                                   "e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
         overlay: Path = typer.Option(None, "--overlay", help="Also write a PNG of the objects over the image (a "
                                      "folder for many images; 2D images only)."),
-        backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt (engines from build-engine)."),
+        backend: str = typer.Option("onnxruntime", help=ro.BACKEND_HELP),
+        inference_precision: str = ro.PRECISION_OPTION,
         force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -92,8 +94,7 @@ def register(app: typer.Typer) -> None:
         modes = [m for m, on in (("boxes", boxes), ("points", points), ("auto", auto)) if on]
         if len(modes) != 1:
             raise UsageError("give exactly one of --boxes FILE, --points FILE or --auto")
-        if backend not in RUNTIME_BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+        ro.check_backend(backend)
         tiling = tiling_options(tile, halo, scale, no_tile)
         shard_kn = parse_shard(shard)
         inputs = take_shard(resolve_inputs(images, exclude=output), shard_kn)
@@ -105,10 +106,14 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"prompt file not found: {req.prompts}")
         from peft_export.runtime.package import is_package  # bioimage.io packages (peft-export package)
 
-        make = Segmenter.from_package if is_package(out_dir) else Segmenter
-        seg = make(out_dir, backend=backend, tiling=tiling, batch_size=batch_size, cache=embeddings)
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
+        if is_package(out_dir):
+            seg = Segmenter.from_package(out_dir, backend="onnxruntime" if backend == "auto" else backend,
+                                         tiling=tiling, batch_size=batch_size, cache=embeddings)
+        else:
+            seg = Segmenter(backend=ro.open_runtime(out_dir, backend, inference_precision, note), tiling=tiling,
+                            batch_size=batch_size, cache=embeddings)
         if req.mode == "auto":  # instance decoder or point grid (issue 14): say which
             from peft_export.runtime.instances import auto_note, resolve_method
 

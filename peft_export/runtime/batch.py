@@ -115,7 +115,10 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
     src = open_image(item.path)
     prompts = read_prompts(req, item)
     labels_path = output_path(item, out, single)
-    summary = {"input": str(item.path), "output": str(labels_path), "mode": req.mode, "backend": seg.backend.name}
+    from peft_export.runtime.backend_choice import runtime_summary
+
+    summary = {"input": str(item.path), "output": str(labels_path), "mode": req.mode, "backend": seg.backend.name,
+               "runtime": runtime_summary(seg.backend)}
     if not src.is_stack:
         image = next(src.read())
         labels, scores = segment_image(seg, image, req, prompts, item.path.name, progress)
