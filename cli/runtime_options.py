@@ -35,10 +35,16 @@ def check_backend(backend: str) -> None:
 def open_runtime(out_dir: Path, backend: str, precision: str, note: Callable[[str], None] | None = None):
     """The backend for an export folder (None for a bioimage.io package: the Segmenter opens it with ONNX
     Runtime); with ``auto`` say which was chosen and why; OpenVINO says which precision runs and why."""
+    from peft_export.runtime.backend_choice import ort_conflict
     from peft_export.runtime.backends import open_backend
     from peft_export.runtime.openvino_backend import OpenVinoOptions
 
     check_backend(backend)
+    conflict = ort_conflict()
+    if conflict:
+        from peft_export_cli import common
+
+        common.warn(conflict)
     if precision != _precision_field().default and backend not in ("auto", "openvino"):
         raise UsageError("--inference-precision applies to the OpenVINO backend (--backend openvino or auto)")
     why = None

@@ -47,6 +47,24 @@ def auto_backend() -> tuple[str, str]:
                                  "'peft-export[openvino]' on a CPU PC, 'peft-export[gpu]' on an NVIDIA GPU machine")
 
 
+def ort_conflict() -> str | None:
+    """A warning when both ONNX Runtime builds are installed (they share one folder: whichever was installed last
+    wins, and uninstalling either breaks the other)."""
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.distribution(dist)
+            found.append(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(found) < 2:
+        return None
+    return ("both onnxruntime and onnxruntime-gpu are installed (they overwrite each other's files): pip uninstall -y "
+            "onnxruntime onnxruntime-gpu, then pip install 'peft-export[cpu]' or 'peft-export[gpu]'")
+
+
 def runtime_summary(backend) -> dict:
     """What ran, for run summaries: backend, stored precision, compute precision, and for CPU runs the CPU model,
     kind and flags. Any backend (OpenVINO's ``info``; others from their manifest and providers)."""

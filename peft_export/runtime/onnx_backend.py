@@ -20,8 +20,9 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
-                                     "(or onnxruntime-gpu on Linux/Windows x86_64)") from None
+        raise MissingDependencyError("ONNX Runtime is not installed: pip install 'peft-export[cpu]' (or "
+                                     "'peft-export[gpu]' on an NVIDIA GPU machine; --backend openvino needs neither)"
+                                     ) from None
     return ort
 
 
