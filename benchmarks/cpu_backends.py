@@ -12,7 +12,8 @@ NNCF int8 IR; with --nncf-all for vit_b: every MatMul/Conv int8, not gated). bf1
 ``cpu_gate.json`` beside the export (run ``peft-export cpu-gate`` first; cases without a record are skipped).
 
 Latency: batch 1, every case called once per round, round-robin, after a warm-up; a pause after each ONNX Runtime
-call (its intra-op threads spin). Peak memory: each case in its own subprocess (open + one call), ru_maxrss.
+call (its intra-op threads spin). Peak memory: the process's peak RSS while a case is opened (compiled) and run once,
+above the RSS before it (Linux ``clear_refs``), i.e. what the case itself adds.
 Quality: the candidate encoder + the fp32 decoder (ONNX Runtime) vs the fp32 encoder + the same decoder, one box and
 one point per hand-drawn nucleus (vit_b: random weights, so IoU measures agreement only). Writes JSON (--out).
 """
@@ -52,7 +53,7 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
 
     from peft_export.export.cpu_gate import compiled_encoder
     from peft_export.manifest import read_manifest
-    from peft_export.runtime.openvino_backend import _static_batch, read_gate_record, split_model
+    from peft_export.runtime.openvino_backend import _static_batch, read_gate_record
 
     core = ov.Core()
     cfg = {"PERFORMANCE_HINT": "LATENCY"}
@@ -66,18 +67,14 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
         return compiled_encoder([c])
     record = read_gate_record(folder, read_manifest(folder, verify_files=False)) or {}
     entry = (record.get("precisions") or {}).get("bf16-mixed" if case == "ov_bf16_mixed" else "int8") or {}
+    if entry.get("passed"):  # the runtime's own path: the OpenVINO backend at the gated precision
+        from peft_export.runtime.openvino_backend import OpenVinoBackend
+
+        be = OpenVinoBackend(folder, "bf16-mixed" if case == "ov_bf16_mixed" else "int8", cache="off")
+        return be._run_encoder
     if case == "ov_bf16_mixed":
-        if not entry.get("passed"):
-            return None
-        head, tail = split_model(model(), entry["split"]["tensor"])
-        _static_batch(tail)
-        return compiled_encoder([core.compile_model(head, "CPU", {**cfg, "INFERENCE_PRECISION_HINT": "bf16"}),
-                                 core.compile_model(tail, "CPU", {**cfg, "INFERENCE_PRECISION_HINT": "f32"})])
+        return None
     if case == "ov_nncf_int8":
-        if entry.get("passed"):
-            c = core.compile_model(core.read_model(str(folder / entry["file"])), "CPU",
-                                   {**cfg, "INFERENCE_PRECISION_HINT": "f32"})
-            return compiled_encoder([c])
         if not nncf_all:
             return None
         import nncf
@@ -95,7 +92,7 @@ CASES = ("ort_fp32", "ort_int8_static", "ov_f32", "ov_bf16", "ov_bf16_mixed", "o
 
 # ---- quality --------------------------------------------------------------------------------------------
 
-def quality(folder: Path, encoders: dict) -> dict:
+def quality(folder: Path, encoders: dict, gate_images: int = 8) -> dict:
     """Box / point mean (and min) mask IoU of each case vs the fp32 chain on the held-out tile and its flips."""
     from peft_export.export.calibration import calibration_sets
     from peft_export.export.cpu_gate import EncoderChain
@@ -104,7 +101,7 @@ def quality(folder: Path, encoders: dict) -> dict:
     from peft_export.runtime.onnx_backend import ort_session
 
     m = read_manifest(folder, verify_files=False)
-    sets = calibration_sets("sample:dsb2018", calibration_images=1, gate_images=8)
+    sets = calibration_sets("sample:dsb2018", calibration_images=1, gate_images=gate_images)
     dec = ort_session(str(m.path_of(folder, "decoder_lowres")))
     mask = tuple(m.mask_input_size)
     ref = _reference(_Chain(ort_session(str(m.path_of(folder, "encoder"))), dec, mask), sets, m.preprocess_spec,
@@ -139,24 +136,25 @@ def latency(encoders: dict, x, rounds: int, pause: float) -> dict:
             for k, v in times.items()}
 
 
-def peak_memory(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool) -> float | None:
-    code = f"""
-import resource, sys, numpy as np
-sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
-from cpu_backends import open_case
-fn = open_case({case!r}, __import__('pathlib').Path({str(folder)!r}),
-               {str(int8_folder) if int8_folder else None!r} and __import__('pathlib').Path({str(int8_folder)!r}),
-               {nncf_all!r})
-from peft_export.manifest import read_manifest
-s = read_manifest({str(folder)!r}, verify_files=False).preprocess_spec.img_size
-fn(np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        print(f"  memory {case}: failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return round(int(out.stdout.strip().splitlines()[-1]) / 1024, 1)
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> int:
+    """Reset the process's peak RSS (Linux: ``clear_refs`` 5) and return the current RSS in KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kib("VmRSS")
+
+
+def peak_since(rss0_kib: int) -> float:
+    """Peak RSS since :func:`reset_peak`, above the RSS at that moment, in MiB."""
+    return round(max(_status_kib("VmHWM") - rss0_kib, 0) / 1024, 1)
 
 
 # ---- exports that are missing ---------------------------------------------------------------------------
@@ -203,28 +201,27 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
 
     from peft_export.manifest import read_manifest
 
+    s = read_manifest(folder, verify_files=False).preprocess_spec.img_size
+    x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
     print(f"{name}: opening cases", file=sys.stderr, flush=True)
-    encoders = {}
-    skipped = {}
+    encoders, skipped, mem = {}, {}, {}
     for case in CASES:
+        rss0 = reset_peak()
         fn = open_case(case, folder, int8_folder, nncf_all=args.nncf_all and name == "vit_b")
         if fn is None:
             skipped[case] = "no input for this case (no int8 export / no passing cpu_gate.json entry)"
-        else:
-            encoders[case] = fn
-    s = read_manifest(folder, verify_files=False).preprocess_spec.img_size
-    x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
+            continue
+        fn(x)
+        mem[case] = peak_since(rss0)
+        encoders[case] = fn
+        print(f"  {case}: opened, peak +{mem[case]} MiB", file=sys.stderr, flush=True)
     print(f"{name}: latency, {args.rounds} interleaved rounds", file=sys.stderr, flush=True)
     lat = latency(encoders, x, args.rounds, args.pause)
     print(f"{name}: quality vs the fp32 chain", file=sys.stderr, flush=True)
-    qual = quality(folder, encoders) if not args.no_quality else {}
-    del encoders
-    mem = {}
-    if not args.no_memory:
-        for case in lat:
-            mem[case] = peak_memory(case, folder, int8_folder, args.nncf_all and name == "vit_b")
-            print(f"  memory {case}: {mem[case]} MiB", file=sys.stderr, flush=True)
-    cases = {c: {**lat[c], "peak_rss_mib": mem.get(c), **({"quality": qual[c]} if c in qual else {})} for c in lat}
+    gate_images = args.vit_b_gate_images if name == "vit_b" else 8
+    qual = quality(folder, encoders, gate_images) if not args.no_quality else {}
+    cases = {c: {**lat[c], "peak_rss_added_mib": mem.get(c), **({"quality": qual[c]} if c in qual else {})}
+             for c in lat}
     return {"export": str(folder), "int8_export": str(int8_folder) if int8_folder else None, "input": [1, 3, s, s],
             "cases": cases, "skipped": skipped}
 
@@ -239,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pause", type=float, default=0.5, help="seconds after each ONNX Runtime call")
     ap.add_argument("--nncf-all", action="store_true", help="vit_b: NNCF int8 of every MatMul/Conv (not gated)")
-    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--vit-b-gate-images", type=int, default=4, help="held-out tile + flips for vit_b quality")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_cpu_backends.json")
     args = ap.parse_args(argv)
@@ -265,8 +262,8 @@ def main(argv=None) -> int:
         for case, c in r["cases"].items():
             q = c.get("quality") or {}
             print(f"{name:12s} {case:16s} median {c['median_s']:.3f}s min {c['min_s']:.3f}s "
-                  f"x{c['ratio_to_ort_fp32']:.2f}  peak {c['peak_rss_mib']} MiB  box {q.get('box_mean_iou', '-')} "
-                  f"point {q.get('point_mean_iou', '-')}", file=sys.stderr)
+                  f"x{c['ratio_to_ort_fp32']:.2f}  peak +{c['peak_rss_added_mib']} MiB  "
+                  f"box {q.get('box_mean_iou', '-')} point {q.get('point_mean_iou', '-')}", file=sys.stderr)
     print(f"-> {args.out}", file=sys.stderr)
     return 0
 

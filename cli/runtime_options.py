@@ -51,7 +51,7 @@ def open_runtime(out_dir: Path, backend: str, precision: str, note: Callable[[st
     if backend == "auto":
         from peft_export.runtime.backend_choice import auto_backend
 
-        backend, why = auto_backend()
+        backend, why = auto_backend(out_dir)
     be = open_backend(out_dir, backend, openvino=OpenVinoOptions(precision=precision))
     if note is not None:
         if why is not None:

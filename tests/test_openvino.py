@@ -46,8 +46,8 @@ def test_openvino_f32_matches_onnxruntime(tiny_export, rng):
     coords = np.array([[[10, 12], [40, 50]], [[30, 30], [0, 0]]], np.float32)
     labels = np.array([[2, 3], [1, -1]], np.float32)
     for mask_input in (None, rng.standard_normal((2, 1, *ov.mask_input_size)).astype(np.float32)):
-        lo_ov, iou_ov = ov.decode(emb_ort[:1].repeat(2, 0), coords, labels, mask_input)
-        lo_ort, iou_ort = ort.decode(emb_ort[:1].repeat(2, 0), coords, labels, mask_input)
+        lo_ov, iou_ov = ov.decode(emb_ort[:1], coords, labels, mask_input)
+        lo_ort, iou_ort = ort.decode(emb_ort[:1], coords, labels, mask_input)
         _close(lo_ov, lo_ort)
         _close(iou_ov, iou_ort, rtol=0)
 

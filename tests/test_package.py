@@ -152,8 +152,17 @@ def test_every_library_import_is_declared():
 
 
 # what a microscope PC needs for the torch-free runtime (the README's list: keep both in step)
-RUNTIME_DISTRIBUTIONS = ("numpy", "scipy", "pillow", "tifffile", "onnxruntime")
-CLI_DISTRIBUTIONS = ("typer", "click", "rich")
+RUNTIME_DISTRIBUTIONS = ("numpy", "scipy", "pillow", "tifffile", "scikit-image", "onnxruntime")
+CLI_DISTRIBUTIONS = ("typer", "click", "rich", "pydantic", "pyyaml")
+
+
+def _ort_dist() -> str:
+    """The ONNX Runtime build installed here (the `cpu` extra's onnxruntime, or the `gpu` extra's)."""
+    try:
+        md.distribution("onnxruntime")
+        return "onnxruntime"
+    except md.PackageNotFoundError:
+        return "onnxruntime-gpu"
 
 
 def _closure(dists) -> set[str]:
@@ -166,7 +175,7 @@ def _closure(dists) -> set[str]:
             continue
         seen.add(d)
         try:
-            reqs = md.requires("onnxruntime-gpu" if d == "onnxruntime" else d) or []
+            reqs = md.requires(_ort_dist() if d == "onnxruntime" else d) or []
         except md.PackageNotFoundError:
             continue
         for r in (Requirement(x) for x in reqs):
@@ -176,7 +185,7 @@ def _closure(dists) -> set[str]:
 
 
 def _modules_of(dists: set[str]) -> set[str]:
-    dists = dists | ({"onnxruntime-gpu"} if "onnxruntime" in dists else set())
+    dists = dists | ({_ort_dist()} if "onnxruntime" in dists else set())
     norm = {d.replace("_", "-") for d in dists}
     return {mod for mod, owners in md.packages_distributions().items()
             if any(o.lower().replace("_", "-") in norm for o in owners)}

@@ -17,8 +17,9 @@ fp32 encoder + the same decoder (ONNX Runtime); passes when box AND point mean m
 Candidates:
 
 - ``bf16``: the whole encoder with ``INFERENCE_PRECISION_HINT=bf16``.
-- ``bf16-mixed``: the encoder cut in two at a tensor that is the only value crossing the cut (between blocks): the
-  trunk in bf16, the tail in f32. A binary search over the cut points finds the smallest f32 tail that passes.
+- ``bf16-mixed``: the encoder cut in two at a tensor that is the only value crossing the cut (between blocks), one
+  side in f32 and the other in bf16: binary searches over the cut points (f32 tail, f32 head) find the split with
+  the smallest f32 share that passes.
   (Per-op f32 inside one bf16 model through rt_info had no effect on the CPU plugin: two compiled models do.)
 - ``int8``: NNCF post-training quantization of the encoder (:mod:`peft_export.export.nncf_int8`), its most
   sensitive MatMul/Conv kept float until the gate passes; saved as OpenVINO IR beside the export.
@@ -187,46 +188,71 @@ def cut_points(model) -> list[dict]:
     return out
 
 
+def spaced(cuts: list[dict], step: float = 0.04) -> list[dict]:
+    """Cut points at least ``step`` of the graph apart (the search needs block-level granularity, not every op)."""
+    out: list[dict] = []
+    for c in cuts:
+        if not out or out[-1]["tail"] - c["tail"] >= step:
+            out.append(c)
+    return out
+
+
 def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
-    """The smallest f32 tail (latest cut) that passes the gate, by binary search over the cut points."""
+    """bf16 with one f32 part: the encoder cut at a single-tensor cut point, one side f32 and the other bf16.
+
+    Both directions are searched (binary search over the cut points, the gate assumed monotone in the f32 share):
+    ``tail`` (bf16 trunk, f32 from the cut on) and ``head`` (f32 up to the cut, bf16 after it): where bf16 hurts
+    depends on the model (on zero-shot LiteMedSAM the early high-resolution stages, not the neck). The passing
+    split with the smallest f32 share of the operations wins."""
     from peft_export.runtime.openvino_backend import _static_batch, split_model
 
-    cuts = cut_points(ctx.encoder_model())
+    cuts = spaced(cut_points(ctx.encoder_model()))
     if not cuts:
         return {"passed": False, "reason": "no single-tensor cut point in this encoder"}
-    trials: dict[int, Any] = {}
+    trials: dict[tuple[str, int], Any] = {}
 
-    def trial(k: int):
+    def f32_share(side: str, k: int) -> float:
+        return cuts[k]["tail"] if side == "tail" else 1 - cuts[k]["tail"]
+
+    def trial(side: str, k: int):
         head, tail = split_model(ctx.encoder_model(), cuts[k]["tensor"])
         if not ctx.manifest.baked_preprocessing:
             _static_batch(tail)
-        compiled = [ctx.compile(head, "bf16"), ctx.compile(tail, "f32")]
+        first, second = ("bf16", "f32") if side == "tail" else ("f32", "bf16")
+        compiled = [ctx.compile(head, first), ctx.compile(tail, second)]
         fig = ctx.figures(compiled)
-        trials[k] = (fig, compiled)
-        ctx.say(f"bf16-mixed: f32 from {cuts[k]['tensor']} ({cuts[k]['tail']:.0%} of the ops) -> gate "
+        trials[(side, k)] = (fig, compiled)
+        ctx.say(f"bf16-mixed: f32 {side} at {cuts[k]['tensor']} ({f32_share(side, k):.0%} of the ops f32) -> gate "
                 f"{fig.value:.4f}")
         return fig
 
-    # cuts are ordered from the input (largest f32 tail) to the output (smallest); the last passing index wins
-    lo, hi = -1, len(cuts)  # lo: passes (index -1 = all f32), hi: fails (len = all bf16)
-    if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
-        lo = len(cuts) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if trial(mid).value >= ctx.threshold:
-            lo = mid
-        else:
-            hi = mid
-    search = [{"tensor": cuts[k]["tensor"], "tail": cuts[k]["tail"], **trials[k][0].to_dict()}
-              for k in sorted(trials)]
-    if lo < 0:
+    passing = []
+    for side in ("tail", "head"):
+        # order the cuts from the most f32 to the least; find the last passing one (binary search)
+        order = list(range(len(cuts))) if side == "tail" else list(reversed(range(len(cuts))))
+        lo, hi = -1, len(order)  # order[lo] passes (-1: everything f32), order[hi] fails (len: nothing f32)
+        if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
+            lo = len(order) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if trial(side, order[mid]).value >= ctx.threshold:
+                lo = mid
+            else:
+                hi = mid
+        if lo >= 0:
+            passing.append((f32_share(side, order[lo]), side, order[lo]))
+    search = [{"f32": side, "tensor": cuts[k]["tensor"], "f32_share": round(f32_share(side, k), 4),
+               **trials[(side, k)][0].to_dict()} for side, k in sorted(trials)]
+    if not passing:
         best = max(trials.values(), key=lambda t: t[0].value)[0] if trials else None
-        return {"passed": False, "reason": "no cut passes the gate", "search": search,
+        return {"passed": False, "reason": "no split passes the gate", "search": search,
                 **({"best_gate_value": best.value} if best else {})}
-    if lo not in trials:
-        trial(lo)
-    fig, compiled = trials[lo]
-    return {**entry(fig, ctx.threshold), "split": cuts[lo], "search": search, "_compiled": compiled}
+    share, side, k = min(passing)
+    if (side, k) not in trials:
+        trial(side, k)
+    fig, compiled = trials[(side, k)]
+    return {**entry(fig, ctx.threshold), "split": {**cuts[k], "f32": side, "f32_share": round(share, 4)},
+            "search": search, "_compiled": compiled}
 
 
 # ---- the gate --------------------------------------------------------------------------------------------

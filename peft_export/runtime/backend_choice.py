@@ -4,6 +4,7 @@
 
 - a usable NVIDIA GPU and an ONNX Runtime build with CUDA: ``onnxruntime`` (CUDA; TensorRT engines are never
   picked implicitly: they are built per GPU with ``build-engine`` and asked for with ``--backend tensorrt``);
+- an fp16 / int8 export (its reduced-precision gate ran with ONNX Runtime): ``onnxruntime``;
 - else OpenVINO when installed: on CPUs it ran the LiteMedSAM encoder at 0.80–0.87x of ONNX Runtime's fp32 latency
   even in f32 (AMD EPYC Zen 4; benchmarks/cpu_backends.py), and faster in a gated reduced precision;
 - else ONNX Runtime (CPU); with neither installed, one line naming the extras.
@@ -34,17 +35,26 @@ def ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in _import_ort().get_available_providers() and _cuda_usable()
 
 
-def auto_backend() -> tuple[str, str]:
-    """(backend name, why) for ``--backend auto``."""
+def auto_backend(out_dir=None) -> tuple[str, str]:
+    """(backend name, why) for ``--backend auto`` (on the export folder ``out_dir``, when given)."""
     has_ort, has_ov = _installed("onnxruntime"), _installed("openvino")
     if has_ort and ort_has_cuda():
         return "onnxruntime", "an NVIDIA GPU and ONNX Runtime with CUDA"
+    precision = _export_precision(out_dir) if out_dir is not None else "fp32"
+    if has_ort and precision != "fp32":
+        return "onnxruntime", f"a {precision} export: its gate was measured with ONNX Runtime"
     if has_ov:
         return "openvino", "a CPU and OpenVINO installed (faster than ONNX Runtime on CPUs)"
     if has_ort:
         return "onnxruntime", "OpenVINO is not installed (pip install 'peft-export[openvino]' for faster CPU runs)"
     raise MissingDependencyError("no runtime engine is installed: pip install 'peft-export[cpu]' (ONNX Runtime) or "
                                  "'peft-export[openvino]' on a CPU PC, 'peft-export[gpu]' on an NVIDIA GPU machine")
+
+
+def _export_precision(out_dir) -> str:
+    from peft_export.manifest import read_manifest
+
+    return read_manifest(out_dir, verify_files=False).precision  # the backend checks the files when it opens them
 
 
 def ort_conflict() -> str | None:

@@ -22,7 +22,7 @@ def open_backend(out_dir: str | os.PathLike, backend: str = "onnxruntime", provi
     if backend == "auto":
         from peft_export.runtime.backend_choice import auto_backend
 
-        backend = auto_backend()[0]
+        backend = auto_backend(out_dir)[0]
     if backend == "openvino":
         from peft_export.runtime.openvino_backend import OpenVinoBackend, OpenVinoOptions
 

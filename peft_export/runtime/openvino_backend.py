@@ -8,7 +8,7 @@ manifest's sha256s still say what runs). Precision is explicit, never silent:
   CPU gate (``peft-export cpu-gate``, :mod:`peft_export.runtime.cpu_gate`): mask IoU vs the fp32 chain on held-out
   images, recorded in ``cpu_gate.json`` beside the export for this encoder's sha256.
 - ``precision``: ``f32``; ``bf16`` (the whole encoder); ``bf16-mixed`` (the encoder split where the gate chose: the
-  trunk in bf16, the sensitive tail in f32); ``int8`` (the gate's NNCF int8 encoder, ``encoder.nncf_int8.xml``);
+  sensitive side in f32, the rest in bf16); ``int8`` (the gate's NNCF int8 encoder, ``encoder.nncf_int8.xml``);
   ``auto``: the fastest option that passed the gate and that this CPU can run (bf16 needs AVX512-BF16 or AMX),
   else f32. What ran is read back from the compiled model (``info.compute``).
 - The decoders (and the instance decoder) always run f32.
@@ -245,8 +245,9 @@ class OpenVinoBackend:
             compiled = [self._compile(xml, "f32", batch1=True)]
         elif run == "bf16-mixed":
             split = self.record["precisions"]["bf16-mixed"]["split"]
-            head, tail = split_model(self.core.read_model(str(path)), split["tensor"])
-            compiled = [self._compile(head, "bf16", batch1=True), self._compile(tail, "f32", batch1=True)]
+            head, tail = split_model(_folded(self.core.read_model(str(path)), self.baked), split["tensor"])
+            first, second = ("f32", "bf16") if split.get("f32") == "head" else ("bf16", "f32")
+            compiled = [self._compile(head, first, batch1=True), self._compile(tail, second, batch1=not self.baked)]
         else:
             compiled = [self._compile(path, "bf16" if run == "bf16" else "f32", batch1=not self.baked)]
         ran = [_read_precision(c) for c in compiled]
@@ -297,6 +298,19 @@ def _read_precision(compiled) -> str:
     """What the compiled model computes in (f32 | bf16 | f16), read back from OpenVINO."""
     value = compiled.get_property("INFERENCE_PRECISION_HINT")
     return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def _folded(model, baked: bool):
+    """The batch fixed to 1 and shape sub-graphs constant-folded, as the CPU gate cut it (cut points are found on
+    this form)."""
+    from openvino.passes import ConstantFolding, Manager
+
+    if not baked:
+        _static_batch(model)
+    mgr = Manager()
+    mgr.register_pass(ConstantFolding())
+    mgr.run_passes(model)
+    return model
 
 
 def _static_batch(model):
