@@ -96,16 +96,53 @@ def test_gate_refuses_a_precision_that_fails_it(tiny_export, tmp_path):
     out = tmp_path / "export"
     shutil.copytree(tiny_export.out_dir, out)
     opts = CpuGateOptions.model_construct(**{**CpuGateOptions().model_dump(), "iou": 1.01, "gate_images": 1,
-                                             "gate_objects": 4, "rounds": 1})
+                                             "gate_objects": 4, "rounds": 1, "calibration_images": 2,
+                                             "precisions": ("bf16", "bf16-mixed", *_int8())})
     record = run_cpu_gate(out, opts)
     assert (out / GATE_FILE).is_file()
     assert record["precisions"] and not any(r["passed"] for r in record["precisions"].values())
     if record["cpu"]["bf16"]:  # the candidates ran and were measured
         assert 0 <= record["precisions"]["bf16"]["box_mean_iou"] <= 1
-    with pytest.raises(UsageError, match="CPU gate"):
-        OpenVinoBackend(out, "bf16", cache="off")
+    for precision in ("bf16", *_int8()):
+        with pytest.raises(UsageError, match="CPU gate"):
+            OpenVinoBackend(out, precision, cache="off")
+    assert not list(out.glob("encoder.nncf_int8.*"))  # a failed int8 leaves no file
     be = OpenVinoBackend(out, "auto", cache="off")
     assert be.info.compute == "f32" and be.precision_run == "f32"
+
+
+def _int8() -> tuple[str, ...]:
+    import importlib.util
+
+    return ("int8",) if importlib.util.find_spec("nncf") else ()
+
+
+def test_gated_precisions_run_close_to_f32(tiny_export, tmp_path, rng):
+    """A reachable threshold (0.5 on this random-weight model): what passed runs, reads back what it computes, and
+    stays close to f32 (embedding relative error <= 5%: bf16 keeps 8 mantissa bits, int8 about 7)."""
+    import shutil
+
+    from peft_export.export.cpu_gate import CpuGateOptions, run_cpu_gate
+    from peft_export.runtime.openvino_backend import OpenVinoBackend
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export.out_dir, out)
+    record = run_cpu_gate(out, CpuGateOptions(precisions=("bf16", *_int8()), iou=0.5, gate_images=1, gate_objects=4,
+                                              rounds=1, calibration_images=2))
+    f32 = OpenVinoBackend(out, "f32", cache="off")
+    x = rng.standard_normal((1, 3, f32.preprocess.img_size, f32.preprocess.img_size)).astype(np.float32)
+    ref = f32.embed(x)
+    passed = [p for p, r in record["precisions"].items() if r.get("passed")]
+    assert passed or (not record["cpu"]["bf16"] and not _int8())
+    for precision in passed:
+        be = OpenVinoBackend(out, precision, cache="off")
+        assert be.info.compute == {"bf16": "bf16", "int8": "int8+f32"}[precision]
+        err = float(np.linalg.norm(be.embed(x) - ref) / np.linalg.norm(ref))
+        assert 0 < err <= 0.05, (precision, err)  # > 0: it really ran reduced
+    auto = OpenVinoBackend(out, "auto", cache="off")
+    if passed:
+        fastest = min(passed, key=lambda p: record["precisions"][p]["latency_ratio"])
+        assert auto.precision_run == fastest
 
 
 def test_cpu_gate_cli_refuses_bad_options(tiny_export, run_cli):

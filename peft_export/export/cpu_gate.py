@@ -200,12 +200,14 @@ def spaced(cuts: list[dict], step: float = 0.04) -> list[dict]:
 def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
     """bf16 with one f32 part: the encoder cut at a single-tensor cut point, one side f32 and the other bf16.
 
-    Both directions are searched (binary search over the cut points, the gate assumed monotone in the f32 share):
-    ``tail`` (bf16 trunk, f32 from the cut on) and ``head`` (f32 up to the cut, bf16 after it): where bf16 hurts
-    depends on the model (on zero-shot LiteMedSAM the early high-resolution stages, not the neck). The passing
-    split with the smallest f32 share of the operations wins."""
+    Two directions: ``tail`` (bf16 trunk, f32 from the cut on) and ``head`` (f32 up to the cut, bf16 after it);
+    where bf16 hurts depends on the model (on zero-shot LiteMedSAM the early high-resolution stages, not the neck).
+    Both are probed at the middle cut; the better one is binary-searched (the gate assumed monotone in the f32
+    share) for the passing split with the smallest f32 share of the operations."""
     from peft_export.runtime.openvino_backend import _static_batch, split_model
 
+    if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
+        return {"passed": False, "reason": "not needed: bf16 of the whole encoder passes the gate"}
     cuts = spaced(cut_points(ctx.encoder_model()))
     if not cuts:
         return {"passed": False, "reason": "no single-tensor cut point in this encoder"}
@@ -226,21 +228,24 @@ def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
                 f"{fig.value:.4f}")
         return fig
 
-    passing = []
-    for side in ("tail", "head"):
-        # order the cuts from the most f32 to the least; find the last passing one (binary search)
-        order = list(range(len(cuts))) if side == "tail" else list(reversed(range(len(cuts))))
-        lo, hi = -1, len(order)  # order[lo] passes (-1: everything f32), order[hi] fails (len: nothing f32)
-        if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
-            lo = len(order) - 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if trial(side, order[mid]).value >= ctx.threshold:
-                lo = mid
-            else:
-                hi = mid
-        if lo >= 0:
-            passing.append((f32_share(side, order[lo]), side, order[lo]))
+    # probe both directions at the middle cut, then binary-search the better side only (each trial is a full gate)
+    mid_cut = len(cuts) // 2
+    probes = {side: trial(side, mid_cut).value for side in ("tail", "head")}
+    side = max(probes, key=probes.get)
+    order = list(range(len(cuts))) if side == "tail" else list(reversed(range(len(cuts))))
+    lo, hi = -1, len(order)  # order[lo] passes (-1: everything f32), order[hi] fails (len: nothing f32)
+    pos = order.index(mid_cut)
+    if probes[side] >= ctx.threshold:
+        lo = max(lo, pos)
+    else:
+        hi = pos
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (trials.get((side, order[mid])) or (trial(side, order[mid]),))[0].value >= ctx.threshold:
+            lo = mid
+        else:
+            hi = mid
+    passing = [(f32_share(side, order[lo]), side, order[lo])] if lo >= 0 else []
     search = [{"f32": side, "tensor": cuts[k]["tensor"], "f32_share": round(f32_share(side, k), 4),
                **trials[(side, k)][0].to_dict()} for side, k in sorted(trials)]
     if not passing:
