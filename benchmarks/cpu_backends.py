@@ -7,9 +7,9 @@ memory, and box / point mean mask IoU vs the fp32 chain on the held-out DSB2018 
 
 Cases (each model): ``ort_fp32`` (ONNX Runtime, the export's encoder), ``ort_int8_static`` (``export --precision
 int8``: calibrated QDQ, gated; LiteMedSAM only), ``ov_f32``, ``ov_bf16`` (the whole encoder; what OpenVINO silently
-runs on bf16 CPUs), ``ov_bf16_mixed`` (the CPU gate's split: trunk bf16, tail f32), ``ov_nncf_int8`` (the CPU gate's
-NNCF int8 IR; with --nncf-all for vit_b: every MatMul/Conv int8, not gated). bf16-mixed and NNCF int8 come from
-``cpu_gate.json`` beside the export (run ``peft-export cpu-gate`` first; cases without a record are skipped).
+runs on bf16 CPUs), ``ov_bf16_mixed`` (the CPU gate's split: one side f32, the rest bf16), ``ov_nncf_int8`` (the CPU
+gate's NNCF int8 IR; with --nncf-all MODEL and no gated int8: every MatMul/Conv int8, not gated). bf16-mixed and NNCF
+int8 come from ``cpu_gate.json`` beside the export (run ``peft-export cpu-gate`` first; else the case is skipped).
 
 Latency: batch 1, every case called once per round, round-robin, after a warm-up; a pause after each ONNX Runtime
 call (its intra-op threads spin). Peak memory: the process's peak RSS while a case is opened (compiled) and run once,
@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool = False):
     """A callable x -> embedding for a case, or None when the case has no input here."""
-    import numpy as np
 
     from peft_export.runtime.onnx_backend import ort_session
 
@@ -79,10 +78,14 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
             return None
         import nncf
 
+        from peft_export.export.calibration import calibration_sets
         from peft_export.export.nncf_int8 import quantize
+        from peft_export.export.quantize import encoder_inputs
 
-        x = np.random.default_rng(0).standard_normal(tuple(model().input(0).get_shape())).astype(np.float32)
-        qm = quantize(nncf, model(), [x], [], set())
+        m = read_manifest(folder, verify_files=False)
+        cal = calibration_sets("sample:dsb2018", calibration_images=4, gate_images=1).calibration
+        feeds = [x for x, _ in encoder_inputs(cal, m.preprocess_spec, bool(m.baked_preprocessing))]
+        qm = quantize(nncf, model(), feeds, [], set())
         return compiled_encoder([core.compile_model(qm, "CPU", {**cfg, "INFERENCE_PRECISION_HINT": "f32"})])
     raise ValueError(case)
 
@@ -207,11 +210,17 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
     encoders, skipped, mem = {}, {}, {}
     for case in CASES:
         rss0 = reset_peak()
-        fn = open_case(case, folder, int8_folder, nncf_all=args.nncf_all and name == "vit_b")
+        try:
+            fn = open_case(case, folder, int8_folder, nncf_all=name in args.nncf_all.split(","))
+            if fn is not None:
+                fn(x)
+        except Exception as exc:  # one case failing must not end the run
+            skipped[case] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+            print(f"  {case}: {skipped[case]}", file=sys.stderr, flush=True)
+            continue
         if fn is None:
             skipped[case] = "no input for this case (no int8 export / no passing cpu_gate.json entry)"
             continue
-        fn(x)
         mem[case] = peak_since(rss0)
         encoders[case] = fn
         print(f"  {case}: opened, peak +{mem[case]} MiB", file=sys.stderr, flush=True)
@@ -235,7 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="lite_medsam,vit_b")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pause", type=float, default=0.5, help="seconds after each ONNX Runtime call")
-    ap.add_argument("--nncf-all", action="store_true", help="vit_b: NNCF int8 of every MatMul/Conv (not gated)")
+    ap.add_argument("--nncf-all", default="", help="models (lite_medsam,vit_b) whose ov_nncf_int8 case, when no "
+                    "gated int8 is recorded, is NNCF int8 of every MatMul/Conv (not gated; 4 DSB2018 training tiles)")
     ap.add_argument("--vit-b-gate-images", type=int, default=4, help="held-out tile + flips for vit_b quality")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_cpu_backends.json")
