@@ -4,6 +4,7 @@ memory, and box / point mean mask IoU vs the fp32 chain on the held-out DSB2018 
     python benchmarks/cpu_backends.py --lite LITE_FP32/ --lite-int8 LITE_INT8/ --vit-b VITB_FP32/
     python benchmarks/cpu_backends.py            # makes what is missing: zero-shot LiteMedSAM export (fp32; int8
                                                  # with --make-int8), SAM vit_b with random weights (--no-verify)
+    python benchmarks/cpu_backends.py --table docs/bench_cpu_backends.json      # the README's markdown table
 
 Cases (each model): ``ort_fp32`` (ONNX Runtime, the export's encoder), ``ort_int8_static`` (``export --precision
 int8``: calibrated QDQ, gated; LiteMedSAM only), ``ov_f32``, ``ov_bf16`` (the whole encoder; what OpenVINO silently
@@ -227,7 +228,7 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
     print(f"{name}: latency, {args.rounds} interleaved rounds", file=sys.stderr, flush=True)
     lat = latency(encoders, x, args.rounds, args.pause)
     print(f"{name}: quality vs the fp32 chain", file=sys.stderr, flush=True)
-    gate_images = args.vit_b_gate_images if name == "vit_b" else 8
+    gate_images = args.vit_b_gate_images if name.startswith("vit_b") else 8
     qual = quality(folder, encoders, gate_images) if not args.no_quality else {}
     cases = {c: {**lat[c], "peak_rss_added_mib": mem.get(c), **({"quality": qual[c]} if c in qual else {})}
              for c in lat}
@@ -235,13 +236,45 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
             "cases": cases, "skipped": skipped}
 
 
+LABELS = {"ort_fp32": "ONNX Runtime fp32", "ort_int8_static": "ONNX Runtime int8 static (export --precision int8)",
+          "ov_f32": "OpenVINO f32", "ov_bf16": "OpenVINO bf16 (whole encoder)",
+          "ov_bf16_mixed": "OpenVINO bf16-mixed (gated split)", "ov_nncf_int8": "OpenVINO NNCF int8"}
+
+
+def _iou(q: dict, kind: str) -> str:
+    return f"{q[kind + '_mean_iou']:.3f} ({q[kind + '_min_iou']:.2f})" if q else ""
+
+
+def markdown(result: dict) -> str:
+    """The README's table from a result JSON."""
+    cpu = result["cpu"]
+    lines = [f"CPU: {cpu['model']} ({cpu['kind']}; {', '.join(cpu['flags'])}; {cpu['cores']} cores), "
+             f"{result['rounds']} interleaved rounds, batch 1.", "",
+             "| model | backend / precision | encoder median (min) | × ORT fp32 | peak RSS added | box IoU (min) | "
+             "point IoU (min) |", "|---|---|--:|--:|--:|--:|--:|"]
+    for name, r in result["models"].items():
+        for case, c in r["cases"].items():
+            q = c.get("quality") or {}
+            box, point = (_iou(q, k) for k in ("box", "point"))
+            lines.append(f"| {name} | {LABELS.get(case, case)} | {c['median_s']:.2f} s ({c['min_s']:.2f}) | "
+                         f"{c['ratio_to_ort_fp32']:.2f} | {c['peak_rss_added_mib']:.0f} MiB | {box} | "
+                         f"{point} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lite", type=Path, help="LiteMedSAM fp32 export folder (default: zero-shot, made here)")
     ap.add_argument("--lite-int8", type=Path, help="LiteMedSAM `export --precision int8` folder")
     ap.add_argument("--make-int8", action="store_true", help="make the LiteMedSAM int8 export when not given")
     ap.add_argument("--vit-b", type=Path, help="SAM vit_b fp32 export folder (default: random weights, made here)")
     ap.add_argument("--models", default="lite_medsam,vit_b")
+    ap.add_argument("--export", action="append", default=[], metavar="NAME=FP32_DIR[:INT8_DIR]",
+                    help="measure these export folders instead (repeatable; NAME vit_b... is a label; quality uses "
+                    "--vit-b-gate-images for names starting with vit_b)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pause", type=float, default=0.5, help="seconds after each ONNX Runtime call")
     ap.add_argument("--nncf-all", default="", help="models (lite_medsam,vit_b) whose ov_nncf_int8 case, when no "
@@ -256,14 +289,22 @@ def main(argv=None) -> int:
     result = {"cpu": cpu, "versions": versions(), "rounds": args.rounds, "models": {},
               "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory(prefix="cpu-backends-") as tmp:
-        models = args.models.split(",")
+        runs = []  # (name, fp32 folder, int8 folder)
+        for spec in args.export:
+            name, _, dirs = spec.partition("=")
+            fp32, _, int8 = dirs.partition(":")
+            runs.append((name, Path(fp32), Path(int8) if int8 else None))
+        models = args.models.split(",") if not runs else []
+        if "vit_b" in models:
+            runs.append(("vit_b", args.vit_b or make_export("vit_b", Path(tmp)), None))
         if "lite_medsam" in models:
             lite = args.lite or make_export("lite_fp32", Path(tmp))
             lite_int8 = args.lite_int8 or (make_export("lite_int8", Path(tmp)) if args.make_int8 else None)
-            result["models"]["lite_medsam"] = run_model("lite_medsam", lite, lite_int8, args)
-        if "vit_b" in models:
-            vit = args.vit_b or make_export("vit_b", Path(tmp))
-            result["models"]["vit_b"] = run_model("vit_b", vit, None, args)
+            runs.append(("lite_medsam", lite, lite_int8))
+        for name, fp32, int8 in runs:
+            result["models"][name] = run_model(name, fp32, int8, args)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each model: a partial result survives
     result["peak_rss_this_process_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
