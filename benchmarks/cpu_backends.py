@@ -15,8 +15,9 @@ int8 come from ``cpu_gate.json`` beside the export (run ``peft-export cpu-gate``
 Latency: batch 1, every case called once per round, round-robin, after a warm-up; a pause after each ONNX Runtime
 call (its intra-op threads spin). Peak memory: the process's peak RSS while a case is opened (compiled) and run once,
 above the RSS before it (Linux ``clear_refs``), i.e. what the case itself adds.
-Quality: the candidate encoder + the fp32 decoder (ONNX Runtime) vs the fp32 encoder + the same decoder, one box and
-one point per hand-drawn nucleus (vit_b: random weights, so IoU measures agreement only). Writes JSON (--out).
+Quality: the candidate encoder + the fp32 decoder (ONNX Runtime) vs the fp32 encoder + the same decoder (``ort_fp32``,
+the reference), one box and one point per hand-drawn nucleus, on --gate-images inputs: the held-out tile, then its
+flips/rotations (vit_b: random weights, so IoU measures agreement only). Writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def quality(folder: Path, encoders: dict, gate_images: int = 8) -> dict:
                      bool(m.baked_preprocessing), bool(m.multimask), 16)
     out = {}
     for case, enc in encoders.items():
+        if case == "ort_fp32":  # the reference itself
+            continue
         f = gate_figures(EncoderChain(enc, dec, mask), ref)
         out[case] = {k: round(v, 4) if isinstance(v, float) else v for k, v in f.to_dict().items()}
         print(f"  quality {case}: box {f.box_mean:.4f} (min {f.box_min:.3f}), point {f.point_mean:.4f} "
@@ -228,7 +231,7 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
     print(f"{name}: latency, {args.rounds} interleaved rounds", file=sys.stderr, flush=True)
     lat = latency(encoders, x, args.rounds, args.pause)
     print(f"{name}: quality vs the fp32 chain", file=sys.stderr, flush=True)
-    gate_images = args.vit_b_gate_images if name.startswith("vit_b") else 8
+    gate_images = args.vit_b_gate_images if name.startswith("vit_b") else args.gate_images
     qual = quality(folder, encoders, gate_images) if not args.no_quality else {}
     cases = {c: {**lat[c], "peak_rss_added_mib": mem.get(c), **({"quality": qual[c]} if c in qual else {})}
              for c in lat}
@@ -255,7 +258,7 @@ def markdown(result: dict) -> str:
     for name, r in result["models"].items():
         for case, c in r["cases"].items():
             q = c.get("quality") or {}
-            box, point = (_iou(q, k) for k in ("box", "point"))
+            box, point = (_iou(q, k) for k in ("box", "point")) if case != "ort_fp32" else ("reference",) * 2
             lines.append(f"| {name} | {LABELS.get(case, case)} | {c['median_s']:.2f} s ({c['min_s']:.2f}) | "
                          f"{c['ratio_to_ort_fp32']:.2f} | {c['peak_rss_added_mib']:.0f} MiB | {box} | "
                          f"{point} |")
@@ -279,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pause", type=float, default=0.5, help="seconds after each ONNX Runtime call")
     ap.add_argument("--nncf-all", default="", help="models (lite_medsam,vit_b) whose ov_nncf_int8 case, when no "
                     "gated int8 is recorded, is NNCF int8 of every MatMul/Conv (not gated; 4 DSB2018 training tiles)")
+    ap.add_argument("--gate-images", type=int, default=8, help="held-out tile + flips for quality (LiteMedSAM)")
     ap.add_argument("--vit-b-gate-images", type=int, default=4, help="held-out tile + flips for vit_b quality")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_cpu_backends.json")
@@ -287,7 +291,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu['model']} ({cpu['kind']}; flags {' '.join(cpu['flags'])}; {cpu['cores']} cores)",
           file=sys.stderr, flush=True)
     result = {"cpu": cpu, "versions": versions(), "rounds": args.rounds, "models": {},
-              "command": " ".join(sys.argv)}
+              "command": " ".join(sys.argv), "load_average_at_start": list(__import__("os").getloadavg())}
     with tempfile.TemporaryDirectory(prefix="cpu-backends-") as tmp:
         runs = []  # (name, fp32 folder, int8 folder)
         for spec in args.export:
@@ -305,6 +309,7 @@ def main(argv=None) -> int:
             result["models"][name] = run_model(name, fp32, int8, args)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each model: a partial result survives
+    result["load_average_at_end"] = list(__import__("os").getloadavg())
     result["peak_rss_this_process_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
