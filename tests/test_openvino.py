@@ -119,7 +119,8 @@ def _int8() -> tuple[str, ...]:
 
 def test_gated_precisions_run_close_to_f32(tiny_export, tmp_path, rng):
     """A reachable threshold (0.5 on this random-weight model): what passed runs, reads back what it computes, and
-    stays close to f32 (embedding relative error <= 5%: bf16 keeps 8 mantissa bits, int8 about 7)."""
+    stays close to f32 on an input unlike the calibration images (embedding relative error: bf16 <= 3%, 8 mantissa
+    bits; int8 <= 15%, 8-bit ranges calibrated on microscopy tiles, tested here on noise)."""
     import shutil
 
     from peft_export.export.cpu_gate import CpuGateOptions, run_cpu_gate
@@ -138,7 +139,7 @@ def test_gated_precisions_run_close_to_f32(tiny_export, tmp_path, rng):
         be = OpenVinoBackend(out, precision, cache="off")
         assert be.info.compute == {"bf16": "bf16", "int8": "int8+f32"}[precision]
         err = float(np.linalg.norm(be.embed(x) - ref) / np.linalg.norm(ref))
-        assert 0 < err <= 0.05, (precision, err)  # > 0: it really ran reduced
+        assert 0 < err <= {"bf16": 0.03, "int8": 0.15}[precision], (precision, err)  # > 0: it really ran reduced
     auto = OpenVinoBackend(out, "auto", cache="off")
     if passed:
         fastest = min(passed, key=lambda p: record["precisions"][p]["latency_ratio"])
