@@ -47,7 +47,15 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
         src = folder if case == "ort_fp32" else int8_folder
         if src is None:
             return None
-        sess = ort_session(str(Path(src) / "encoder.onnx"))
+        if LOW_MEMORY:  # no memory arena: lower peak RSS (large models on a small shared machine)
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.enable_cpu_mem_arena = False
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(str(Path(src) / "encoder.onnx"), opts, providers=["CPUExecutionProvider"])
+        else:
+            sess = ort_session(str(Path(src) / "encoder.onnx"))
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
     import openvino as ov
@@ -93,6 +101,7 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
 
 
 CASES = ("ort_fp32", "ort_int8_static", "ov_f32", "ov_bf16", "ov_bf16_mixed", "ov_nncf_int8")
+LOW_MEMORY = False
 
 
 # ---- quality --------------------------------------------------------------------------------------------
@@ -212,7 +221,7 @@ def run_model(name: str, folder: Path, int8_folder: Path | None, args) -> dict:
     x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
     print(f"{name}: opening cases", file=sys.stderr, flush=True)
     encoders, skipped, mem = {}, {}, {}
-    for case in CASES:
+    for case in (args.cases.split(",") if args.cases else CASES):
         rss0 = reset_peak()
         try:
             fn = open_case(case, folder, int8_folder, nncf_all=name in args.nncf_all.split(","))
@@ -285,8 +294,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-images", type=int, default=8, help="held-out tile + flips for quality (LiteMedSAM)")
     ap.add_argument("--vit-b-gate-images", type=int, default=4, help="held-out tile + flips for vit_b quality")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--cases", default="", help="only these cases (comma-separated; ort_fp32 is the reference)")
+    ap.add_argument("--low-memory", action="store_true", help="ONNX Runtime without its memory arena")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_cpu_backends.json")
     args = ap.parse_args(argv)
+    global LOW_MEMORY
+    LOW_MEMORY = args.low_memory
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} ({cpu['kind']}; flags {' '.join(cpu['flags'])}; {cpu['cores']} cores)",
           file=sys.stderr, flush=True)
