@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 
 from peft_export.bench.common import cpu_name
 
@@ -31,11 +30,11 @@ GRID_IOU = (0.5, 0.6, 0.7, 0.8, 0.88)
 GRID_STABILITY = (0.6, 0.75, 0.9)
 
 
-def run(seg, sample, method: str, grid_cfg=None):
+def run(seg, sample, options):
     """(labels, seconds for the whole image: embedding + automatic segmentation)."""
     t0 = time.perf_counter()
     seg.set_image(sample.image, name=sample.name)
-    labels = seg.segment_instances() if method == "instance" else seg.segment_everything(config=grid_cfg)
+    labels = seg.segment(options)
     return labels, time.perf_counter() - t0
 
 
@@ -45,8 +44,8 @@ def measure(seg, sample, cases: dict, repeats: int) -> dict:
     times = {k: [] for k in cases}
     labels = {}
     for _ in range(repeats):  # interleaved: one call of each case per round
-        for name, (method, cfg) in cases.items():
-            labels[name], dt = run(seg, sample, method, cfg)
+        for name, options in cases.items():
+            labels[name], dt = run(seg, sample, options)
             times[name].append(dt)
     out = {}
     for name in cases:
@@ -58,32 +57,34 @@ def measure(seg, sample, cases: dict, repeats: int) -> dict:
 
 def best_grid(seg, tile) -> tuple[object, list]:
     from peft_export.metrics import mean_segmentation_accuracy
-    from peft_export.runtime.auto import AutoConfig
+    from peft_export.runtime.strategies import AutoOptions
 
     seg.set_image(tile.image, name=tile.name)
     sweep = []
+
+    def grid(iou, st):
+        return AutoOptions.parse({"method": "grid", "grid.pred_iou_thresh": iou, "grid.stability_thresh": st})
+
     for iou in GRID_IOU:
         for st in GRID_STABILITY:
-            cfg = AutoConfig(pred_iou_thresh=iou, stability_thresh=st)
-            msa = mean_segmentation_accuracy(seg.segment_everything(config=cfg), tile.labels)
+            msa = mean_segmentation_accuracy(seg.segment(grid(iou, st)), tile.labels)
             sweep.append({"pred_iou_thresh": iou, "stability_thresh": st, "msa": round(float(msa), 4)})
     top = max(sweep, key=lambda r: r["msa"])
-    best = replace(AutoConfig(), pred_iou_thresh=top["pred_iou_thresh"], stability_thresh=top["stability_thresh"])
-    return best, sweep
+    return grid(top["pred_iou_thresh"], top["stability_thresh"]), sweep
 
 
 def torch_vs_onnx(checkpoint: str, seg, tile) -> dict:
+    from peft_export.loading import load_model
     from peft_export.metrics import matched_iou
-    from peft_export.models.loading import load_model
     from peft_export.models.torch_backend import TorchBackend
     from peft_export.runtime.segmenter import Segmenter
 
     loaded = load_model(checkpoint)
-    ref = Segmenter(backend=TorchBackend(loaded.model, loaded.spec.preprocess, multimask=loaded.spec.multimask,
-                                         instance_decoder=loaded.instance_decoder))
+    ref = Segmenter(TorchBackend(loaded.model, loaded.spec.preprocess, multimask=loaded.spec.multimask,
+                                 instance_decoder=loaded.instance_decoder))
     ref.set_image(tile.image)
     seg.set_image(tile.image)
-    a, b = seg.segment_instances(), ref.segment_instances()
+    a, b = seg.segment(method="instance"), ref.segment(method="instance")
     return {"matched_iou": round(matched_iou(a, b), 4), "objects_onnx": int(a.max()), "objects_torch": int(b.max())}
 
 
@@ -99,20 +100,20 @@ def main(argv=None) -> dict:
 
     from peft_export.data.dataset import Sample, dsb2018_tiles
     from peft_export.data.samples import dsb2018
-    from peft_export.runtime.auto import AutoConfig
     from peft_export.runtime.segmenter import Segmenter
+    from peft_export.runtime.strategies import AutoOptions
 
     seg = Segmenter(args.export)
     tile = dsb2018_tiles("val")[0]
     image, labels = dsb2018()
     whole = Sample(image, labels, "dsb2018_whole")
     result = {"cpu": cpu_name(), "export": args.export, "repeats": args.repeats}
-    cases = {"ais": ("instance", None)}
+    cases = {"ais": AutoOptions(method="instance")}
     if not args.ais_only:
         best_cfg, sweep = best_grid(seg, tile)
-        cases.update(grid_default=("grid", AutoConfig()), grid_best=("grid", best_cfg))
-        result.update(grid_best_thresholds={"pred_iou_thresh": best_cfg.pred_iou_thresh,
-                                            "stability_thresh": best_cfg.stability_thresh}, grid_sweep=sweep)
+        cases.update(grid_default=AutoOptions(method="grid"), grid_best=best_cfg)
+        result.update(grid_best_thresholds={"pred_iou_thresh": best_cfg.grid.pred_iou_thresh,
+                                            "stability_thresh": best_cfg.grid.stability_thresh}, grid_sweep=sweep)
     for name, sample in (("heldout_tile", tile), ("whole_image", whole)):
         r = measure(seg, sample, cases, args.repeats)
         for g in [c for c in cases if c != "ais"]:

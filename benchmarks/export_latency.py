@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft_export.data.dataset import sample_image
     from peft_export.export import ExportOptions, Thresholds, export_model
-    from peft_export.export.exporter import Prepared
+    from peft_export.export.exporter import PreparedModel
     from peft_export.imaging import preprocess
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
     from peft_export.peft import merge_peft
 
     t_start = time.perf_counter()
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("vanilla", vanilla, "fp32")):
         src = {"peft": config.to_dict() if model is merged else None, "merged": model is merged}
         print(f"exporting {name} ...", file=sys.stderr, flush=True)
-        exports[name] = export_model(Prepared(model, spec, src), tmp / name,
+        exports[name] = export_model(PreparedModel(model, spec, src), tmp / name,
                                      ExportOptions(precision=prec, thresholds=loose))
     export_seconds = time.perf_counter() - t_start
 

@@ -235,7 +235,7 @@ def _export(ctx: Ctx) -> Path:
     """One fp32 export for the ONNX Runtime and TensorRT parts (made once)."""
     if "export" not in ctx.cache:
         from peft_export.export import ExportOptions, export_model, prepare_for_export
-        from peft_export.models.loading import load_model
+        from peft_export.loading import load_model
 
         out = ctx.work / f"{ctx.export_model}_onnx"
         export_model(prepare_for_export(load_model(ctx.export_model, require_weights=False)), out, ExportOptions())
@@ -278,11 +278,11 @@ def part_onnxruntime(ctx: Ctx) -> dict:
     from peft_export.runtime.onnx_backend import OnnxBackend
 
     out_dir = _export(ctx)
-    cuda = OnnxBackend(out_dir, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cuda = OnnxBackend(out_dir, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     if cuda.encoder.get_providers()[0] != "CUDAExecutionProvider":
         return {"ok": False, "error": f"the CUDA provider did not load (session: {cuda.encoder.get_providers()})"}
-    cpu = OnnxBackend(out_dir, ["CPUExecutionProvider"])
-    x, coords, labels = _sample_inputs(cuda.preprocess.img_size)
+    cpu = OnnxBackend(out_dir, providers=["CPUExecutionProvider"])
+    x, coords, labels = _sample_inputs(cuda.info.img_size)
     f_gpu, (emb_g, low_g) = _backend_figures(cuda, x, coords, labels, "cpu", ctx.runs)  # ORT returns host arrays
     f_cpu, (emb_c, low_c) = _backend_figures(cpu, x, coords, labels, "cpu", ctx.runs)
     ctx.cache["ort_cuda"] = (f_gpu, emb_g, low_g)
@@ -310,13 +310,13 @@ def part_tensorrt(ctx: Ctx) -> dict:
     build_s = round(time.perf_counter() - t0, 1)
     trt = TensorRTBackend(out_dir)
     ort_b = OnnxBackend(out_dir)
-    x, coords, labels = _sample_inputs(ort_b.preprocess.img_size)
+    x, coords, labels = _sample_inputs(ort_b.info.img_size)
     f_trt, (emb_t, low_t) = _backend_figures(trt, x, coords, labels, "cpu", ctx.runs)
     f_ort, (emb_o, low_o) = _backend_figures(ort_b, x, coords, labels, "cpu", ctx.runs)
     trt.close()
     return {"tensorrt_version": meta.get("tensorrt_version"), "build_s": build_s, "verified": meta.get("verified"),
             "parity": meta.get("parity"), "tensorrt": f_trt, "onnxruntime": f_ort, "onnxruntime_providers":
-            ort_b.providers, "encoder_trt_vs_ort": round(f_trt["encoder_ms"] / f_ort["encoder_ms"], 3),
+            ort_b.info.details["providers"], "encoder_trt_vs_ort": round(f_trt["encoder_ms"] / f_ort["encoder_ms"], 3),
             "max_abs_diff_embedding": _diff(emb_t, emb_o), "max_abs_diff_low_res_masks": _diff(low_t, low_o)}
 
 

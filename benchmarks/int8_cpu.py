@@ -32,7 +32,7 @@ CONVERSION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 def _export(ckpt: str, out: Path, **kw):
     from peft_export.export import ExportOptions, Thresholds, export_model, prepare_for_export
     from peft_export.export.quantize import Int8Options
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     iou = kw.pop("iou", 0.97)
     int8 = Int8Options(**kw.pop("int8", {}))
@@ -60,9 +60,10 @@ def _quality(fp32_dir: Path, int8_dir: Path) -> dict:
             objects = objects_from_labels(labels)
             masks = {}
             for name, seg in segs.items():
-                seg.set_image(image)
-                masks[name] = {kind: predict_objects(seg.backend, seg.embedding, seg.prepared,
-                                                     *prompts_for(objects, seg.prepared, kind, seg.multimask))[0]
+                geo = seg.set_image(image).geometry[0]  # an untiled tile: one model-input geometry
+                emb = seg.tile_embeddings([0])
+                masks[name] = {kind: predict_objects(seg.backend, emb, geo,
+                                                     *prompts_for(objects, geo, kind, seg.info.multimask))[0]
                                for kind in per}
             for kind in per:
                 per[kind].append(mask_ious(masks["int8"][kind], masks["fp32"][kind]))

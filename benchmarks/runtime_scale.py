@@ -50,7 +50,7 @@ from peft_export.runtime.embedding import embed_batched
 from peft_export.runtime.onnx_backend import OnnxBackend
 export, batch = sys.argv[1], int(sys.argv[2])
 be = OnnxBackend(export)
-s = int(be.preprocess.img_size)
+s = be.info.img_size
 feeds = [np.random.default_rng(i).normal(size=(1, 3, s, s)).astype(np.float32) for i in range(2 * batch)]
 before = peak_rss_mib()
 embed_batched(be, feeds, batch)
@@ -84,8 +84,8 @@ def encoder_throughput(export: str, batch: int, n_tiles: int, rounds: int) -> di
 
     be = OnnxBackend(export)
     image = mosaic(1024)
-    inputs = TileInputs(image, be.preprocess, be.baked)
-    plan = plan_image(image.shape, int(be.preprocess.img_size), Tiling("on"))
+    inputs = TileInputs(image, be.info.preprocess, be.info.baked_preprocessing)
+    plan = plan_image(image.shape, be.info.img_size, Tiling(mode="on"))
     inputs.bind(plan)
     feeds = [inputs(i % len(plan.grid)) for i in range(n_tiles)]
     embed_batched(be, feeds[:batch], batch)  # warm-up (session, allocator) for both sizes
@@ -97,7 +97,7 @@ def encoder_throughput(export: str, batch: int, n_tiles: int, rounds: int) -> di
             embed_batched(be, feeds, b)
             times[b].append(time.perf_counter() - t)
     one, many = (n_tiles / statistics.median(times[b]) for b in (1, batch))
-    return {"tiles": n_tiles, "batch": batch, "max_batch": be.max_batch, "tiles_per_s_batch1": one,
+    return {"tiles": n_tiles, "batch": batch, "max_batch": be.info.max_batch, "tiles_per_s_batch1": one,
             "tiles_per_s_batchN": many, "speedup": many / one}
 
 

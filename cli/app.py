@@ -84,6 +84,16 @@ for module in (finetune, merge, export, build_engine, cpu_gate, benchmark, predi
 TRAINING_MODULES = {"torch", "torchvision", "segment_anything", "onnx", "onnxscript", "onnx_ir", "matplotlib"}
 TRAIN_EXTRA = "'peft-export[train]' (with [cpu] or [gpu] for the export's ONNX Runtime checks)"
 
+# typer >= 0.29 runs its own copy of click (typer._click): its exceptions are not click's, catch both
+try:
+    from typer._click import exceptions as _typer_click
+
+    CLICK_ERRORS: tuple = (click.ClickException, _typer_click.ClickException)
+except ImportError:  # pragma: no cover - older typer on click itself
+    CLICK_ERRORS = (click.ClickException,)
+EXITS = (click.exceptions.Exit, typer.Exit)
+ABORTS = (click.exceptions.Abort, typer.Abort)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one red line and a non-zero exit code."""
@@ -91,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_malloc()
     try:
-        app(args=argv, prog_name="peft-export", standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, outside standalone mode, *returns* exit codes instead of raising
+        code = app(args=argv, prog_name="peft-export", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                common.err.print("[bold red]interrupted[/]")
+            return code
     except PeftExportError as exc:
         # escape: messages are plain text ("pip install 'peft-export[tensorrt]'" must not lose its brackets)
         common.err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -103,14 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         common.err.print(f"[bold red]error:[/] this command needs the training side ({top} is not installed): "
                          f"pip install {escape(TRAIN_EXTRA)}", highlight=False)
         return 2
-    except click.exceptions.Exit as exc:
+    except EXITS as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except CLICK_ERRORS as exc:  # bad options: click's usage line, exit 2
         exc.show(file=sys.stderr)
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*ABORTS, KeyboardInterrupt):
         common.err.print("[bold red]interrupted[/]")
         return 130
+    except OSError as exc:  # a full disk, a permission, ...: one line with the path and the free space there
+        from peft_export.files import describe_os_error
+
+        common.err.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False)
+        return 1
     except Exception as exc:  # a bug: still one line, unless debugging
         if os.environ.get("PEFT_EXPORT_DEBUG"):
             raise

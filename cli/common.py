@@ -72,13 +72,37 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True, e
         task = prog.add_task(description, total=total, **fields)
 
         class _Handle:
+            progress = prog
+            sub = None  # a second row: the tiles of the image in progress
+
             def advance(self, n: int = 1, **fields):
+                if self.sub is not None:  # the image is done: its tiles row goes
+                    prog.remove_task(self.sub)
+                    self.sub = None
                 prog.update(task, advance=n, **fields)
 
             def update(self, **fields):
                 prog.update(task, **fields)
 
+            def skip(self, n: int = 1):
+                """Items that need no work (resumed runs): out of the total, so the ETA counts only real work."""
+                total = _task(prog, task).total
+                if total is not None:
+                    prog.update(task, total=max(0, total - n))
+
+            def tiles(self, k: int, n: int):
+                """k more of the current image's n tiles are embedded: a row of its own for images of many tiles."""
+                if n <= 1 or not enabled:
+                    return
+                if self.sub is None:
+                    self.sub = prog.add_task("  tiles", total=n, **fields)
+                prog.update(self.sub, advance=k)
+
         yield _Handle()
+
+
+def _task(prog: Progress, task_id):
+    return next(t for t in prog.tasks if t.id == task_id)
 
 
 def refuse_overwrite(path: Path, force: bool, what: str = "output") -> None:

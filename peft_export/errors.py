@@ -33,6 +33,11 @@ class VerificationError(PeftExportError):
     """A numerical check (merge, export parity, engine parity) failed."""
 
 
+class WriteError(PeftExportError):
+    """An output could not be written (full disk, no permission, ...); the message names it and the free space.
+    The previous output is left as it was (:mod:`peft_export.files`)."""
+
+
 def first_line(exc: BaseException, default: str | None = None) -> str:
     """The first non-empty line of an exception's message (the exception type when it has none): what a
     one-line error shows of a library's multi-line message."""

@@ -110,7 +110,7 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class ModelInput:
     """A preprocessed image: model input and the geometry needed to map prompts and masks back."""
 
     tensor: np.ndarray  # (1, 3, S, S) float32
@@ -159,11 +159,11 @@ def normalize_and_pad(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def preprocess(image: np.ndarray, spec: PreprocessSpec, *, name: str = "image") -> Prepared:
+def preprocess(image: np.ndarray, spec: PreprocessSpec, *, name: str = "image") -> ModelInput:
     """Full preprocessing of one image for a model with ``spec``."""
     h, w = np.asarray(image).shape[:2]
     resized = resize_for_model(image, spec, name=name)
-    return Prepared(normalize_and_pad(resized, spec), (int(h), int(w)), resized.shape[:2], spec.img_size)
+    return ModelInput(normalize_and_pad(resized, spec), (int(h), int(w)), resized.shape[:2], spec.img_size)
 
 
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:

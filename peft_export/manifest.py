@@ -26,6 +26,7 @@ from typing import Any
 from peft_export.data.io import atomic_write
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, VerificationError, first_line
+from peft_export.files import member_path, required_sha256
 from peft_export.imaging import PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -58,9 +59,11 @@ class Manifest:
         return PreprocessSpec.from_dict(self.preprocess)
 
     def path_of(self, out_dir: str | os.PathLike, role: str) -> Path:
+        """Where the ``role`` file is: always inside ``out_dir`` (:func:`peft_export.files.member_path`)."""
         if role not in self.files:
             raise DataError(f"{out_dir}: the manifest lists no {role!r} file")
-        return Path(out_dir) / self.files[role]["path"]
+        entry = self.files[role]
+        return member_path(out_dir, entry.get("path") if isinstance(entry, dict) else None, f"the {role} file")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,11 +95,9 @@ def read_json_document(path: Path, fmt: str, max_version: int, what: str) -> dic
 def read_manifest(out_dir: str | os.PathLike, *, verify_files: bool = True) -> Manifest:
     """Read and check ``OUT_DIR/manifest.json``; with ``verify_files`` every listed file's sha256 is checked."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise DataError(f"export folder not found: {out_dir}")
     mpath = out_dir / MANIFEST_NAME
     if not mpath.is_file():
-        raise DataError(f"{out_dir} has no {MANIFEST_NAME}: not a peft-export export folder")
+        raise DataError(not_an_export(out_dir))
     data = read_json_document(mpath, FORMAT, FORMAT_VERSION, "manifest")
     known = set(Manifest.__dataclass_fields__)
     try:
@@ -109,11 +110,53 @@ def read_manifest(out_dir: str | os.PathLike, *, verify_files: bool = True) -> M
 
 
 def verify_manifest_files(out_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest names lies inside ``out_dir`` (no absolute path, no ``..``, no link out of it), carries
+    a sha256 and matches it; otherwise one line."""
+    if not isinstance(manifest.files, dict) or not manifest.files:
+        raise DataError(f"{out_dir}/{MANIFEST_NAME} lists no files")
     for role, entry in manifest.files.items():
-        p = Path(out_dir) / entry["path"]
+        p = manifest.path_of(out_dir, role)
+        want = required_sha256(entry, f"{out_dir}/{MANIFEST_NAME}", f"the {role} file")
         if not p.is_file():
             raise DataError(f"{out_dir}: {entry['path']} ({role}) listed in the manifest is missing")
-        digest = sha256_file(p)
-        if digest != entry.get("sha256"):
+        if sha256_file(p) != want:
             raise VerificationError(f"{p} does not match its sha256 in the manifest (modified or corrupt); "
                                     "re-export it")
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+RUN_CHECKPOINTS = ("best.pt", "latest.pt")
+
+
+def export_command(checkpoint: str | os.PathLike) -> str:
+    """The line that turns a training checkpoint into an export folder."""
+    ck = Path(checkpoint)
+    return f"peft-export merge-and-export {ck} -o {ck.parent / 'onnx'}"
+
+
+def not_an_export(path: str | os.PathLike) -> str:
+    """Why ``path`` is not an export folder, in one line: a checkpoint or a training run folder gets the command
+    that makes an export of it."""
+    p = Path(path)
+    if p.is_file() and (p.suffix.lower() in CHECKPOINT_SUFFIXES or _torch_file(p)):
+        return (f"{p} is a training checkpoint, not an export folder: export it first with `{export_command(p)}` "
+                "(evaluate also takes the checkpoint itself)")
+    if p.is_dir():
+        runs = [p / n for n in RUN_CHECKPOINTS if (p / n).is_file()]
+        if runs:
+            return (f"{p} is a training run folder, not an export folder: export its checkpoint with "
+                    f"`{export_command(runs[0])}`")
+        return f"{p} has no {MANIFEST_NAME}: not a peft-export export folder"
+    if p.is_file():
+        return f"{p} is a file, not an export folder (from `peft-export export` / `merge-and-export`)"
+    return f"export folder not found: {p}"
+
+
+def _torch_file(p: Path) -> bool:
+    """A torch.save file (zip with a data.pkl, or a pickle) whatever its name."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return (head == b"PK\x03\x04" and p.suffix.lower() != ".zip") or head[:1] == b"\x80"

@@ -22,7 +22,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def lite_medsam():
     """LiteMedSAM with the real weights (eval mode). Shared: tests must not modify it."""
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     return load_model("lite_medsam").model
 
@@ -115,7 +115,7 @@ def make_peft_checkpoint(path, model_name: str, method: str, placement: str = "l
         if model_name == "vit_tiny":
             base = tiny_base_model()
         else:
-            from peft_export.models.loading import load_model
+            from peft_export.loading import load_model
 
             base = load_model(model_name).model
     model = copy.deepcopy(base).eval()

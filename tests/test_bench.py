@@ -248,11 +248,11 @@ def test_gpu_check_backend_timing_on_cpu(tiny_export):
         import gpu_check
     finally:
         sys.path.pop(0)
-    backend = OnnxBackend(tiny_export.out_dir, ["CPUExecutionProvider"])
-    x, coords, labels = gpu_check._sample_inputs(backend.preprocess.img_size)
+    backend = OnnxBackend(tiny_export.out_dir, providers=["CPUExecutionProvider"])
+    x, coords, labels = gpu_check._sample_inputs(backend.info.img_size)
     figures, (emb, low) = gpu_check._backend_figures(backend, x, coords, labels, "cpu", 2)
     assert figures["encoder_ms"] > 0 and figures["decoder_ms"] > 0
-    assert emb.shape == backend.embedding_shape and low.shape[0] == len(coords) == 16
+    assert emb.shape == (1, *backend.info.embedding_shape) and low.shape[0] == len(coords) == 16
     assert gpu_check._diff(emb, backend.embed(x)) == 0.0
 
 

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - the README's test command installs the
 from peft_export.errors import DataError
 from peft_export.package import PackageOptions, build_package
 from peft_export.package.compose import compose_instance_graph, load_graph
-from peft_export.runtime.package import open_package
+from peft_export.runtime.package import PackageModel
 
 AUTHORS = ["peft-export tests"]
 # the only warning bioimageio.core gives our packages, and why: no GitHub account is invented for the zoo
@@ -187,36 +187,45 @@ def test_tiny_instance_package_passes_bioimageio_core(tiny_instance_package):
         assert cover.size == (512, 256) and zf.getinfo("cover.png").file_size < 500_000
 
 
-def test_instance_package_gives_the_export_folders_maps(tiny_instance_package, tiny_instance_export, dsb_val):
-    """Round trip: the package's graph, run from the zip by the torch-free runtime with its declared
-    preprocessing, gives the export folder's maps (its two graphs, run one after the other)."""
-    from peft_export.runtime.backend import prepare_input
-    from peft_export.runtime.package import InstancePackageBackend, package_backend
+def _declared(pkg: PackageModel, square: np.ndarray) -> np.ndarray:
+    """What a bioimage.io tool computes: the package's declared preprocessing + its graph, on an S x S image."""
+    from peft_export.imaging import as_rgb
 
-    tile = dsb_val[0].image
-    pkg = open_package(tiny_instance_package.path)
-    want = _export_maps(tiny_instance_export, tile)
-    got = pkg.predict(tile)
-    assert got.shape == want.shape == (3, *tile.shape)
-    assert np.max(np.abs(got - want)) <= 1e-4
-    be = package_backend(pkg)  # what Segmenter.from_package / predict use
-    assert isinstance(be, InstancePackageBackend)
-    x, _ = prepare_input(be, tile)
-    assert np.max(np.abs(be.instance_maps(be.embed(x))[0] - want)) <= 1e-4
-    with pytest.raises(Exception, match="no prompt decoder"):
-        be.decode(None, None, None)
-    from peft_export.imaging import upscale_masks
+    return pkg.run(pkg.tensor_from_image(as_rgb(square)))[0]
+
+
+def _runtime_maps(source, image: np.ndarray) -> np.ndarray:
+    """The maps the runtime computes for an export folder or a package (the instance strategy's maps)."""
+    from peft_export.runtime.instances import image_maps
     from peft_export.runtime.segmenter import Segmenter
 
-    seg = Segmenter.from_package(tiny_instance_package.path)  # the hook predict uses for a .zip
-    seg.set_image(tile)
-    got = upscale_masks(seg.backend.instance_maps(seg.embedding)[0], 256, tile.shape, tile.shape)
-    assert np.max(np.abs(got - want)) <= 1e-4
-    from peft_export.runtime.instances import maps_to_instances, segment_instances
+    seg = Segmenter(source)
+    seg.set_image(image)
+    return image_maps(seg)
 
-    labels = segment_instances(seg)  # the instance path of predict --auto, on the package
+
+def test_instance_package_gives_the_export_folders_maps(tiny_instance_package, tiny_instance_export, dsb_val):
+    """Round trip: the package's graph, run from the zip with its declared preprocessing (as bioimage.io tools
+    do) and through the torch-free runtime, gives the export folder's maps (its two graphs, one after the other)."""
+    from peft_export.runtime.backends import open_model
+    from peft_export.runtime.package import InstancePackageBackend
+    from peft_export.runtime.segmenter import Segmenter
+
+    tile = dsb_val[0].image  # 256 x 256: the graph's input size, no resizing
+    want = _export_maps(tiny_instance_export, tile)
+    assert want.shape == (3, *tile.shape)
+    assert np.max(np.abs(_declared(PackageModel(tiny_instance_package.path), tile) - want)) <= 1e-4
+    be = open_model(tiny_instance_package.path)  # what Segmenter and predict open for a .zip
+    assert isinstance(be, InstancePackageBackend) and be.info.instance_decoder and not be.info.prompt_decoder
+    with pytest.raises(Exception, match="no prompt decoder"):
+        be.decode(None, None, None)
+    assert np.max(np.abs(_runtime_maps(tiny_instance_package.path, tile) - want)) <= 1e-4
+    from peft_export.runtime.instances import maps_to_instances
+
+    seg = Segmenter(tiny_instance_package.path)
+    seg.set_image(tile)
+    labels = seg.segment()  # the instance path of predict --auto, on the package
     assert np.array_equal(labels, maps_to_instances(want)) and labels.max() > 0
-    assert np.array_equal(pkg.segment_instances(tile), labels)
 
 
 def test_package_with_the_real_instance_decoder_graph(tiny_export, tmp_path):
@@ -236,7 +245,7 @@ def test_package_with_the_real_instance_decoder_graph(tiny_export, tmp_path):
     _assert_validated(result)
     assert result.kind == "instance" and result.own_check["max_abs_diff"] <= result.own_check["limit"]
     tile = np.random.default_rng(1).random((200, 256)).astype(np.float32)
-    assert np.max(np.abs(open_package(result.path).predict(tile) - _export_maps(export, tile))) <= 1e-4
+    assert np.max(np.abs(_runtime_maps(result.path, tile) - _export_maps(export, tile))) <= 1e-4
 
 
 # ---- the encoder path (LiteMedSAM, real weights) -----------------------------------------------------------
@@ -277,34 +286,33 @@ def test_lite_encoder_package_prompts_and_embeds_like_the_export(lite_encoder_pa
     from peft_export.runtime.segmenter import Segmenter
 
     sample = dsb_val[0]
-    pkg = open_package(lite_encoder_package.path)
     ids = [i for i in np.unique(sample.labels) if i][:8]
     boxes = []
     for i in ids:
         ys, xs = np.nonzero(sample.labels == i)
         boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
     be = OnnxBackend(lite_export_fp32.out_dir)
-    ref, seg = Segmenter(backend=be), pkg.segmenter()
+    ref, seg = Segmenter(be), Segmenter(lite_encoder_package.path)
     ref.set_image(sample.image)
     seg.set_image(sample.image)
     a, b = ref.predict(boxes=boxes), seg.predict(boxes=boxes)
     assert np.max(np.abs(a.low_res - b.low_res)) <= 1e-4 and np.array_equal(a.masks, b.masks)
-    # the package's own preprocessing (rdf steps) on a non-square crop vs the export runtime's
+    # the package's own preprocessing (rdf steps) vs the export runtime's
     from peft_export.runtime.backend import prepare_input
 
-    crop = sample.image[:200, :150]
-    want = be.embed(prepare_input(be, crop)[0])[0]
-    assert np.max(np.abs(pkg.predict(crop) - want)) <= 1e-4
+    want = be.embed(prepare_input(be, sample.image)[0])[0]
+    assert np.max(np.abs(_declared(PackageModel(lite_encoder_package.path), sample.image) - want)) <= 1e-4
 
 
 def test_package_runtime_imports_neither_torch_nor_bioimageio(tiny_instance_package, dsb_val, tmp_path):
     np.save(tmp_path / "tile.npy", dsb_val[0].image)
     code = f"""
 import sys, numpy as np
-from peft_export.runtime.package import open_package
-pkg = open_package({str(tiny_instance_package.path)!r})
-maps = pkg.predict(np.load({str(tmp_path / 'tile.npy')!r}))
-assert maps.shape == (3, 256, 256), maps.shape
+from peft_export.runtime import Segmenter
+seg = Segmenter({str(tiny_instance_package.path)!r})
+seg.set_image(np.load({str(tmp_path / 'tile.npy')!r}))
+labels = seg.segment()
+assert labels.shape == (256, 256) and labels.max() > 0, labels.shape
 bad = [m for m in ("torch", "bioimageio", "onnx") if m in sys.modules]
 assert not bad, bad
 print("ok")
@@ -321,7 +329,7 @@ def test_corrupt_package_is_refused(tiny_instance_package, tmp_path):
     data[-10] ^= 0xFF
     (folder / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(DataError, match="does not match its sha256"):
-        open_package(folder)
+        PackageModel(folder)
 
 
 # ---- the CLI, and bad input -------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ from peft_export.export import (
     precision,
     prepare_for_export,
 )
-from peft_export.export.exporter import ExportParityError, Prepared
+from peft_export.export.exporter import ExportParityError, PreparedModel
 from peft_export.imaging import SAM_PIXEL_MEAN, SAM_PIXEL_STD, normalize_and_pad, preprocess, resized_shape
+from peft_export.loading import load_model
 from peft_export.manifest import read_manifest
-from peft_export.models.loading import load_model
 from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.models.registry import get_spec
 from peft_export.peft import METHODS, merge_peft
@@ -340,7 +340,7 @@ def test_a_modified_export_file_is_detected(tiny_export, tmp_path):
 # ---- the parity gate catches broken exports; failures leave nothing behind ---------------------------
 
 @pytest.fixture(scope="module")
-def tiny_prepared(tiny_export) -> Prepared:
+def tiny_prepared(tiny_export) -> PreparedModel:
     return prepare_for_export(load_model(str(tiny_export.checkpoint)))
 
 
@@ -457,12 +457,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_export, tmp_path, run_
         (("export", "vit_tiny", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(out)), "not found"),
         (("merge-and-export", str(tmp_path / "missing.pt"), "-o", str(out)), "not found"),
         (("merge-and-export", str(plain), "-o", str(out)), "--model is required"),
-        (("merge-and-export", ckpt, "-o", str(out), "--from", "keras"), "--from must be one of"),
-        (("export", ckpt, "-o", str(out), "--precision", "int4"), "unknown precision 'int4'"),
-        (("merge-and-export", ckpt, "-o", str(out), "-p", "bf16"), "unknown precision 'bf16'"),
-        (("export", ckpt, "-o", str(out), "--opset", "17"), "--opset 17 is too old"),
-        (("export", ckpt, "-o", str(out), "--int8-iou", "1.5"), "--int8-iou must be between 0 and 1"),
-        (("export", ckpt, "-o", str(out), "--atol", "-1"), "--atol and --rtol must be >= 0"),
+        (("merge-and-export", ckpt, "-o", str(out), "--from", "keras"),
+         "--from: unknown value 'keras'; choose from auto, peft-export, micro-sam"),
+        (("export", ckpt, "-o", str(out), "--precision", "int4"), "--precision: unknown value 'int4'"),
+        (("merge-and-export", ckpt, "-o", str(out), "-p", "bf16"), "--precision: unknown value 'bf16'"),
+        (("export", ckpt, "-o", str(out), "--opset", "17"), "--opset: Input should be greater than or equal to 18"),
+        (("export", ckpt, "-o", str(out), "--int8-iou", "1.5"), "--int8-iou: Input should be less than or equal to 1"),
+        (("export", ckpt, "-o", str(out), "--atol", "-1"), "--atol: Input should be greater than or equal to 0"),
     ]
     for args, expected in cases:
         code, _, err = run_cli(*args)
@@ -559,12 +560,12 @@ def test_lite_medsam_lora_merge_and_export_matches_the_unmerged_model(lite_expor
 
 
 @pytest.fixture(scope="module")
-def lite_prepared(lite_export_fp32) -> Prepared:
+def lite_prepared(lite_export_fp32) -> PreparedModel:
     """The merged LiteMedSAM (its merge was verified by the fixture's merge-and-export)."""
     loaded = load_model(str(lite_export_fp32.checkpoint))
     source = {"checkpoint": str(lite_export_fp32.checkpoint), "kind": "peft-export",
               "peft": lite_export_fp32.peft, "merged": True}
-    return Prepared(merge_peft(copy.deepcopy(loaded.model)).eval(), loaded.spec, source)
+    return PreparedModel(merge_peft(copy.deepcopy(loaded.model)).eval(), loaded.spec, source)
 
 
 def test_lite_medsam_fp16_is_gated_on_mask_iou(lite_prepared, lite_export_fp32, lite_case, lite_reference, tmp_path):

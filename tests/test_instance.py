@@ -64,7 +64,7 @@ def test_micro_sam_checkpoint_decoder_matches_torch_em_unetr(tmp_path, transpose
     final_activation="Sigmoid", out_channels=3) and saves ``{"model_state": {"sam.*"}, "decoder_state": ...}``.
     Random weights (16 features to keep it quick; the key names and structure do not depend on it)."""
     unetr_mod = _torch_em("torch_em.model.unetr")
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     sam = _tiny_sam()
     torch.manual_seed(1)
@@ -106,7 +106,7 @@ def _state(**changes) -> dict[str, torch.Tensor]:
     (lambda: {"unet.conv.weight": torch.zeros(1)}, "not an instance decoder"),
 ])
 def test_decoder_state_that_does_not_fit_the_model_is_refused(tmp_path, state, match):
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     sam = _tiny_sam()
     ckpt = tmp_path / "ckpt.pt"
@@ -153,13 +153,13 @@ def test_watershed_matches_torch_em_and_recovers_the_truth(dsb_val):
     """Perfect maps with noise: the watershed gives torch-em's instances, and those are the hand-drawn nuclei."""
     seg_mod = _torch_em("torch_em.util.segmentation")
     from peft_export.metrics import instance_scores, matched_iou
-    from peft_export.runtime.instances import InstanceConfig, maps_to_instances
+    from peft_export.runtime.instances import InstanceOptions, maps_to_instances
     from peft_export.train.instance import instance_targets
 
     labels = dsb_val[0].labels
     noisy = instance_targets(labels) + np.random.default_rng(0).normal(0, 0.1, (3, *labels.shape))
     maps = np.clip(noisy, 0, 1).astype(np.float32)
-    ours = maps_to_instances(maps, InstanceConfig(foreground_smoothing=0))  # torch-em's function does not smooth fg
+    ours = maps_to_instances(maps, InstanceOptions(foreground_smoothing=0))  # torch-em's function does not smooth fg
     ref = seg_mod.watershed_from_center_and_boundary_distances(maps[1], maps[2], maps[0])
     assert matched_iou(ours, ref.astype(np.int64)) >= 0.999
     truth = instance_scores(maps_to_instances(maps), labels)
@@ -214,8 +214,8 @@ def test_joint_training_checkpoint_layout_and_exact_resume(run_cli, synth, tmp_p
     """--instance-decoder: its loss is one more term; the checkpoint holds micro-sam's ``decoder_state``; Ctrl-C
     (a KeyboardInterrupt inside step 3) and --resume give the uninterrupted run's decoder and losses."""
     import peft_export.train.step as step_mod
+    from peft_export.loading import load_model
     from peft_export.models.checkpoint import read_checkpoint
-    from peft_export.models.loading import load_model
 
     args = [*TINY, "--data", str(synth), "--iterations", "5", "--instance-decoder"]
     ref = tmp_path / "ref"
@@ -372,13 +372,14 @@ def test_export_writes_the_instance_decoder_graph_with_its_contract(inst_export)
 
 
 def test_onnx_runtime_and_pytorch_give_the_same_instances(inst_export, dsb_val):
-    """Segmenter.segment_instances on the export (ONNX Runtime, no torch in the path) vs the checkpoint's PyTorch
-    model + decoder: the same label image (object-matched IoU), untiled and tiled."""
+    """Segmenter.segment(method="instance") on the export (ONNX Runtime, no torch in the path) vs the checkpoint's
+    PyTorch model + decoder: the same label image (object-matched IoU), untiled and tiled."""
+    from peft_export.loading import load_model
     from peft_export.metrics import matched_iou
-    from peft_export.models.loading import load_model
     from peft_export.models.torch_backend import TorchBackend
-    from peft_export.runtime.instances import InstanceConfig
+    from peft_export.runtime.instances import InstanceOptions, image_maps
     from peft_export.runtime.segmenter import Segmenter
+    from peft_export.runtime.strategies import AutoOptions
     from peft_export.runtime.tiling import Tiling
 
     ckpt, out, _ = inst_export
@@ -386,22 +387,22 @@ def test_onnx_runtime_and_pytorch_give_the_same_instances(inst_export, dsb_val):
     torch_be = TorchBackend(loaded.model, loaded.spec.preprocess, multimask=True,
                             instance_decoder=loaded.instance_decoder)
     image = dsb_val[0].image
-    ours, ref = Segmenter(out), Segmenter(backend=torch_be)
+    ours, ref = Segmenter(out), Segmenter(torch_be)
     ours.set_image(image)
     ref.set_image(image)
-    _, maps = ref.segment_instances(return_maps=True)
+    maps = image_maps(ref)
     # random weights give maps near 0.5: thresholds at their medians, so that there are objects to compare
     fg, center, boundary = (float(np.median(m)) for m in maps)
-    cfg = InstanceConfig(foreground_threshold=fg, center_distance_threshold=center,
-                         boundary_distance_threshold=boundary)
-    a, b = ours.segment_instances(cfg), ref.segment_instances(cfg)
+    cfg = AutoOptions(method="instance", instance=InstanceOptions(
+        foreground_threshold=fg, center_distance_threshold=center, boundary_distance_threshold=boundary))
+    a, b = ours.segment(cfg), ref.segment(cfg)
     assert a.shape == image.shape[:2] and b.max() >= 3, "the maps should give a few objects"
     assert matched_iou(a, b) >= 0.99
     big = np.tile(image, (2, 2) + (1,) * (image.ndim - 2))  # larger than the model input: tiles with a halo
     tiled = Segmenter(out, tiling=Tiling(tile=256, halo=32))
     tiled.set_image(big)
     assert len(tiled.plan.grid) > 1
-    labels = tiled.segment_instances(cfg)
+    labels = tiled.segment(cfg)
     assert labels.shape == big.shape[:2] and labels.max() >= a.max()
 
 
@@ -443,7 +444,7 @@ def test_build_engine_plans_the_instance_decoder(inst_export, tiny_export):
 def test_merge_writes_the_instance_decoder_beside_the_plain_sam_weights(tmp_path, run_cli):
     """`merge` keeps SAM's state dict loadable as it is and writes the decoder to <stem>.decoder.pt (micro-sam's
     key); with --force and a checkpoint without a decoder, a stale decoder file is removed."""
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     sam = _tiny_sam()
     state = _state()

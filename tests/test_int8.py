@@ -180,7 +180,7 @@ def tiny_prepared():
     import torch
 
     from peft_export.export import prepare_for_export
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     torch.manual_seed(0)
     return prepare_for_export(load_model("vit_tiny", require_weights=False))
@@ -264,4 +264,4 @@ def test_int8_usage_errors(tiny_export, tmp_path, run_cli):
     assert code == 2 and "TensorRT needs --int8-mode static" in err
     code, _, err = run_cli("merge-and-export", str(tiny_export.checkpoint), "-o", str(tmp_path / "o"), "--precision",
                            "int8", "--gate-images", "0")
-    assert code == 2 and "must be >= 1" in err
+    assert code == 2 and "--gate-images: Input should be greater than or equal to 1" in err

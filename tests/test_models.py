@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from peft_export.errors import CheckpointError
+from peft_export.loading import load_model
 from peft_export.models import MODELS, build_sam, get_spec, read_checkpoint, save_checkpoint
 from peft_export.models.checkpoint import check_state_dict
-from peft_export.models.loading import load_model
 from peft_export.models.tiny_vit import qkv_index
 
 

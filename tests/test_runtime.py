@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from peft_export.errors import DataError, UsageError
-from peft_export.runtime.auto import mask_nms, point_grid, stability_scores
+from peft_export.runtime.auto import point_grid, stability_scores
 from peft_export.runtime.overlay import overlay
 from peft_export.runtime.prompts_io import read_boxes, read_points
 
@@ -84,13 +84,13 @@ def tiny_segmenter():
     from peft_export.models.torch_backend import TorchBackend
     from peft_export.runtime.segmenter import Segmenter
 
-    return Segmenter(backend=TorchBackend(build_sam("vit_tiny"), get_spec("vit_tiny").preprocess))
+    return Segmenter(TorchBackend(build_sam("vit_tiny"), get_spec("vit_tiny").preprocess))
 
 
 def test_segmenter_prompt_validation(tiny_segmenter):
     seg = tiny_segmenter
     with pytest.raises(UsageError, match="set_image"):
-        type(seg)(backend=seg.backend).predict(boxes=[[0, 0, 5, 5]])
+        type(seg)(seg.backend).predict(boxes=[[0, 0, 5, 5]])
     seg.set_image(np.random.default_rng(0).integers(0, 255, (120, 200), dtype=np.uint8))
     out = seg.predict(boxes=[[10, 10, 50, 60], [100, 20, 190, 110]])
     assert out.masks.shape == (2, 120, 200) and out.scores.shape == (2,) and out.low_res.shape == (2, 64, 64)
@@ -120,7 +120,7 @@ def test_segmenter_matches_direct_decoding(tiny_segmenter):
     seg.set_image(img)
     out = seg.predict(boxes=[[5, 10, 60, 100]])
     model = seg.backend.model
-    prep = preprocess(img, seg.backend.preprocess)
+    prep = preprocess(img, seg.info.preprocess)
     with torch.no_grad():
         emb = model.image_encoder(torch.from_numpy(prep.tensor))
         coords = torch.from_numpy(prep.transform_boxes(np.array([[5, 10, 60, 100]], np.float32)).reshape(1, 2, 2))
@@ -138,13 +138,7 @@ def test_point_grid_covers_cell_centres():
     assert g[0].tolist() == [25.0, 12.5] and g[-1].tolist() == [175.0, 87.5]
 
 
-def test_mask_nms_and_stability():
-    m = np.zeros((3, 10, 10), bool)
-    m[0, :5] = True
-    m[1, :4] = True  # IoU 0.8 with mask 0
-    m[2, 6:] = True
-    kept = mask_nms(m, np.array([0.9, 0.95, 0.5]), 0.5)
-    assert kept.tolist() == [1, 2]
+def test_stability_score():
     low = np.full((1, 8, 8), -5.0)
     low[0, :4, :4] = 5.0
     low[0, 4, :4] = 0.5  # unstable fringe
@@ -154,8 +148,9 @@ def test_mask_nms_and_stability():
 def test_auto_finds_synthetic_blobs():
     """A backend whose decoder returns the blob under the prompt point: auto must recover every blob once."""
     from peft_export.imaging import PreprocessSpec
-    from peft_export.runtime.auto import AutoConfig
+    from peft_export.runtime.backend import BackendInfo
     from peft_export.runtime.segmenter import Segmenter
+    from peft_export.runtime.strategies import AutoOptions
 
     h = w = 64
     truth = np.zeros((h, w), np.int32)
@@ -164,10 +159,8 @@ def test_auto_finds_synthetic_blobs():
         truth[(yy - y) ** 2 + (xx - x) ** 2 <= 36] = k
 
     class BlobBackend:
-        name = "blobs"
-        preprocess = PreprocessSpec(64)
-        multimask = False
-        mask_input_size = (64, 64)
+        info = BackendInfo(name="blobs", model="blobs", source="test", preprocess=PreprocessSpec(64),
+                           multimask=False, embedding_shape=(1, 16, 16), mask_input_size=(64, 64))
 
         def embed(self, x):
             return np.zeros((1, 1, 16, 16), np.float32)
@@ -184,9 +177,9 @@ def test_auto_finds_synthetic_blobs():
                     iou[i] = 0.95
             return low, iou
 
-    seg = Segmenter(backend=BlobBackend())
+    seg = Segmenter(BlobBackend())
     seg.set_image(np.zeros((h, w), np.uint8))
-    labels = seg.segment_everything(config=AutoConfig(points_per_side=16, min_area=5))
+    labels = seg.segment(AutoOptions.parse({"grid.points_per_side": 16, "grid.min_area": 5}))
     from peft_export.metrics import mean_segmentation_accuracy
 
     assert labels.max() == 4

@@ -33,7 +33,7 @@ def test_encoder_batch_axis_is_exported_and_checked(tiny_export):
     from peft_export.runtime.onnx_backend import OnnxBackend
 
     be = OnnxBackend(tiny_export.out_dir)
-    assert be.max_batch is None  # a symbolic batch axis
+    assert be.info.max_batch is None  # a symbolic batch axis
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 3, 256, 256)).astype(np.float32)
     batched = be.embed(x)
@@ -46,20 +46,17 @@ def test_encoder_batch_axis_is_exported_and_checked(tiny_export):
 
 def test_default_batch_size_is_one_tile_on_a_cpu_and_four_on_a_gpu(tiny_export):
     """Batches gain ~5% per tile on a CPU for several times the peak memory (benchmarks/runtime_scale.py), so
-    the default follows where the encoder runs: ONNX Runtime's first provider in use, a torch device, or a
-    backend's own ``on_gpu``."""
-    from types import SimpleNamespace
+    the default follows where the encoder runs (the backend's ``info.on_gpu``: ONNX Runtime's first provider in
+    use, a torch device, TensorRT)."""
+    from dataclasses import replace
 
-    from peft_export.runtime.backend import default_batch_size
     from peft_export.runtime.segmenter import Segmenter
 
     seg = Segmenter(tiny_export.out_dir)
-    assert seg.backend.providers[0] == "CPUExecutionProvider" and seg.batch_size == 1
+    assert seg.info.details["providers"][0] == "CPUExecutionProvider" and not seg.info.on_gpu
+    assert seg.batch_size == 1 and seg.info.default_batch_size == 1
     assert Segmenter(tiny_export.out_dir, batch_size=3).batch_size == 3
-    assert default_batch_size(SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])) == 4
-    assert default_batch_size(SimpleNamespace(device=SimpleNamespace(type="cuda"))) == 4
-    assert default_batch_size(SimpleNamespace(device=SimpleNamespace(type="cpu"))) == 1
-    assert default_batch_size(SimpleNamespace(on_gpu=True, providers=["CPUExecutionProvider"])) == 4
+    assert replace(seg.info, on_gpu=True).default_batch_size == 4
 
 
 def test_tiled_image_gives_the_same_masks_at_any_batch_size(tiny_export):
@@ -72,7 +69,7 @@ def test_tiled_image_gives_the_same_masks_at_any_batch_size(tiny_export):
         seg = Segmenter(tiny_export.out_dir, batch_size=bs)
         plan = seg.set_image(img)
         assert plan.tiled and len(plan.grid) == 9
-        outs.append((seg.embedding.copy(), seg.predict(boxes=boxes)))
+        outs.append((seg.tile_embeddings(range(len(plan.grid))), seg.predict(boxes=boxes)))
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-4 * float(np.abs(outs[0][0]).max()))
     assert outs[0][1].masks.shape == (3, 600, 520)
     assert (outs[0][1].masks != outs[1][1].masks).mean() < 1e-4
@@ -103,13 +100,13 @@ def test_map_tiles_stitches_per_tile_outputs(tiny_export):
 
     seg.set_image(_image((200, 150)), tiled=False)
     geo = seg.plan.geometry[0]
-    np.testing.assert_allclose(seg.map_tiles(fn), upscale_masks(fn(seg.embedding)[0], geo.img_size, geo.resized_hw,
-                                                                geo.original_hw), atol=1e-5)
+    want = upscale_masks(fn(seg.tile_embeddings([0]))[0], geo.img_size, geo.resized_hw, geo.original_hw)
+    np.testing.assert_allclose(seg.map_tiles(fn), want, atol=1e-5)
     seg.set_image(_image((520, 700)))
     const = seg.map_tiles(lambda emb: np.ones((len(emb), 3, 256, 256), np.float32) * emb.mean((1, 2, 3))[:, None,
                                                                                                          None, None])
     assert const.shape == (3, 520, 700)
-    means = seg.embedding.mean((1, 2, 3))
+    means = seg.tile_embeddings(range(len(seg.plan.grid))).mean((1, 2, 3))
     for t in seg.plan.tiles:
         cy0, cy1, cx0, cx1 = t.core
         np.testing.assert_allclose(const[:, cy0:cy1, cx0:cx1], means[t.index], rtol=1e-5)
@@ -139,7 +136,8 @@ def test_embedding_cache_is_reused_and_refused_for_another_export(tiny_export, t
     cached.set_image(img)
     assert cached.cache_hit and not fresh.cache_hit
     assert cached._emb.computed == 0  # nothing embedded: read from the cache
-    np.testing.assert_allclose(np.asarray(cached.embedding), fresh.embedding, atol=1e-6)
+    every = list(range(len(fresh.plan.grid)))
+    np.testing.assert_allclose(cached.tile_embeddings(every), fresh.tile_embeddings(every), atol=1e-6)
     np.testing.assert_array_equal(cached.predict(boxes=boxes).masks, fresh.predict(boxes=boxes).masks)
     other_tiling = Segmenter(tiny_export.out_dir, cache=cache)
     other_tiling.set_image(img, tile=200, halo=20)  # another recipe: another entry, not a wrong one
@@ -252,7 +250,7 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
     from scipy import ndimage
 
     from peft_export.data.dataset import Sample, dsb2018_tiles
-    from peft_export.runtime.backends import open_backend
+    from peft_export.runtime.backends import open_model
     from peft_export.runtime.evaluate import evaluate, object_pieces
     from peft_export.runtime.pieces import piece_iou
     from peft_export.runtime.tiling import Tiling
@@ -262,10 +260,10 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
     pieces, _ = object_pieces(seg, objs, "box")
     found = ndimage.find_objects(labels)
     tiled = float(np.mean([piece_iou(p, labels, int(i), found[int(i) - 1]) for p, i in zip(pieces, objs.ids)]))
-    be = open_backend(lite_export_fp32.out_dir)
+    be = open_model(lite_export_fp32.out_dir)
     native = evaluate(be, dsb2018_tiles("all"), ["box"])["box"]["mean_iou"]
     per: list = []
-    resized = evaluate(be, [Sample(dsb_mosaic()[0], labels, "mosaic")], ["box"], tiling=Tiling("off"),
+    resized = evaluate(be, [Sample(dsb_mosaic()[0], labels, "mosaic")], ["box"], tiling=Tiling(mode="off"),
                        per_image=per)["box"]["mean_iou"]
     assert per[0]["tiles"] == 1
     print(f"box mean IoU: tiled {tiled:.4f} ({len(objs)} nuclei), native 256 px tiles {native:.4f}, whole mosaic "

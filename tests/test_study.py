@@ -53,8 +53,8 @@ def disks(tmp_path_factory):
 
 def _argv(data, out, *extra: str) -> list[str]:
     return ["benchmark", "study", "--model", "tinyvit_tiny", "--data", str(data), "--methods", "lora", "--rank", "4",
-            "--placements", "all,late:1,late:9", "--budget", str(STEPS), "--objects", "2", "--memory-steps", "1",
-            "--keep-checkpoints", "-o", str(out), *extra]
+            "--placements", "all,late:1,late:9", "--budget", str(STEPS), "--objects-per-image", "2",
+            "--memory-steps", "1", "--keep-checkpoints", "-o", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_study_results_schema_and_ratios(study):
 def test_study_quality_is_the_final_model_on_the_validation_split(study, disks):
     """The figures reported are `evaluate`'s on the validation images, for the model after the last step."""
     from peft_export.data.dataset import load_samples
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
     from peft_export.models.registry import get_spec
     from peft_export.models.torch_backend import TorchBackend
     from peft_export.runtime.evaluate import evaluate

@@ -62,7 +62,7 @@ def real_export(request, tmp_path_factory) -> Path:
     import torch
 
     from peft_export.export import ExportOptions, export_model, prepare_for_export
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("real_export") / "export"
@@ -147,7 +147,7 @@ def test_bad_options_are_clear(synthetic, run_cli):
                       (("--min-batch", "0"), "at least 1"),
                       (("--opt-batch", "128"), "--opt-batch 128 > --max-batch 64"),
                       (("--workspace", "lots"), "cannot read size 'lots'"),
-                      (("--precision", "fp8"), "unknown precision 'fp8'")]:
+                      (("--precision", "fp8"), "--precision: unknown value 'fp8'; choose from fp32, fp16, int8")]:
         code, _, err = run_cli("build-engine", str(synthetic), *args)
         assert code == 2 and msg in err, (args, err)
         code, _, err = run_cli("build-engine", str(synthetic), "--print-trtexec", *args)
@@ -363,7 +363,7 @@ def test_backend_refuses_foreign_engines(synthetic, sim):
     sim.trt = SimTRT(version="10.7.0")
     with pytest.raises(UsageError, match=r"built for NVIDIA GeForce RTX 3090 .* rebuild both here"):
         rt.TensorRTBackend(synthetic)
-    from peft_export.runtime.segmenter import open_backend
+    from peft_export.runtime.backends import RuntimeOptions, open_model
 
     with pytest.raises(UsageError, match="rebuild both here"):
-        open_backend(synthetic, "tensorrt")
+        open_model(synthetic, RuntimeOptions(backend="tensorrt"))

@@ -60,7 +60,9 @@ def test_orchestration_build_and_publish(synthetic, sim, run_cli, tmp_path):
     assert b_enc["flags"] == 1 << 5 and b_enc["config_flags"] == [] and b_enc["workspace"] == 4 << 30
     assert b_dec["profile"]["point_labels"] == [[2, 1], [2, 4], [4, 6]]
     assert cache.read_bytes() == b"+encoder.onnx+decoder_lowres.onnx"  # one cache threaded through both builds
-    assert not list(synthetic.glob(".build-engine-*"))
+    from peft_export.files import stray_files
+
+    assert not stray_files(synthetic)  # the build's temporary folder is gone
 
 
 def test_orchestration_backend_runs_published_engines(synthetic, sim, run_cli, tmp_path):
@@ -87,7 +89,7 @@ def test_orchestration_backend_runs_published_engines(synthetic, sim, run_cli, t
     with pytest.raises(UsageError, match=r"7 points .* built for 1 to 6 points.*--max-points 7"):
         trt_b.decode(emb, np.zeros((1, 7, 2), np.float32), np.ones((1, 7), np.float32))
     image = (np.random.default_rng(3).random((40, 30)) * 255).astype(np.uint8)  # as predict/evaluate use it
-    seg_t, seg_o = Segmenter(backend=trt_b), Segmenter(backend=ort_b)
+    seg_t, seg_o = Segmenter(trt_b), Segmenter(ort_b)
     for seg in (seg_t, seg_o):
         seg.set_image(image)
     boxes = [[2, 3, 20, 30], [5, 5, 25, 35]]
@@ -218,7 +220,7 @@ def _export_vit_tiny(out: Path, precision: str) -> None:
 
     from peft_export.export import ExportOptions, Thresholds, export_model, prepare_for_export
     from peft_export.export.quantize import Int8Options
-    from peft_export.models.loading import load_model
+    from peft_export.loading import load_model
 
     torch.manual_seed(0)
     # int8: the TensorRT layout (symmetric int8 Q/DQ); random weights, so no quality gate, only the engine's
@@ -255,9 +257,9 @@ def test_real_tensorrt_build_run_and_refuse(real_export, tmp_path, run_cli, case
     assert meta["parity"]["passed"] and meta["verified"]
     assert meta["tensorrt_version"] == rt.import_tensorrt().__version__
     trt_b, ort_b = rt.TensorRTBackend(out), OnnxBackend(out)
-    x = np.random.default_rng(0).normal(size=(1, 3, *(2 * [ort_b.preprocess.img_size]))).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(1, 3, *(2 * [ort_b.info.img_size]))).astype(np.float32)
     emb_t, emb_o = trt_b.embed(x), ort_b.embed(x)
-    coords = np.random.default_rng(1).uniform(0, ort_b.preprocess.img_size, (5, 3, 2)).astype(np.float32)
+    coords = np.random.default_rng(1).uniform(0, ort_b.info.img_size, (5, 3, 2)).astype(np.float32)
     labels = np.ones((5, 3), np.float32)
     low_t, _ = trt_b.decode(emb_o, coords, labels)  # the decoder alone
     low_o, _ = ort_b.decode(emb_o, coords, labels)

@@ -52,13 +52,13 @@ def test_prompts_route_to_the_tile_whose_core_holds_them():
     ({"tile": 64, "halo": 80}, "larger than the tile"),
     ({"tile": 8, "halo": 1}, "too small"),
     ({"tile": 256, "halo": -1}, "must be >= 0"),
-    ({"scale": 0.0}, "--scale must be"),
+    ({"scale": 0.0}, "--scale: Input should be greater than 0"),
 ])
 def test_bad_tiling_options_say_what_to_change(kwargs, needle):
     from peft_export.runtime.tiling import Tiling
 
     with pytest.raises(UsageError, match=needle) as exc:
-        Tiling.from_options(**kwargs).validate(256)
+        Tiling.from_options(**kwargs).sizes(256)
     assert "\n" not in str(exc.value)
 
 

@@ -8,42 +8,23 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from peft_export.export.tensorrt.options import EngineOptions
 from peft_export_cli import common
+from peft_export_cli.options import with_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("build-engine")
+    @with_options(engine=EngineOptions)
     def build_engine_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder made by `peft-export export` (manifest.json, "
-                                                 "encoder.onnx, decoder_lowres.onnx)."),
-        precision: str = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the export's "
-                                                                "precision; see below)."),
-        min_points: int = typer.Option(1, "--min-points", help="Fewest points per prompt (padding included)."),
-        opt_points: int = typer.Option(4, "--opt-points", help="Points per prompt the decoder is tuned for."),
-        max_points: int = typer.Option(16, "--max-points", help="Most points per prompt (padding included)."),
-        min_batch: int = typer.Option(1, "--min-batch", help="Fewest prompts per decoder call."),
-        opt_batch: int = typer.Option(16, "--opt-batch", help="Prompts per call the decoder is tuned for."),
-        max_batch: int = typer.Option(64, "--max-batch", help="Most prompts per call (larger batches are split)."),
-        encoder_batch: int = typer.Option(4, "--encoder-batch", help="Most image tiles per encoder call (the "
-                                          "encoder profile's opt and max; predict --batch-size up to it)."),
-        workspace: str = typer.Option("4GiB", "--workspace", help="TensorRT workspace limit, e.g. 4GiB, 512MiB "
-                                                                  "(a plain number is MiB)."),
-        timing_cache: Path = typer.Option(None, "--timing-cache", help="Timing cache file: read if it exists, "
-                                                                       "updated after a successful build."),
-        tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 math in fp32 layers (faster on Ampere and "
-                                                        "newer; then gated on mask IoU, not max |diff|)."),
-        tolerance: float = typer.Option(1e-3, "--tolerance", help="fp32 gate: max |diff| / max(1, largest "
-                                                                  "reference value)."),
-        min_iou: float = typer.Option(None, "--min-iou", help="fp16/int8 gate: mask IoU vs ONNX Runtime "
-                                                              "(default 0.99 fp16, 0.95 int8)."),
-        device: int = typer.Option(0, "--device", help="CUDA device index."),
+        export: Path = typer.Argument(..., metavar="EXPORT", help="Export folder made by `peft-export export` "
+                                      "(manifest.json, encoder.onnx, decoder_lowres.onnx)."),
         print_trtexec: bool = typer.Option(False, "--print-trtexec", help="Only print the equivalent trtexec "
                                            "commands (needs no TensorRT and no GPU; writes nothing)."),
-        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the comparison with ONNX Runtime "
-                                                                  "(recorded in engine.json as unverified)."),
         force: bool = typer.Option(False, "--force", help="Replace existing engines."),
         json_out: bool = typer.Option(False, "--json", help="Print engine.json (or the trtexec commands) as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages."),
+        *, engine: EngineOptions,
     ):
         """Build TensorRT engines (encoder.engine, decoder.engine + engine.json) next to the ONNX files.
 
@@ -66,17 +47,10 @@ def register(app: typer.Typer) -> None:
         Example: [bold]peft-export build-engine exported/ --precision fp16 --max-points 8 --timing-cache
         ~/.cache/trt.cache[/]
         """
-        from peft_export.export.tensorrt import EngineOptions
-
-        opts = EngineOptions(precision=precision, min_points=min_points, opt_points=opt_points,
-                             max_points=max_points, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                             encoder_batch=encoder_batch, workspace=workspace,
-                             timing_cache=str(timing_cache.expanduser().resolve()) if timing_cache else None,
-                             tf32=tf32, verify=not no_verify, tolerance=tolerance, min_iou=min_iou, device=device)
         if print_trtexec:
-            _print_trtexec(out_dir, opts, json_out)
+            _print_trtexec(export, engine, json_out)
         else:
-            _build(out_dir, opts, force=force, json_out=json_out, quiet=quiet)
+            _build(export, engine, force=force, json_out=json_out, quiet=quiet)
 
 
 def _print_trtexec(out_dir: Path, opts, json_out: bool) -> None:

@@ -8,33 +8,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from peft_export.export.cpu_gate import CpuGateOptions
 from peft_export_cli import common
-
-
-def _field(name: str):
-    from peft_export.export.cpu_gate import CpuGateOptions
-
-    return CpuGateOptions.model_fields[name]
-
-
-def _opt(name: str, flag: str):
-    f = _field(name)
-    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
-    return typer.Option(default, flag, help=f.description)
+from peft_export_cli.options import with_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("cpu-gate")
+    @with_options(gate=CpuGateOptions)
     def cpu_gate_cmd(
-        out_dir: Path = typer.Argument(..., help="fp32 export folder (from `peft-export export`)."),
-        precisions: str = _opt("precisions", "--precisions"),
-        iou: float = _opt("iou", "--iou"),
-        calibration: str = _opt("calibration", "--calibration"),
-        gate_images: int = _opt("gate_images", "--gate-images"),
-        calibration_images: int = _opt("calibration_images", "--calibration-images"),
-        rounds: int = _opt("rounds", "--rounds"),
+        export: Path = typer.Argument(..., metavar="EXPORT", help="fp32 export folder (from `peft-export export`)."),
         json_out: bool = typer.Option(False, "--json", help="Print the record as JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        *, gate: CpuGateOptions,
     ):
         """Accept reduced-precision OpenVINO runs of an export on this CPU only where they reproduce fp32.
 
@@ -45,20 +31,11 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export cpu-gate lite_onnx/ --precisions bf16,bf16-mixed,int8[/]
         """
-        from pydantic import ValidationError
+        from peft_export.export.cpu_gate import run_cpu_gate
 
-        from peft_export.errors import UsageError
-        from peft_export.export.cpu_gate import CpuGateOptions, run_cpu_gate
-
-        try:
-            opts = CpuGateOptions(precisions=tuple(common.parse_list(precisions)), iou=iou, calibration=calibration,
-                                  gate_images=gate_images, calibration_images=calibration_images, rounds=rounds)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         show = not (quiet or json_out)
         with common.progress_bar("CPU gate", None, enabled=show) as bar:
-            record = run_cpu_gate(out_dir, opts, progress=lambda msg: bar.update(description=msg))
+            record = run_cpu_gate(export, gate, progress=lambda msg: bar.update(description=msg))
         if json_out:
             common.print_json(record)
             return
@@ -73,5 +50,5 @@ def register(app: typer.Typer) -> None:
             table.add_row(name, f"{r['box_mean_iou']:.4f}" if "box_mean_iou" in r else "",
                           f"{r['point_mean_iou']:.4f}" if "point_mean_iou" in r else "", ratio, result)
         common.out.print(table)
-        common.out.print(f"-> {out_dir / 'cpu_gate.json'}; run with [bold]--backend openvino[/] "
+        common.out.print(f"-> {export / 'cpu_gate.json'}; run with [bold]--backend openvino[/] "
                          "(--inference-precision auto picks the fastest passed option)")

@@ -6,34 +6,24 @@ from pathlib import Path
 
 import typer
 
+from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
-from peft_export_cli import runtime_options as ro
-from peft_export_cli.commands.predict import (
-    BATCH_HELP,
-    HALO_HELP,
-    NO_TILE_HELP,
-    SCALE_HELP,
-    TILE_HELP,
-    tiling_options,
-)
+from peft_export_cli.options import with_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("embed")
+    @with_options(tiling=Tiling, runtime=RuntimeOptions)
     def embed_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`)."),
+        export: Path = typer.Argument(..., metavar="EXPORT", help="Export folder (from `peft-export export` / "
+                                      "`merge-and-export`)."),
         images: str = typer.Argument(..., help="An image, a stack, a folder (searched recursively) or a quoted glob."),
         output: Path = typer.Option(..., "--output", "-o", help="Cache folder (created; one per export)."),
-        tile: int = typer.Option(None, "--tile", help=TILE_HELP),
-        halo: int = typer.Option(None, "--halo", help=HALO_HELP),
-        scale: float = typer.Option(None, "--scale", help=SCALE_HELP),
-        no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
-        batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
         shard: str = typer.Option(None, "--shard", help="K/N: embed every N-th input starting at K (0 <= K < N)."),
-        backend: str = typer.Option("onnxruntime", help=ro.BACKEND_HELP),
-        inference_precision: str = ro.PRECISION_OPTION,
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        *, tiling: Tiling, runtime: RuntimeOptions,
     ):
         """Embed IMAGES once and keep the embeddings, so that prompting them later costs only the decoder.
 
@@ -45,24 +35,28 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export embed export/ plates/ -o plates_embeddings/ --batch-size 8[/]
         """
-        from peft_export.runtime.backend_choice import runtime_summary
+        from peft_export.files import refuse_inputs
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import run_embed
+        from peft_export.runtime.cpu import describe_run
+        from peft_export.runtime.outputs import export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
-        ro.check_backend(backend)
-        tiling = tiling_options(tile, halo, scale, no_tile)
         inputs = take_shard(resolve_inputs(images, exclude=output), parse_shard(shard))
+        refuse_inputs([output], [item.path for item in inputs.items], folders=[export], replaces=True)
+        seg = Segmenter(export, runtime=runtime, tiling=tiling, cache=output)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
-        seg = Segmenter(backend=ro.open_runtime(out_dir, backend, inference_precision, note), tiling=tiling,
-                        batch_size=batch_size, cache=output)
+        if note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend runs, why, and in what arithmetic
         with common.progress_bar("embedding", len(inputs.items), enabled=not (quiet or json_out)) as bar:
+            seg.on_tiles = bar.tiles  # a row for the tiles of a large image
             report = run_embed(seg, inputs, on_image=lambda item: bar.advance(), on_note=note)
         images_n = sum(d["images"] for d in report.done)
         cached = sum(d["cached_before"] for d in report.done)
-        summary = {"cache": str(output), "inputs": len(inputs.items), "images": images_n, "already_cached": cached,
-                   "tiles": sum(d["tiles"] for d in report.done), **report.to_dict(),
-                   "runtime": runtime_summary(seg.backend)}
+        summary = {"cache": str(output), "export": export_record(export), "inputs": len(inputs.items),
+                   "images": images_n, "already_cached": cached, "tiles": sum(d["tiles"] for d in report.done),
+                   **report.to_dict(), "runtime": describe_run(seg.info)}
         if json_out:
             common.print_json(summary)
         else:

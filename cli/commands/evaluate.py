@@ -8,15 +8,19 @@ import typer
 from rich.table import Table
 
 from peft_export.errors import UsageError
+from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.strategies import AutoOptions
+from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
-from peft_export_cli import runtime_options as ro
-from peft_export_cli.commands.predict import BATCH_HELP, HALO_HELP, NO_TILE_HELP, SCALE_HELP, TILE_HELP, tiling_options
+from peft_export_cli.options import with_options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
+    @with_options(tiling=Tiling, auto=AutoOptions, runtime=RuntimeOptions)
     def evaluate_cmd(
-        model: str = typer.Argument("lite_medsam", help="Zoo model name, a checkpoint file, or an export folder."),
+        model: str = typer.Argument("lite_medsam", help="Zoo model name, a checkpoint file, an export folder or a "
+                                    "bioimage.io package."),
         checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Weights for a zoo MODEL."),
         data: str = typer.Option("sample:dsb2018", "--data", "-d",
                                  help="Folder with images/ + labels/, sample:dsb2018 (bundled real data), or with "
@@ -24,23 +28,12 @@ def register(app: typer.Typer) -> None:
         labels: str = typer.Option(None, "--labels", help="Folder of label images named like the --data images."),
         split: str = typer.Option("val", help="train, val or all (sample data, or train/ val/ sub-folders)."),
         prompts: str = typer.Option("box,point", help="Comma-separated prompt types: box, point, auto."),
-        auto: bool = typer.Option(False, "--auto", help="Automatic segmentation without prompts instead: mSA, "
-                                  "precision / recall / F1 at IoU 0.5, object counts (see --method)."),
-        method: str = typer.Option("auto", "--method", help="--auto with: instance (the instance decoder, from "
-                                   "finetune --instance-decoder), grid (point grid), auto: instance when the model "
-                                   "has one."),
-        backend: str = typer.Option("auto", help="auto (torch for checkpoints; for export folders the fastest "
-                                    "runtime installed: ONNX Runtime with CUDA on a GPU, else OpenVINO when installed, "
-                                    "else ONNX Runtime), torch, onnxruntime, openvino or tensorrt."),
-        inference_precision: str = ro.PRECISION_OPTION,
-        device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
-        tile: int = typer.Option(None, "--tile", help=TILE_HELP),
-        halo: int = typer.Option(None, "--halo", help=HALO_HELP),
-        scale: float = typer.Option(None, "--scale", help=SCALE_HELP),
-        no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
-        batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
+        auto_mode: bool = typer.Option(False, "--auto", help="Automatic segmentation without prompts instead: mSA, "
+                                       "precision / recall / F1 at IoU 0.5, object counts (see --method)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda (PyTorch models: checkpoints and zoo names)."),
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        *, tiling: Tiling, auto: AutoOptions, runtime: RuntimeOptions,
     ):
         """Mean IoU and mSA of box / point / automatic prompts against instance labels.
 
@@ -59,35 +52,34 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export evaluate export/ --data 'plates/*.tif' --labels truth/ --tile 256 --halo 32[/]
         """
-        from peft_export.runtime.backends import make_backend
+        from peft_export.loading import evaluation_backend
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.evaluate import ALL_PROMPT_TYPES, evaluate
         from peft_export.runtime.labelled import labelled_set
 
         kinds = common.parse_list(prompts, ALL_PROMPT_TYPES, "prompt type")
         if not kinds:
             raise UsageError("--prompts is empty; choose from box, point, auto")
-        tiling = tiling_options(tile, halo, scale, no_tile)
         pairs = labelled_set(data, split, labels)
-        from peft_export.runtime.openvino_backend import OpenVinoOptions
-
-        be, desc = make_backend(model, checkpoint, backend, device, OpenVinoOptions(precision=inference_precision))
-        if not quiet and desc.get("runtime"):
-            r = desc["runtime"]
-            common.info(f"note: backend {r['backend']} ({r['precision']} graphs, computing in {r['compute']})")
+        be, desc = evaluation_backend(model, checkpoint, runtime.backend, device, runtime)
+        if not quiet and "chosen" in desc:
+            common.info(f"note: {explain_run(be.info)}")
+        batch_size = runtime.batch_size
         t0 = time.perf_counter()
-        if auto:  # issue 14: instance metrics without prompts (runtime/instances.py)
+        if auto_mode:  # instance metrics without prompts (the strategy AutoOptions choose)
             from peft_export_cli.commands.instance_report import evaluate_auto
 
-            return evaluate_auto(be, desc, pairs, data, split, method, tiling, batch_size, json_out, quiet, t0)
+            return evaluate_auto(be, desc, pairs, data, split, auto, tiling, batch_size, json_out, quiet, t0)
         per_image: list = []
         with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
             results = evaluate(be, pairs, kinds, progress=bar.advance, tiling=tiling, batch_size=batch_size,
-                               per_image=per_image)
+                               per_image=per_image, auto=auto)
         tiled = sum(1 for r in per_image if r["tiles"] > 1)
         if tiled and tiling.mode == "auto" and not quiet:
             common.info(f"note: {tiled} of {len(per_image)} image(s) were larger than the model input and were "
                         "embedded in tiles at native resolution (--no-tile to resize them whole)")
-        report = {**desc, "data": data, "split": split, "images": len(per_image), "results": results,
+        report = {**desc, "data": data, "split": split, "settings": {"prompts": kinds, "tiling": tiling.to_dict()},
+                  "images": len(per_image), "results": results,
                   "per_image": per_image, "skipped": pairs.failed, "empty": pairs.empty,
                   "seconds": round(time.perf_counter() - t0, 2)}
         if json_out:

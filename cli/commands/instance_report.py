@@ -1,6 +1,6 @@
 """``peft-export evaluate --auto``: automatic segmentation scored without prompts (issue 14's instance metrics).
 
-The logic is :func:`peft_export.runtime.instances.evaluate_instances`; this module prints it.
+The logic is :func:`peft_export.runtime.evaluate.evaluate_instances`; this module prints it.
 """
 
 from __future__ import annotations
@@ -12,22 +12,23 @@ from rich.table import Table
 from peft_export_cli import common
 
 
-def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, method: str, tiling, batch_size: int,
+def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, auto, tiling, batch_size: int | None,
                   json_out: bool, quiet: bool, t0: float) -> None:
     from peft_export.errors import DataError
-    from peft_export.runtime.instances import evaluate_instances, resolve_method
+    from peft_export.runtime.evaluate import evaluate_instances
 
-    method = resolve_method(backend, method)
     with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
-        res = evaluate_instances(backend, pairs, method=method, tiling=tiling, batch_size=batch_size,
-                                 progress=bar.advance)
+        res = evaluate_instances(backend, pairs, auto, tiling=tiling, batch_size=batch_size, progress=bar.advance)
+    if not quiet:
+        common.info(f"note: {res['why']}")
     per_image = res.pop("per_image")
-    report = {**desc, "data": data, "split": split, "images": len(per_image), "auto": res, "per_image": per_image,
+    report = {**desc, "data": data, "split": split, "settings": {"auto": auto.to_dict(), "tiling": tiling.to_dict()},
+              "images": len(per_image), "auto": res, "per_image": per_image,
               "skipped": pairs.failed, "empty": pairs.empty, "seconds": round(time.perf_counter() - t0, 2)}
     if json_out:
         common.print_json(report)
     else:
-        how = "instance decoder + watershed" if method == "instance" else "point grid"
+        how = "instance decoder + watershed" if res["method"] == "instance" else "point grid"
         table = Table(title=f"{desc['model']} on {data} ({split}, {len(per_image)} images, {desc['backend']}, "
                             f"automatic: {how})")
         for col in ("mSA", "precision", "recall", "F1 @0.5", "objects (pred / true)", "s / image"):

@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 
 from peft_export.errors import UsageError
+from peft_export.export.options import MergeOptions
+from peft_export.peft.options import PeftOverride
 from peft_export_cli import common
-from peft_export_cli import peft_options as po
+from peft_export_cli.options import with_options
 
 
 def _check_table(report, atol: float, rtol: float) -> Table:
@@ -25,17 +27,13 @@ def _check_table(report, atol: float, rtol: float) -> Table:
 
 def register(app: typer.Typer) -> None:
     @app.command("merge")
-    @po.with_peft_options()
+    @with_options(merge=MergeOptions, peft=PeftOverride)
     def merge_cmd(
         checkpoint: str = typer.Argument(..., help="Training checkpoint: peft-export's own, or micro-sam's."),
         output: Path = typer.Option(..., "--output", "-o", help="Merged weights (.pt): a plain SAM state dict."),
-        source: str = typer.Option("auto", "--from", help="Checkpoint kind: auto, peft-export or micro-sam."),
-        model: str = typer.Option(None, "--model", help="Model name for checkpoints that do not record it."),
-        atol: float = typer.Option(1e-4, help="Absolute tolerance of the merge check."),
-        rtol: float = typer.Option(1e-4, help="Tolerance relative to the output's largest magnitude."),
         force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-        *, peft_args: po.PeftArgs,
+        *, merge: MergeOptions, peft: PeftOverride,
     ):
         """Fold LoRA / FacT / SSF / selective-method weights into plain SAM weights, and prove it.
 
@@ -51,15 +49,17 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export merge best.pt --from micro-sam --model vit_b --peft lora --rank 32 --blocks 6-11
         -o merged.pt[/]
         """
-        from peft_export.models.loading import load_for_merge
-        from peft_export.peft.merge import decoder_path, merge_to_file, sidecar_path
+        from peft_export.loading import load_for_merge
+        from peft_export.peft.merge import check_merge_output, decoder_path, merge_to_file, sidecar_path
 
+        check_merge_output(output, checkpoint)  # never the checkpoint itself, even with --force
         common.refuse_overwrite(output, force, "output")
         for beside in (sidecar_path(output), decoder_path(output)):
             if beside.exists() and not force:
                 raise UsageError(f"{beside} already exists; pass --force to overwrite it")
-        loaded = load_for_merge(checkpoint, source=source, model=model, peft=peft_args.method,
-                                blocks=peft_args.blocks, options=peft_args.options, warn=common.warn)
+        loaded = load_for_merge(checkpoint, source=merge.source, model=merge.model, peft=peft.peft,
+                                blocks=peft.blocks, options=peft.method_options(), warn=common.warn)
+        atol, rtol = merge.merge_atol, merge.merge_rtol
         result, report = merge_to_file(loaded, output, checkpoint, atol=atol, rtol=rtol)
         if json_out:
             common.print_json(result)

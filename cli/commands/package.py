@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from peft_export.package.options import PackageOptions
 from peft_export_cli import common
+from peft_export_cli.options import with_options
 
 # bioimageio.core warnings every package from this tool gets, and why (printed beside them)
 EXPLAINED = {
@@ -23,28 +25,15 @@ def _explain(warning: str) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command("package")
+    @with_options(package=PackageOptions)
     def package_cmd(
-        export_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`)."),
+        export: Path = typer.Argument(..., metavar="EXPORT", help="Export folder (from `peft-export export` / "
+                                      "`merge-and-export`)."),
         output: Path = typer.Option(..., "--output", "-o", help="The package to write: model.zip."),
-        author: list[str] = typer.Option(None, "--author", help="An author (the package's creator and contact); "
-                                         "repeat for several. Required."),
-        github_user: str = typer.Option(None, "--github-user", help="The first author's GitHub user name (the zoo "
-                                        "contacts maintainers through GitHub)."),
-        name: str = typer.Option(None, "--name", help="Package name (letters, digits, spaces, _+-(); default: from "
-                                 "the model and its PEFT method)."),
-        license_id: str = typer.Option(None, "--license", help="SPDX licence of the weights (default: the base "
-                                       "weights' licence, Apache-2.0 for SAM, MobileSAM and LiteMedSAM)."),
-        tag: list[str] = typer.Option(None, "--tag", help="Extra tag; repeat for several."),
-        test_image: str = typer.Option(None, "--test-image", help="Image for the test tensors (its central square, "
-                                       "resized to the model input). Default: the DSB2018 validation tile "
-                                       "(sample:dsb2018, from the samples extra)."),
-        allow_unverified: bool = typer.Option(False, "--allow-unverified", help="Package an export made with "
-                                              "--no-verify (the README says it was not parity-checked)."),
-        no_validate: bool = typer.Option(False, "--no-validate", help="Skip bioimageio.core's test of the package "
-                                         "(the package's own reproduction check still runs)."),
         force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        *, package: PackageOptions,
     ):
         """Package an export folder for the BioImage Model Zoo (bioimage.io): one ONNX graph that runs with ONNX
         Runtime alone, its preprocessing in the spec's own steps, test tensors from the real DSB2018 tile, a
@@ -62,18 +51,16 @@ def register(app: typer.Typer) -> None:
 
         Run it: [bold]peft-export predict lora.zip cells.tif --auto -o labels.tif[/], or any bioimage.io tool.
         """
-        from peft_export.package import PackageOptions, build_package
+        from peft_export.package import build_package
 
-        opts = PackageOptions(authors=list(author or []), github_user=github_user, name=name, license=license_id,
-                              tags=tuple(tag or ()), test_image=test_image, allow_unverified=allow_unverified,
-                              validate=not no_validate, force=force)
-        steps = 3 + (0 if no_validate else 1)
-        with common.progress_bar(f"package {export_dir.name}", steps, enabled=not (json_out or quiet)) as bar:
+        opts = package.replace(force=force)
+        steps = 3 + (1 if opts.validate_package else 0)
+        with common.progress_bar(f"package {export.name}", steps, enabled=not (json_out or quiet)) as bar:
             def progress(msg: str) -> None:
                 bar.update(description=msg)
                 bar.advance(1)
 
-            result = build_package(export_dir, output, opts, progress=progress)
+            result = build_package(export, output, opts, progress=progress)
             bar.update(description="packaged", completed=steps)
         warnings = [_explain(w) for w in (result.validation or {}).get("warnings", [])]
         for w in warnings:

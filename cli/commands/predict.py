@@ -8,34 +8,22 @@ from pathlib import Path
 import typer
 
 from peft_export.errors import UsageError
+from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.strategies import AutoOptions
+from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
-from peft_export_cli import runtime_options as ro
+from peft_export_cli.options import with_options
 
-RUNTIME_BACKENDS = ro.RUNTIME_CHOICES
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
-
-
-def tiling_options(tile, halo, scale, no_tile):
-    from peft_export.runtime.tiling import Tiling
-
-    return Tiling.from_options(tile, halo, scale, no_tile)
-
-
-# the tiling options shared by predict, evaluate and embed
-TILE_HELP = ("Tile size in pixels (of the image after --scale); default: the model input (256 LiteMedSAM, 1024 "
-             "SAM). Images larger than it are embedded tile by tile at native resolution.")
-HALO_HELP = "Context added on each side of a tile's core, in pixels; default: tile / 8. Needs tile > 2 x halo."
-SCALE_HELP = "Resize images by this factor before tiling (e.g. 0.5 when objects are twice the trained size)."
-NO_TILE_HELP = "Resize the whole image to the model input instead of tiling (the behaviour before tiling)."
-BATCH_HELP = ("Tiles per encoder call [default: 1 on a CPU (batches gained at most ~5% there, for several times the "
-              "memory), 4 on a GPU]. Older exports without a batch axis run one at a time.")
+EXPORT_HELP = ("Export folder (from `peft-export export` / `merge-and-export`), or a bioimage.io package from "
+               "`peft-export package` (model.zip).")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
+    @with_options(tiling=Tiling, auto=AutoOptions, runtime=RuntimeOptions)
     def predict_cmd(
-        out_dir: Path = typer.Argument(..., help="Export folder (from `peft-export export` / `merge-and-export`), "
-                                       "or a bioimage.io package from `peft-export package` (model.zip)."),
+        export: Path = typer.Argument(..., metavar="EXPORT", help=EXPORT_HELP),
         images: str = typer.Argument(..., help="An image (tif/png/jpg; grayscale or RGB; a multi-page or 3D tif is a "
                                      "stack), a folder (searched recursively) or a quoted glob ('data/*.tif')."),
         output: Path = typer.Option(..., "--output", "-o", help="Label image for one 2D image (.tif, .png, .npy); "
@@ -43,19 +31,7 @@ def register(app: typer.Typer) -> None:
         boxes: Path = typer.Option(None, "--boxes", help="Box prompts, JSON or CSV (x0,y0,x1,y1): one object each; "
                                    "a folder of <name>.json/.csv for many images."),
         points: Path = typer.Option(None, "--points", help="Point prompts, JSON or CSV (x,y[,label][,object])."),
-        auto: bool = typer.Option(False, "--auto", help="Segment everything without prompts (see --method)."),
-        method: str = typer.Option("auto", "--method", help="--auto with: instance (the export's instance decoder "
-                                   "+ seeded watershed, micro-sam's AIS: from finetune --instance-decoder), grid (a "
-                                   "grid of point prompts, filtered), or auto: instance when the export has one."),
-        points_per_side: int = typer.Option(32, help="--auto: grid points per side (of each tile when tiled)."),
-        pred_iou_thresh: float = typer.Option(0.8, help="--auto: minimum predicted IoU of a mask."),
-        stability_thresh: float = typer.Option(0.9, help="--auto: minimum stability score of a mask."),
-        min_area: int = typer.Option(10, help="--auto: smallest object in pixels."),
-        tile: int = typer.Option(None, "--tile", help=TILE_HELP),
-        halo: int = typer.Option(None, "--halo", help=HALO_HELP),
-        scale: float = typer.Option(None, "--scale", help=SCALE_HELP),
-        no_tile: bool = typer.Option(False, "--no-tile", help=NO_TILE_HELP),
-        batch_size: int = typer.Option(None, "--batch-size", help=BATCH_HELP),
+        auto_mode: bool = typer.Option(False, "--auto", help="Segment everything without prompts (see --method)."),
         embeddings: Path = typer.Option(None, "--embeddings", help="Embedding cache folder (`peft-export embed`): "
                                         "reused where present, filled where missing."),
         skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose outputs exist (resume "
@@ -64,11 +40,11 @@ def register(app: typer.Typer) -> None:
                                   "e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
         overlay: Path = typer.Option(None, "--overlay", help="Also write a PNG of the objects over the image (a "
                                      "folder for many images; 2D images only)."),
-        backend: str = typer.Option("onnxruntime", help=ro.BACKEND_HELP),
-        inference_precision: str = ro.PRECISION_OPTION,
-        force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing output files (also files this tool "
+                                   "did not write; never an input)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        *, tiling: Tiling, auto: AutoOptions, runtime: RuntimeOptions,
     ):
         """Segment IMAGES with prompts or automatically; write instance label images. Needs no PyTorch.
 
@@ -86,94 +62,100 @@ def register(app: typer.Typer) -> None:
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
         gives a label stack (uint32 tif), one plane per plane; a prompt file applies to every plane.
         """
-        from peft_export.runtime.auto import AutoConfig, auto_steps
+        from peft_export.files import refuse_inputs
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import PredictRequest, run_predict
+        from peft_export.runtime.outputs import check_unique_outputs, export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
-        modes = [m for m, on in (("boxes", boxes), ("points", points), ("auto", auto)) if on]
+        modes = [m for m, on in (("boxes", boxes), ("points", points), ("auto", auto_mode)) if on]
         if len(modes) != 1:
             raise UsageError("give exactly one of --boxes FILE, --points FILE or --auto")
-        ro.check_backend(backend)
-        tiling = tiling_options(tile, halo, scale, no_tile)
         shard_kn = parse_shard(shard)
-        inputs = take_shard(resolve_inputs(images, exclude=output), shard_kn)
-        _check_outputs(inputs, output, overlay, force, skip_existing)
-        req = PredictRequest(modes[0], boxes or points, AutoConfig(
-            points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh,
-            min_area=min_area), overlay, skip_existing, force)
+        if Path(images).is_dir():  # -o the image folder itself: labels would land on the images
+            refuse_inputs([output], [images])
+        everything = resolve_inputs(images, exclude=output)
+        check_unique_outputs(everything)  # before sharding: every shard refuses the same collisions
+        inputs = take_shard(everything, shard_kn)
+        req = PredictRequest(modes[0], boxes or points, auto, overlay, skip_existing, force)
         if req.prompts is not None and not req.prompts.exists():
             raise UsageError(f"prompt file not found: {req.prompts}")
-        from peft_export.runtime.package import is_package  # bioimage.io packages (peft-export package)
-
+        seg = Segmenter(export, runtime=runtime, tiling=tiling, cache=embeddings)
+        strategy = why = None
+        if req.mode == "auto":  # the strategy is chosen once, before any image is read: say which and why
+            strategy, why = seg.strategy(auto)
+            req.method = strategy.name
+        req.export = export_record(export)  # which export made each output: recorded in every summary
+        _check_outputs(inputs, output, req, tiling, (export, embeddings))
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
-        if is_package(out_dir):
-            seg = Segmenter.from_package(out_dir, backend="onnxruntime" if backend == "auto" else backend,
-                                         tiling=tiling, batch_size=batch_size, cache=embeddings)
-        else:
-            seg = Segmenter(backend=ro.open_runtime(out_dir, backend, inference_precision, note), tiling=tiling,
-                            batch_size=batch_size, cache=embeddings)
-        if req.mode == "auto":  # instance decoder or point grid (issue 14): say which
-            from peft_export.runtime.instances import auto_note, resolve_method
-
-            req.method = resolve_method(seg.backend, method)
-            auto_steps = auto_note(req.method, seg.backend, None, auto_steps)
+        if note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend runs, why, and in what arithmetic
         if inputs.single:
-            report = _run_single(seg, inputs, output, req, show, note, auto_steps)
+            report = _run_single(seg, inputs, output, req, show, note, strategy)
         else:
             with common.progress_bar("segmenting", len(inputs.items), enabled=show) as bar:
-                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(), on_note=note)
-        if req.mode == "auto" and report.done:  # said once it worked (errors stay one line)
-            auto_note(req.method, seg.backend, note, None)
-        _print(report, inputs, output, json_out, quiet, req)
+                seg.on_tiles = bar.tiles  # a row for the tiles of a large image
+                report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(),
+                                     on_skip=lambda item: bar.skip(), on_note=note)
+        if why and report.done and note is not None:  # said once it worked (errors stay one line)
+            note(why)
+        _print(report, inputs, output, json_out, quiet, req, strategy)
         report.raise_if_failed(len(inputs.items))
 
 
-def _check_outputs(inputs, output: Path, overlay: Path | None, force: bool, skip_existing: bool) -> None:
-    from peft_export.runtime.batch import existing_outputs
+def _check_outputs(inputs, output: Path, req, tiling, protect) -> None:
+    """The output's form here; what may be written: the library's check (runtime/outputs.py), before any work."""
+    from peft_export.runtime.outputs import check_outputs
 
     if inputs.single:
         if not output.is_dir() and output.suffix.lower() not in LABEL_SUFFIXES:
             raise UsageError(f"unsupported output {output.name}: use .tif, .png or .npy")
-        if not skip_existing:
-            for path in (output, overlay):
-                if path is not None and not path.is_dir():
-                    common.refuse_overwrite(path, force)
-        return
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
-    if overlay is not None and overlay.suffix:
-        raise UsageError(f"--overlay {overlay}: give a folder for many images")
-    done = existing_outputs(inputs, output)
-    if done and not (force or skip_existing):
-        raise UsageError(f"{len(done)} of {len(inputs.items)} outputs already exist (first: {done[0]}): pass "
-                         "--skip-existing to resume, or --force to overwrite them")
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output} is a file: a folder or glob of images needs an output folder (-o labels/)")
+        if req.overlay is not None and req.overlay.suffix:
+            raise UsageError(f"--overlay {req.overlay}: give a folder for many images")
+    check_outputs(inputs, output, req, export=req.export, tiling=tiling, protect=tuple(p for p in protect if p))
 
 
-def _run_single(seg, inputs, output, req, show, note, auto_steps):
+def _run_single(seg, inputs, output, req, show, note, strategy):
     from peft_export.runtime.batch import run_predict
 
-    if req.mode != "auto" or not show:
+    if not show:
         return run_predict(seg, inputs, output, req, on_note=note)
-    # one image, automatic: a progress bar over grid batches (untiled) or tiles, shown once the image is read,
-    # embedded and planned (an unreadable image gives its one-line error and nothing else)
     with contextlib.ExitStack() as stack:
         bars: list = []
+        if strategy is None:  # prompts on a large image: a progress bar over its tiles, once there are several
 
+            def tiles(k, n):
+                if n > 1 and not bars:
+                    bars.append(stack.enter_context(common.progress_bar("segmenting", 1)))
+                if bars:
+                    bars[0].tiles(k, n)
+
+            seg.on_tiles = tiles
+            report = run_predict(seg, inputs, output, req, on_note=note)
+            if bars:
+                bars[0].advance()
+            return report
+
+        # automatic: a progress bar over the strategy's steps (grid batches, or tiles), shown once the image is read
+        # and planned (an unreadable image gives its one-line error and nothing else)
         def step(n=1):
             if not bars:
-                bars.append(stack.enter_context(common.progress_bar("segmenting", auto_steps(seg, req.auto))))
+                bars.append(stack.enter_context(common.progress_bar("segmenting", strategy.steps(seg))))
             bars[0].advance(n)
 
         return run_predict(seg, inputs, output, req, progress=step, on_note=note)
 
 
-def _print(report, inputs, output: Path, json_out: bool, quiet: bool, req) -> None:
+def _print(report, inputs, output: Path, json_out: bool, quiet: bool, req, strategy) -> None:
     if inputs.single and report.done:
         summary = report.done[0]
-        if req.mode == "auto" and req.method == "grid" and summary["objects"] == 0 and not quiet:
-            cfg = req.auto
+        if strategy is not None and strategy.name == "grid" and summary["objects"] == 0 and not quiet:
+            cfg = req.auto.grid
             common.err.print(
                 f"warning: no mask passed the filters (predicted IoU >= {cfg.pred_iou_thresh}, stability >= "
                 f"{cfg.stability_thresh}); try lower --pred-iou-thresh / --stability-thresh. Automatic segmentation "

@@ -28,8 +28,9 @@ import numpy as np
 from peft_export.bench.common import machine_info, peak_rss_mib, run_isolated, stats, write_results
 from peft_export.errors import PeftExportError, UsageError
 from peft_export.prompts import box_prompts
+from peft_export.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", *RUNTIME_BACKENDS)
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -65,8 +66,8 @@ def _torch_cases(out_dir: Path, manifest, seen: set) -> list[Case]:
 
     def loader(kind: str):
         def _open():
+            from peft_export.loading import default_weights, load_model
             from peft_export.models import build_sam, get_spec
-            from peft_export.models.loading import default_weights, load_model
             from peft_export.models.torch_backend import TorchBackend
             from peft_export.peft import is_mergeable, merge_peft
 
@@ -101,22 +102,10 @@ def _runtime_case(out_dir: Path, manifest, backend: str) -> Case:
     variant = "vanilla" if not peft else ("merged" if manifest.source.get("merged", True) else "adapters")
     name = f"{backend} {manifest.precision} {variant} ({manifest.model}, {_peft_label(peft)})"
     case = Case(name, backend, manifest.precision, variant, str(out_dir), manifest.model, _peft_label(peft))
-    if backend == "onnxruntime":
-        from peft_export.runtime.onnx_backend import OnnxBackend
+    from peft_export.runtime.backends import RuntimeOptions, backend_class, open_model
 
-        case.opener = lambda: OnnxBackend(out_dir, manifest=manifest)
-        return case
-    if not (out_dir / "engine.json").exists():
-        case.skipped = "no TensorRT engines in this folder (run peft-export build-engine)"
-        return case
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        case.skipped = "TensorRT is not installed (pip install 'peft-export[tensorrt]'; needs an NVIDIA GPU)"
-        return case
-    from peft_export.runtime.segmenter import open_backend
-
-    case.opener = lambda: open_backend(out_dir, "tensorrt")
+    case.skipped = backend_class(backend).unavailable(out_dir, manifest)  # None: it can run here
+    case.opener = lambda: open_model(out_dir, RuntimeOptions(backend=backend))
     return case
 
 

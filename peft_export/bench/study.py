@@ -16,19 +16,16 @@ unfinished one resumes its training from its last checkpoint. The table, recomme
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from peft_export.bench.cases import Budget, StudyCase
+from peft_export.bench.options import StudySettings
+from peft_export.bench.study_case import run_case
 from peft_export.data.io import atomic_write
 from peft_export.errors import PeftExportError, UsageError, first_line
 
-DEFAULT_METHODS = ("lora", "fact", "ssf", "late_ft", "attention")
-DEFAULT_PLACEMENTS = ("all", "late:50%", "late:1")
 PLAN_VERSION = 1
 # settings that change what a case measures: a resumed study must use the same ones
 RESULT_KEYS = ("model", "data", "val", "checkpoint", "budget", "seed", "batch_size", "objects_per_image",
@@ -40,89 +37,9 @@ class StudyInterrupted(PeftExportError):
     exit_code = 130
 
 
-@dataclass(frozen=True)
-class Budget:
-    """The same training budget for every case: ``steps``, or ``seconds`` of training steps."""
-
-    steps: int | None = None
-    seconds: float | None = None
-
-    @classmethod
-    def parse(cls, text: str | int) -> Budget:
-        s = str(text).strip().lower().replace(" ", "")
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)(steps?|min|m|s)?", s)
-        if not m:
-            raise UsageError(f"cannot read --budget {text!r}; give steps (30) or minutes (5min) or seconds (90s)")
-        value, unit = float(m.group(1)), m.group(2) or "steps"
-        if value <= 0:
-            raise UsageError(f"--budget must be more than zero, got {text!r} (e.g. 30 steps or 5min)")
-        if unit.startswith("step"):
-            if value != int(value):
-                raise UsageError(f"--budget {text!r}: a number of steps must be whole")
-            return cls(steps=int(value))
-        return cls(seconds=value * (60 if unit in ("min", "m") else 1))
-
-    def __str__(self) -> str:
-        return f"{self.steps} steps" if self.steps else f"{self.seconds / 60:g} min"
-
-    def iterations(self, step_s: list[float]) -> int:
-        """Training steps of a case: the budget's steps, or as many as fit in its seconds at ``step_s``."""
-        if self.steps:
-            return self.steps
-        median = sorted(step_s)[len(step_s) // 2] if step_s else math.inf
-        return max(1, int(self.seconds // median)) if math.isfinite(median) else 1
-
-
-@dataclass
-class StudySettings:
-    model: str = "lite_medsam"
-    data: str = "sample:dsb2018"
-    val: str | None = None  # validation data when DATA has no val split
-    checkpoint: str | None = None
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    placements: list[str] = field(default_factory=lambda: list(DEFAULT_PLACEMENTS))
-    budget: str = "30"
-    recipe: str = "auto"  # finetune's presets give the options left None
-    seed: int = 0
-    batch_size: int | None = None
-    objects_per_image: int | None = None
-    sub_iterations: int | None = None
-    lr: float | None = None
-    rank: int | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    trunk_cache: bool = False
-    instance_decoder: bool = False
-    memory_steps: int = 2
-    baseline: str | None = None
-    metric: str = "mean_iou"
-    cost: str = "peak_memory"
-    margin: float = 0.02
-    keep_checkpoints: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StudyCase:
-    method: str
-    placement: str
-    skipped: str | None = None
-    blocks: list[int] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"{self.method} {self.placement}"
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.method}_{self.placement.replace('%', 'pct')}").strip("-")
-
-
 def resolve_settings(s: StudySettings) -> StudySettings:
     """Validate the options and fill those left None from finetune's recipe preset; one line per problem."""
-    from peft_export.devices import resolve_device, resolve_precision
+    from peft_export.models.devices import resolve_device, resolve_precision
     from peft_export.models.registry import MODELS
     from peft_export.peft import METHODS
     from peft_export.train.config import PRESETS, field_names
@@ -163,7 +80,7 @@ def resolve_settings(s: StudySettings) -> StudySettings:
 
 
 def _check_weights(s: StudySettings) -> None:
-    from peft_export.models.loading import default_weights
+    from peft_export.loading import default_weights
     from peft_export.models.registry import get_spec
 
     if s.checkpoint is not None:
@@ -290,8 +207,6 @@ Progress = Callable[[int, float, str], None]  # (case index, fraction of that ca
 
 def _case_row(folder: StudyFolder, case: StudyCase, s: StudySettings, say: Callable[[float, str], None]) -> dict:
     """A finished case's saved row, a skipped case's reason, or the case measured now (and saved unless failed)."""
-    from peft_export.bench.study_case import run_case
-
     row = folder.finished(case)
     if row is not None:
         return row

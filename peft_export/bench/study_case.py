@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peft_export.bench.study import Budget, StudyCase, StudySettings
+from peft_export.bench.cases import Budget, StudyCase
+from peft_export.bench.options import StudySettings
 from peft_export.data.io import atomic_write
 from peft_export.errors import UsageError
 
@@ -50,7 +51,7 @@ def finetune_command(method: str, placement: str, s: StudySettings, iterations: 
 
 
 def _memory_settings(case: StudyCase, s: StudySettings) -> dict:
-    from peft_export.bench.train import TrainSettings
+    from peft_export.bench.options import TrainSettings
 
     return TrainSettings(model=s.model, data=s.data, steps=s.memory_steps, warmup=1, device=s.device,
                          batch_size=s.batch_size, objects_per_image=s.objects_per_image,

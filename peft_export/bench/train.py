@@ -17,38 +17,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peft_export.bench.common import current_rss_mib, machine_info, peak_rss_mib, run_isolated, stats, write_results
+from peft_export.bench.options import TrainSettings
 from peft_export.errors import PeftExportError, UsageError
 
 DEFAULT_METHODS = ("lora",)
 DEFAULT_PLACEMENTS = ("all", "late:50%", "late:25%", "late:1")
-
-
-@dataclass
-class TrainSettings:
-    model: str = "lite_medsam"
-    data: str = "sample:dsb2018"
-    steps: int = 5
-    warmup: int = 1
-    device: str = "cpu"
-    batch_size: int = 1
-    objects_per_image: int = 4
-    sub_iterations: int = 1
-    trunk_cache: bool = False
-    loss: bool = True
-    memory: bool = True
-    seed: int = 0
-    rank: int | None = None  # LoRA/FacT rank (None: the method's default)
-    checkpoint: str | None = None  # weights; None: the bundled ones, else random (cost does not depend on values)
-    precision: str = "fp32"  # fp16 / bf16: CUDA autocast (+ GradScaler), as finetune --precision
-    extra: dict[str, Any] = field(default_factory=dict)  # further finetune options (e.g. instance_decoder=True)
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
 
 
 @dataclass
@@ -183,7 +161,7 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
     if s.checkpoint is None and _needs_random_weights(s.model):
         say(f"no weights for {s.model}: random weights (step time and memory do not depend on their values)", 0)
         weights_dir = Path(tempfile.mkdtemp(prefix="peft_export_bench_weights_"))
-        s = replace(s, checkpoint=_random_checkpoint(s.model, weights_dir))
+        s = s.replace(checkpoint=_random_checkpoint(s.model, weights_dir))
         weights = "random"
     try:
         return _run(cases, methods, placements, s, baseline, say, weights)
@@ -193,7 +171,7 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
 
 
 def _needs_random_weights(model: str) -> bool:
-    from peft_export.models.loading import default_weights
+    from peft_export.loading import default_weights
     from peft_export.models.registry import get_spec
 
     return default_weights(model) is None and not get_spec(model).test_only

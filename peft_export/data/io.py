@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,25 +173,11 @@ def write_label_stack(path: str | os.PathLike, planes: Iterable[np.ndarray], cou
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Write a file through ``write_fn(tmp_path)`` and move it into place only when that succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a file through ``write_fn(tmp_path)`` and move it into place only when that succeeded
+    (:func:`peft_export.files.atomic_write`: recognisable temporary name, user's umask, one-line disk errors)."""
+    from peft_export.files import atomic_write as _atomic_write
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return _atomic_write(path, write_fn)
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:

@@ -37,42 +37,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import field_validator
 
 from peft_export.errors import UsageError
 from peft_export.manifest import Manifest, read_manifest
+from peft_export.options import Options, comma_list, option
 
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("bf16", "bf16-mixed", "int8")
 
 
-class CpuGateOptions(BaseModel):
-    """Options of ``peft-export cpu-gate`` (the CLI flags are generated from these fields)."""
+class CpuGateOptions(Options):
+    """What ``peft-export cpu-gate`` gates, and how strictly."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    family = "cpu_gate"
+    panel = "CPU gate"
 
-    precisions: tuple[str, ...] = Field(("bf16", "bf16-mixed"), description="Reduced precisions to gate: bf16, "
-                                        "bf16-mixed (trunk bf16, tail f32), int8 (NNCF; needs the nncf extra).")
-    iou: float = Field(0.97, ge=0, le=1, description="Minimum box AND point mean mask IoU vs the fp32 chain.")
-    calibration: str | None = Field(None, description="Gate (and int8 calibration) images: sample:dsb2018 or a "
-                                    "folder; default: the checkpoint's training data when recorded, else "
-                                    "sample:dsb2018.")
-    gate_images: int = Field(8, ge=1, description="Held-out gate inputs (images, then flips/rotations).")
-    gate_objects: int = Field(16, ge=1, description="Prompts per kind and gate image.")
-    calibration_images: int = Field(8, ge=1, description="int8 calibration inputs (never gate images).")
-    rounds: int = Field(5, ge=1, description="Interleaved latency rounds per candidate.")
+    precisions: comma_list(Literal[CANDIDATES]) = option(
+        ["bf16", "bf16-mixed"], "Comma-separated reduced precisions to gate: bf16, bf16-mixed (one side of the "
+        "encoder in f32, the rest bf16), int8 (NNCF; needs the nncf extra).", min_length=1)
+    iou: float = option(0.97, "Minimum box AND point mean mask IoU vs the fp32 chain.", ge=0, le=1)
+    calibration: str | None = option(
+        None, "Gate (and int8 calibration) images: sample:dsb2018 or a folder.",
+        default_text="the checkpoint's training data when recorded, else sample:dsb2018")
+    gate_images: int = option(8, "Held-out gate inputs (images, then flips/rotations).", ge=1)
+    gate_objects: int = option(16, "Prompts per kind and gate image.", ge=1)
+    calibration_images: int = option(8, "int8 calibration inputs (never gate images).", ge=1)
+    rounds: int = option(5, "Interleaved latency rounds per candidate.", ge=1)
 
     @field_validator("precisions")
     @classmethod
-    def _known(cls, v):
-        bad = [p for p in v if p not in CANDIDATES]
-        if bad or not v:
-            raise ValueError(f"unknown precision {bad[0] if bad else '(none)'}; choose from {', '.join(CANDIDATES)}")
-        return tuple(dict.fromkeys(v))
+    def _once(cls, v):
+        return list(dict.fromkeys(v))
 
 
 # ---- chains ----------------------------------------------------------------------------------------------
@@ -120,6 +120,10 @@ class GateContext:
         from peft_export.export.quantize import gate_figures
 
         return gate_figures(self.chain(compiled), self.ref)
+
+    def entry(self, figures, **extra) -> dict:
+        """The gate record's entry for ``figures`` against this gate's threshold."""
+        return entry(figures, self.threshold, **extra)
 
     def compile(self, model, precision: str):
         return self.core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",

@@ -5,27 +5,29 @@
     result = export_model(prepared, "export_dir", ExportOptions(precision="fp16"))
 
 The folder is built in a temporary sibling and renamed into place only when everything (export, conversion,
-parity gate, manifest) succeeded, so a failure never leaves a partial ``OUT_DIR``.
+parity gate, manifest) succeeded, so a failure never leaves a partial ``OUT_DIR`` (:func:`peft_export.files.atomic_dir`:
+a crash leaves a recognisable temporary folder that the next export beside it removes; the previous OUT_DIR stays
+until the new one is complete). An OUT_DIR that is or holds the checkpoint is refused, even with ``force``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from peft_export.data.samples import sha256_file
 from peft_export.errors import UsageError, VerificationError
-from peft_export.export import DEFAULT_OPSET, MIN_OPSET, graphs, instance, onnx_export, precision
-from peft_export.export.parity import ParityReport, Thresholds, run_parity
-from peft_export.export.quantize import Int8Options
+from peft_export.export import graphs, instance, onnx_export, precision
+from peft_export.export.options import ExportOptions
+from peft_export.export.parity import ParityReport, run_parity
+from peft_export.files import atomic_dir, refuse_inputs
 from peft_export.manifest import Manifest, file_entry, write_manifest
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
@@ -34,36 +36,7 @@ ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres":
 
 
 @dataclass
-class ExportOptions:
-    precision: str = "fp32"
-    opset: int = DEFAULT_OPSET
-    bake_preprocessing: bool = False
-    single_mask: bool = False  # decoder.onnx returns one mask per prompt (Meta's return_single_mask)
-    simplify: bool = False
-    verify: bool = True
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    int8: Int8Options = field(default_factory=Int8Options)
-    force: bool = False
-
-    def validate(self) -> None:
-        if self.precision not in precision.PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(precision.PRECISIONS)}")
-        if self.opset < MIN_OPSET:
-            raise UsageError(f"--opset {self.opset} is too old: the exporter (dynamo=True) needs >= "
-                             f"{MIN_OPSET}")
-        if self.opset > 23:
-            raise UsageError(f"--opset {self.opset} is newer than this onnx/onnxruntime supports (max 23)")
-        t = self.thresholds
-        if t.atol < 0 or t.rtol < 0:
-            raise UsageError("--atol and --rtol must be >= 0")
-        for name, v in (("--fp16-iou", t.fp16_iou), ("--int8-iou", t.int8_iou)):
-            if not 0 <= v <= 1:
-                raise UsageError(f"{name} must be between 0 and 1")
-        self.int8.validate()
-
-
-@dataclass
-class Prepared:
+class PreparedModel:
     """A model ready to export (PEFT merged where possible) and where it came from."""
 
     model: Any  # segment_anything Sam, eval, fp32
@@ -87,7 +60,7 @@ class ExportResult:
                 "seconds": self.seconds}
 
 
-def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> Prepared:
+def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> PreparedModel:
     """Merge a loaded model's PEFT adapters (verified); AdaptFormer keeps its adapter modules."""
     from peft_export.peft import is_mergeable, peft_state
     from peft_export.peft.merge import merge_and_verify
@@ -96,6 +69,7 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
     state = peft_state(model)
     ckpt = loaded.checkpoint
     source = {"checkpoint": str(Path(ckpt.path).resolve()) if ckpt is not None and ckpt.path else None,
+              "checkpoint_sha256": sha256_file(ckpt.path) if ckpt is not None and ckpt.path else None,
               "kind": ckpt.kind if ckpt is not None else "zoo", "peft": state.config.to_dict() if state else
               (loaded.peft if ckpt is not None and ckpt.merged else None),
               "merged": bool(ckpt is not None and ckpt.merged)}
@@ -111,7 +85,7 @@ def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 
         source["note"] = f"{state.config.method} is not mergeable: exported with its adapter modules"
     decoder = getattr(loaded, "instance_decoder", None)
     source["instance_decoder"] = decoder is not None
-    return Prepared(model.eval(), loaded.spec, source, report, decoder.eval() if decoder is not None else None)
+    return PreparedModel(model.eval(), loaded.spec, source, report, decoder.eval() if decoder is not None else None)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -130,34 +104,23 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
 
 
-def _make_tmp(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing OUT_DIR (file, or non-empty folder) without --force."""
+def check_out_dir(out_dir: Path, force: bool, inputs=()) -> None:
+    """Refuse an existing OUT_DIR (file, or non-empty folder) without --force, and, even with --force, an OUT_DIR
+    that is or holds one of ``inputs`` (the checkpoint, its run folder, calibration data): it is replaced whole."""
+    refuse_inputs([out_dir], inputs, replaces=True)
     if out_dir.exists() and not force and (out_dir.is_file() or any(out_dir.iterdir())):
         raise UsageError(f"output {out_dir} already exists; pass --force to overwrite it")
+
+
+def export_inputs(prepared: PreparedModel | None = None, options: ExportOptions | None = None) -> list[str]:
+    """What an export reads from disk and must never replace: the checkpoint (and so its run folder), the
+    calibration images."""
+    paths = []
+    if prepared is not None and prepared.source.get("checkpoint"):
+        paths.append(prepared.source["checkpoint"])
+    if options is not None and options.int8.calibration and not str(options.int8.calibration).startswith("sample:"):
+        paths.append(options.int8.calibration)
+    return paths
 
 
 def export_steps(options: ExportOptions) -> int:
@@ -175,7 +138,7 @@ class _Built:
     fp32_encoder: onnx.ModelProto | None = None  # what int8 quantized
 
 
-def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
+def _build(prepared: PreparedModel, options: ExportOptions, say, timed) -> _Built:
     """Trace, optimise, convert (fp16 / int8), add baked preprocessing and Meta's decoder, simplify."""
     sam, spec = prepared.model.eval(), prepared.spec
     sets = _calibration(prepared, options, say) if options.precision == "int8" else None  # bad data fails first
@@ -212,7 +175,7 @@ def _build(prepared: Prepared, options: ExportOptions, say, timed) -> _Built:
     return built
 
 
-def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions, say) -> ParityReport:
+def _verify(prepared: PreparedModel, built: _Built, tmp: Path, options: ExportOptions, say) -> ParityReport:
     """The parity gate on the written graphs; raises ExportParityError (nothing is written) when it fails."""
     source_encoder = None
     if built.int8 is not None:  # the fp32 graph that was quantized: checked against PyTorch, then removed
@@ -239,7 +202,7 @@ def _verify(prepared: Prepared, built: _Built, tmp: Path, options: ExportOptions
     return report
 
 
-def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
+def _manifest(prepared: PreparedModel, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
               seconds: dict) -> Manifest:
     from peft_export.models.checkpoint import versions
 
@@ -273,16 +236,14 @@ def _manifest(prepared: Prepared, built: _Built, written: dict[str, list[Path]],
     )
 
 
-def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
+def export_model(prepared: PreparedModel, out_dir: str | os.PathLike, options: ExportOptions | None = None, *,
                  progress: Callable[..., None] | None = None) -> ExportResult:
     """Trace, convert, compose, save, verify and write the manifest; see the module docstring.
 
     ``progress(message, advance=True)`` is called for each of :func:`export_steps` steps (and with
     ``advance=False`` for details within a step)."""
     options = options or ExportOptions()
-    options.validate()
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, options.force)
     say = progress or (lambda msg, advance=True: None)
     seconds: dict[str, float] = {}
 
@@ -292,23 +253,19 @@ def export_model(prepared: Prepared, out_dir: str | os.PathLike, options: Export
         seconds[name] = round(time.perf_counter() - t0, 3)
         return out
 
+    check_out_dir(out_dir, options.force, export_inputs(prepared, options))
     built = _build(prepared, options, say, timed)
-    tmp = _make_tmp(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:  # built beside OUT_DIR, swapped in when complete (peft_export/files.py)
         say("writing the graphs")
         written = {role: timed(f"save_{role}", lambda r=role, m=model: _save(m, tmp / ROLES[r]))
                    for role, model in built.models.items()}
         report = timed("parity", lambda: _verify(prepared, built, tmp, options, say)) if options.verify else None
         manifest = _manifest(prepared, built, written, report, options, seconds)
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out_dir, manifest, report, seconds)
 
 
-def _calibration(prepared: Prepared, options: ExportOptions, say):
+def _calibration(prepared: PreparedModel, options: ExportOptions, say):
     """int8's calibration and gate images: the checkpoint's training data, else --calibration."""
     from peft_export.export.calibration import calibration_sets
 
@@ -320,7 +277,7 @@ def _calibration(prepared: Prepared, options: ExportOptions, say):
     return sets
 
 
-def _quantize(prepared: Prepared, sets, enc_m, dec_m, options: ExportOptions, say):
+def _quantize(prepared: PreparedModel, sets, enc_m, dec_m, options: ExportOptions, say):
     """The int8 encoder: the accuracy-aware search of :mod:`peft_export.export.quantize`, gated at --int8-iou."""
     from peft_export.export.quantize import quantize_encoder
 

@@ -63,7 +63,7 @@ def build(prepared, options, say, timed) -> BuiltInstance | None:
 
 
 def manifest_entry(prepared) -> dict | None:
-    from peft_export.runtime.instances import CHANNELS, InstanceConfig
+    from peft_export.runtime.instances import CHANNELS, InstanceOptions
 
     decoder = getattr(prepared, "instance_decoder", None)
     if decoder is None:
@@ -72,7 +72,7 @@ def manifest_entry(prepared) -> dict | None:
             "output_size": int(prepared.spec.img_size), "activation": "sigmoid",
             "architecture": {"kind": "micro-sam UNETR decoder (torch-em), no skip connections",
                              **decoder.config.to_dict()},
-            "postprocessing": {"method": "seeded watershed (micro-sam AIS)", **InstanceConfig().to_dict()}}
+            "postprocessing": {"method": "seeded watershed (micro-sam AIS)", **InstanceOptions().to_dict()}}
 
 
 # ---- parity ------------------------------------------------------------------------------------------------

@@ -127,9 +127,7 @@ def gate_int8(ctx, options) -> dict:
     xml = ctx.out_dir / INT8_FILE
     ov.save_model(qm, str(xml), compress_to_fp16=False)
     weights = xml.with_suffix(".bin")
-    from peft_export.export.cpu_gate import entry
-
-    return {**entry(fig, ctx.threshold), **common, "file": xml.name, "file_sha256": sha256_file(xml),
+    return {**ctx.entry(fig), **common, "file": xml.name, "file_sha256": sha256_file(xml),
             "weights": weights.name, "weights_sha256": sha256_file(weights), "quantized_nodes": len(order) - hi,
             "float_nodes": [{"node": n, "relative_error": round(sens[n], 5)} for n in order[:hi]],
             "_compiled": compiled}

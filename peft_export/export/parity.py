@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from peft_export.export.options import Thresholds
 from peft_export.imaging import (
     PreprocessSpec,
     normalize_and_pad,
@@ -39,17 +40,6 @@ from peft_export.imaging import (
 from peft_export.memo import Memo
 from peft_export.metrics import mask_ious
 from peft_export.models.prompt_decoder import PromptDecoder
-
-
-@dataclass
-class Thresholds:
-    atol: float = 1e-4
-    rtol: float = 1e-4
-    fp16_iou: float = 0.99
-    int8_iou: float = 0.97
-
-    def iou_for(self, precision: str) -> float | None:
-        return {"fp16": self.fp16_iou, "int8": self.int8_iou}.get(precision)
 
 
 @dataclass
@@ -97,10 +87,10 @@ def baked_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.clip(np.round(resize_for_model(image, spec)), 0, 255).astype(np.uint8)
 
 
-def sample_prompts(resized_hw: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+def parity_prompt_sets(resized_hw: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Prompt groups (coords (B, N, 2), labels (B, N)) in model-input pixels; and the prompt count: the merge
     check's boxes and points (N = 2), then two box + point prompts (N = 3)."""
-    from peft_export.peft.merge import sample_prompts as merge_prompts
+    from peft_export.peft.merge import merge_check_prompts as merge_prompts
     from peft_export.prompts import sample_prompts as spread
 
     groups = [merge_prompts(resized_hw), spread(resized_hw, 3, 2, seed=2)]
@@ -131,18 +121,6 @@ def postprocess_torch(low_res: torch.Tensor, img_size: int, original_hw: tuple[i
     rh, rw = resized_shape(original_hw[0], original_hw[1], img_size)
     up = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)[..., :rh, :rw]
     return F.interpolate(up, tuple(original_hw), mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def meta_reference(sam, emb, coords, labels, mask_input, has_mask_input, original_hw, *, single_mask: bool,
-                   multimask: bool):
-    """What ``decoder.onnx`` must compute, in PyTorch: (masks, iou_predictions, low_res_masks)."""
-    dec = PromptDecoder(sam)
-    t = [torch.as_tensor(np.asarray(a, np.float32)) for a in (emb, coords, labels, mask_input, has_mask_input)]
-    lr, iou = dec(*t)
-    if single_mask:
-        lr, iou = select_single(lr, iou, t[1].shape[1], multimask)
-    return postprocess_torch(lr, int(dec.img_size), original_hw).numpy(), iou.numpy(), lr.numpy()
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -227,7 +205,7 @@ def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
     else:
         prep = preprocess(image, spec)
         x, resized_hw, feed_image = prep.tensor, tuple(prep.resized_hw), prep.tensor
-    groups, _ = sample_prompts(resized_hw)
+    groups, _ = parity_prompt_sets(resized_hw)
     h4, w4 = (4 * v for v in sam.prompt_encoder.image_embedding_size)
     dec = PromptDecoder(sam)
     emb = sam.image_encoder(torch.from_numpy(x))

@@ -25,45 +25,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from peft_export.errors import MissingDependencyError, PeftExportError, UsageError, VerificationError, first_line
+from peft_export.errors import MissingDependencyError, PeftExportError, VerificationError, first_line
 from peft_export.export.calibration import CalibrationSets, CalImage
+from peft_export.export.options import Int8Options
 from peft_export.export.sensitivity import OP_TYPES, WEIGHT_QMAX, node_module, node_sensitivity
 from peft_export.imaging import PreprocessSpec
 from peft_export.metrics import mask_ious
 
 if TYPE_CHECKING:  # onnx is imported where graphs are handled: the gate helpers here also serve the torch- and
-    import onnx  # onnx-free CPU gate (peft_export.runtime.cpu_gate)
+    import onnx  # onnx-free CPU gate (peft_export.export.cpu_gate)
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "tensorrt")
-MODES = ("static", "dynamic")
 SENSITIVITY_IMAGES = 2
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    mode: str = "static"  # static: calibrated QDQ; dynamic: activation ranges measured at run time (MatMul)
-    target: str = "cpu"
-    calibration: str | None = None  # None: the checkpoint's training data, else sample:dsb2018
-    calibration_images: int = 16
-    gate_images: int = 8
-    gate_objects: int = 16  # prompts per kind and gate image (evenly chosen over the labelled objects)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"unknown --int8-mode {self.mode!r}; choose static or dynamic")
-        if self.mode == "dynamic" and self.target == "tensorrt":
-            raise UsageError("--int8-mode dynamic runs on ONNX Runtime CPUs only; TensorRT needs --int8-mode static")
-        if self.target not in TARGETS:
-            raise UsageError(f"unknown --int8-target {self.target!r}; choose cpu or tensorrt")
-        if min(self.calibration_images, self.gate_images, self.gate_objects) < 1:
-            raise UsageError("--calibration-images, --gate-images and the gate's objects per image must be >= 1")
 
 
 @dataclass
@@ -97,10 +75,9 @@ class Int8Result:
 
 def encoder_inputs(images: list[CalImage], spec: PreprocessSpec, baked: bool) -> list[tuple[np.ndarray, object]]:
     """(encoder feed, geometry) per image, exactly as the runtime prepares them."""
-    from peft_export.runtime.backend import prepare_input
+    from peft_export.runtime.backend import prepare_image
 
-    be = SimpleNamespace(preprocess=spec, baked=baked)
-    return [prepare_input(be, c.image, name=c.name) for c in images]
+    return [prepare_image(c.image, spec, baked=baked, name=c.name) for c in images]
 
 
 def gate_prompts(image: CalImage, prepared, multimask: bool, max_objects: int = 16

@@ -4,6 +4,10 @@ Needs the optional extra ``peft-export[bioimageio]`` (bioimageio.spec to write t
 to validate it). Running a package needs neither: :mod:`peft_export.runtime.package`.
 """
 
-from peft_export.package.bioimageio import PackageOptions, PackageResult, build_package, validate_package
+from __future__ import annotations
 
-__all__ = ["PackageOptions", "PackageResult", "build_package", "validate_package"]
+from peft_export.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "PackageOptions": "options", "PackageResult": "bioimageio", "build_package": "bioimageio",
+    "validate_package": "bioimageio"})

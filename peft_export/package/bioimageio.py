@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from peft_export.errors import MissingDependencyError, UsageError, VerificationError
+from peft_export.files import clean_stale, crash_point, move_into_place, refuse_inputs, scratch_dir
 from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
+from peft_export.package.options import PackageOptions
 from peft_export.package.readme import render_readme
 from peft_export.runtime.package import MANIFEST_ATTACHMENT
 
@@ -45,19 +46,6 @@ INSTALL = "pip install 'peft-export[bioimageio]'"
 ATOL = RTOL = 1e-4  # the package's graph vs the export's separate graphs (fp32 arithmetic, same operations)
 WARNING_SEVERITY = 30  # bioimageio.spec: 20 info, 30 warning, 35 alert
 STORED_SUFFIXES = (".onnx", ".data")  # float weights barely compress: stored, so tools read them without inflating
-
-
-@dataclass
-class PackageOptions:
-    authors: list[str] = field(default_factory=list)
-    github_user: str | None = None  # the first author's GitHub name (the zoo's maintainer contact)
-    name: str | None = None
-    license: str | None = None  # SPDX id; default: the base weights' licence
-    tags: tuple[str, ...] = ()
-    test_image: str | None = None  # an image file; None: the DSB2018 validation tile (sample:dsb2018)
-    allow_unverified: bool = False
-    validate: bool = True  # run bioimageio.core's test of the package before writing it
-    force: bool = False
 
 
 @dataclass
@@ -90,6 +78,7 @@ def check_request(export_dir: Path, output: Path, options: PackageOptions) -> Ma
     """Everything that can be refused before any work, one line each."""
     if output.suffix.lower() != ".zip":
         raise UsageError(f"the package must be a .zip file, got {output.name}")
+    refuse_inputs([output], [export_dir, options.test_image], replaces=True)
     if output.exists() and not options.force:
         raise UsageError(f"output {output} already exists; pass --force to overwrite it")
     if output.is_dir():
@@ -178,11 +167,6 @@ def _loc(loc) -> str:
     return f"{'.'.join(map(str, loc))}: " if loc else ""
 
 
-def _make_tmp(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-
-
 def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, options: PackageOptions | None = None,
                   *, progress=None) -> PackageResult:
     """Build, check and write the package; see the module docstring. ``progress(message)`` reports each step."""
@@ -193,8 +177,8 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
     require_spec()
     sample = content.load_test_image(options.test_image)  # a missing sample fails before any work
     kind, seconds = package_kind(manifest), {}
-    tmp = _make_tmp(output)
-    try:
+    clean_stale(output.parent)  # what a killed run left beside OUTPUT
+    with scratch_dir(output) as tmp:  # beside OUTPUT: the finished zip is renamed into place
         stage = tmp / "package"
         stage.mkdir()
         t0 = time.perf_counter()
@@ -219,8 +203,9 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
         spec_descr.save_rdf(descr, stage)
         tmp_zip = tmp / output.name
         files = zip_folder(stage, tmp_zip)
+        crash_point(f"zipped {output.name}")
         validation = None
-        if options.validate:
+        if options.validate_package:
             say("bioimageio.core: testing the package")
             t0 = time.perf_counter()
             validation = validate_package(tmp_zip)
@@ -228,7 +213,5 @@ def build_package(export_dir: str | os.PathLike, output: str | os.PathLike, opti
             if validation["status"] != "passed":
                 first = (validation["errors"] or ["see the report"])[0]
                 raise VerificationError(f"bioimageio.core's test of the package failed: {first}; nothing written")
-        os.replace(tmp_zip, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_into_place(tmp_zip, output)
     return PackageResult(output, kind, facts.name, files, own, validation, seconds)

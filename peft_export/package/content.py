@@ -78,7 +78,7 @@ def prompted_labels(export_dir: Path, manifest: Manifest, square: np.ndarray, la
         boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
     if not boxes:
         return None
-    seg = Segmenter(backend=OnnxBackend(export_dir, manifest=manifest))
+    seg = Segmenter(OnnxBackend(export_dir, manifest))
     seg.set_image(square)
     return seg.predict_labels(boxes=np.asarray(boxes, np.float32))[0]
 
@@ -99,8 +99,8 @@ def reference_output(export_dir: Path, manifest: Manifest, test_input: np.ndarra
     from peft_export.runtime.backend import prepare_input
     from peft_export.runtime.onnx_backend import OnnxBackend, ort_session
 
-    backend = OnnxBackend(export_dir, manifest=manifest)
-    image = test_input if backend.baked else test_input[0].transpose(1, 2, 0)
+    backend = OnnxBackend(export_dir, manifest)
+    image = test_input if backend.info.baked_preprocessing else test_input[0].transpose(1, 2, 0)
     x, _ = prepare_input(backend, image)
     embedding = backend.embed(x)
     if kind != "instance":
@@ -133,12 +133,12 @@ def instance_labels(maps: np.ndarray, settings: dict | None = None) -> np.ndarra
     """Instance labels from (3, S, S) maps with the runtime's watershed (``settings``: its parameters); where
     that module is missing, connected components of foreground > 0.5 (only ever used for the cover picture)."""
     try:
-        from peft_export.runtime.instances import InstanceConfig, maps_to_instances
+        from peft_export.runtime.instances import InstanceOptions, maps_to_instances
     except ImportError:
         from scipy import ndimage
 
         return ndimage.label(maps[0] > 0.5)[0]
-    return maps_to_instances(maps, InstanceConfig.from_dict(settings))
+    return maps_to_instances(maps, InstanceOptions.from_dict(settings))
 
 
 def cover_image(square: np.ndarray, kind: str, output: np.ndarray, pca: np.ndarray | None = None,

@@ -85,12 +85,10 @@ without `orig_im_size` (all four low-resolution masks).{mask0}
 def _run_section(f: ReadmeFacts) -> str:
     pre = _numpy_preprocessing(f)
     if f.kind == "instance":
-        ours = ("labels = pkg.segment_instances(image)   # maps + the watershed above\n"
-                "maps = pkg.predict(image)               # (3, H, W) at the image size")
+        ours = "labels = seg.segment()                  # the maps + the watershed above"
         cli = "peft-export predict model.zip cells.tif --auto -o labels.tif"
     else:
-        ours = ("seg = pkg.segmenter()                   # prompts, as with an export folder\n"
-                "seg.set_image(image); out = seg.predict(boxes=[[x0, y0, x1, y1]])")
+        ours = "out = seg.predict(boxes=[[x0, y0, x1, y1]])   # prompts, as with an export folder"
         cli = "peft-export predict model.zip cells.tif --boxes boxes.json -o labels.tif"
     return f"""## How to run it
 
@@ -109,8 +107,9 @@ bioimage.io tools: `bioimageio test model.zip` reproduces the test output; in Py
 peft-export (no PyTorch needed): `{cli}`, or
 
 ```python
-from peft_export.runtime.package import open_package
-pkg = open_package("model.zip")
+from peft_export.runtime import Segmenter
+seg = Segmenter("model.zip")                # large images are tiled, as with an export folder
+seg.set_image(image)
 {ours}
 ```
 """

@@ -71,9 +71,9 @@ def instance_settings(manifest: Manifest) -> dict:
     extra = (manifest.extra or {}).get("instance_decoder") or {}
     recorded = extra.get("postprocessing") or extra.get("defaults") or {}
     try:
-        from peft_export.runtime.instances import InstanceConfig
+        from peft_export.runtime.instances import InstanceOptions
 
-        return InstanceConfig.from_dict(recorded).to_dict()
+        return InstanceOptions.from_dict(recorded).to_dict()
     except ImportError:
         return dict(recorded)
 
@@ -110,7 +110,7 @@ def write_files(stage: Path, manifest: Manifest, kind: str, square: np.ndarray, 
         test_image=sample.description, own_check={}, weights_file="model.onnx" if kind == "instance" else
         "encoder.onnx", postprocessing=post, cites=docs.citations(manifest, kind, sample.name),
         license=f"{lic} ({docs.LICENSE_NOTES.get(manifest.model, 'random test weights')})",
-        validated=bool(options.validate))
+        validated=bool(options.validate_package))
     (stage / "README.md").write_text(render_readme(readme))
     return Facts(name, lic, _batch_of(manifest), pre, pre_text, post, sample.description, sample.name, readme)
 

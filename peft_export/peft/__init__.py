@@ -11,21 +11,12 @@ torch-free option declarations (:mod:`peft_export.peft.options`) serve the CLI w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peft_export.lazy import lazy_exports
 
-_HOME = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "METHODS": "core", "apply_peft": "core", "apply_peft_config": "core", "count_parameters": "core",
     "get_method": "core", "is_mergeable": "core", "merge_peft": "core", "peft_state": "core",
     "NotMergeableError": "base", "PeftMethod": "base",
     "PeftConfig": "options", "OPTIONS": "options",
     "resolve_placement": "placement",
-}
-
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+})

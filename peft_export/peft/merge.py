@@ -50,7 +50,7 @@ def sample_input(spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]
     return prepared.tensor, name, prepared.resized_hw
 
 
-def sample_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def merge_check_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Three boxes and two single points (with padding) spread over the image, in model-input pixels."""
     from peft_export.prompts import pad_points
     from peft_export.prompts import sample_prompts as spread
@@ -66,7 +66,7 @@ def compare_models(a: Sam, b: Sam, spec: PreprocessSpec) -> dict:
     x, name, resized = sample_input(spec)
     xt = torch.from_numpy(x)
     ea, eb = a.image_encoder(xt), b.image_encoder(xt)
-    coords, labels = (torch.from_numpy(v) for v in sample_prompts(resized))
+    coords, labels = (torch.from_numpy(v) for v in merge_check_prompts(resized))
     h, w = a.prompt_encoder.image_embedding_size
     mask_in = torch.zeros(len(coords), 1, 4 * h, 4 * w)
     has = torch.zeros(len(coords))
@@ -127,16 +127,20 @@ def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: Merge
 
 def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: float = DEFAULT_ATOL,
                   rtol: float = DEFAULT_RTOL) -> tuple[dict, MergeReport | None]:
-    """Merge a loaded training checkpoint (:func:`peft_export.models.loading.load_for_merge`) into ``output``:
+    """Merge a loaded training checkpoint (:func:`peft_export.loading.load_for_merge`) into ``output``:
     verified plain SAM weights + sidecar, and ``<stem>.decoder.pt`` (``{"decoder_state": ...}``, micro-sam's key)
     when the checkpoint holds an instance decoder. A method that cannot be folded (AdaptFormer) is written as a
     peft-export checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
     from peft_export.data.io import atomic_write
+    from peft_export.data.samples import sha256_file
+    from peft_export.files import clean_stale
     from peft_export.models.checkpoint import save_checkpoint
 
+    check_merge_output(output, checkpoint)
+    clean_stale(Path(output).parent)
     state = peft_state(loaded.model)
-    src = {"checkpoint": str(Path(checkpoint).resolve()), "kind": loaded.checkpoint.kind,
-           "peft": state.config.to_dict() if state else None}
+    src = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+           "kind": loaded.checkpoint.kind, "peft": state.config.to_dict() if state else None}
     decoder = loaded.checkpoint.decoder_state
     if not is_mergeable(loaded.model):
         extra = {"source": src, **({"decoder_state": decoder} if decoder is not None else {})}
@@ -155,6 +159,14 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
     how = state.config.describe() if state else "no PEFT method (weights copied)"
     return {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True, "model": loaded.spec.name,
             "how": how, "verification": report.to_dict(), "instance_decoder": src.get("instance_decoder")}, report
+
+
+def check_merge_output(output: str | Path, checkpoint: str | Path) -> None:
+    """The merged weights, their sidecar and decoder file must not be (links to) the checkpoint read: refused even
+    with --force (:func:`peft_export.files.refuse_inputs`)."""
+    from peft_export.files import refuse_inputs
+
+    refuse_inputs([output, sidecar_path(output), decoder_path(output)], [checkpoint, sidecar_path(checkpoint)])
 
 
 def decoder_path(path: str | Path) -> Path:

@@ -24,24 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ValidationError, create_model
 
 from peft_export.errors import UsageError
+from peft_export.options import Options, option, split_commas
 
 
-class PeftOptions(BaseModel):
+class PeftOptions(Options):
     """Base of every method's options (a method without options uses it as it is)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-
-def option(default: Any, help: str, *, cli: str | None = None, **constraints: Any) -> Any:
-    """One option: default, help text, CLI name where it differs from ``--<field>``, pydantic constraints."""
-    return Field(default, description=help, json_schema_extra={"cli": cli} if cli else None, **constraints)
-
-
-def split_commas(value: Any) -> Any:
-    return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+    family = "PEFT"
+    panel = "PEFT"
 
 
 # ---- the options of each method ---------------------------------------------------------------------------
@@ -103,15 +96,11 @@ def parse_options(method: str, values: dict[str, Any]) -> PeftOptions:
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        errors = exc.errors()
-        name = str(errors[0]["loc"][0])
-        why = " or ".join(dict.fromkeys(e["msg"] for e in errors if e["loc"][:1] == (name,)))
-        raise UsageError(f"{method} option {_flag(cls, name)}: {why} (got {errors[0]['input']!r})") from None
+        raise UsageError(f"{method} option {cls.error_line(exc)}") from None
 
 
 def _flag(cls: type[PeftOptions], name: str) -> str:
-    extra = cls.model_fields[name].json_schema_extra
-    return extra["cli"] if isinstance(extra, dict) and "cli" in extra else "--" + name.replace("_", "-")
+    return cls.flag_of(name).split("/")[0]
 
 
 # ---- the command line and the training configuration ------------------------------------------------------
@@ -160,6 +149,46 @@ def cli_options() -> list[CliOption]:
 def config_keys() -> dict[str, type]:
     """Training-configuration key -> its value type (the CLI type)."""
     return {o.key: o.type for o in cli_options()}
+
+
+METHOD_HELP = f"PEFT method: {', '.join(OPTIONS)}."
+BLOCKS_HELP = ("Encoder blocks that get the method: all, late:N (last N), late:50%, 6-11, 0,3,9. "
+               "Indices count ViT blocks, or TinyViT's attention blocks.")
+
+
+def method_name(value: Any) -> Any:
+    if value is not None:
+        options_class(str(value))
+    return value
+
+
+def selection_fields(method: str | None, blocks: str | None, *, unset: str | None = None) -> dict[str, tuple]:
+    """Field definitions (``pydantic.create_model`` form) of ``--peft``, ``--blocks`` and every method option, for
+    a family that chooses a PEFT method: the training options, the PEFT settings ``merge`` takes for checkpoints
+    that do not record them. ``method``/``blocks``: their defaults (None: ``unset`` is what --help shows)."""
+    from pydantic import AfterValidator
+
+    kind = Annotated[str, AfterValidator(method_name)]
+    fields: dict[str, tuple] = {
+        "peft": (kind if method else kind | None, option(method, METHOD_HELP, panel="PEFT", default_text=unset)),
+        "blocks": (str if blocks else str | None, option(blocks, BLOCKS_HELP, panel="PEFT", default_text=unset)),
+    }
+    as_text = Annotated[str, BeforeValidator(_as_text)]  # lists, choices and unions: the command line's text
+    for opt in cli_options():  # one field per option key; None: the method's own default (listed in the help)
+        cli = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
+        kind = as_text if opt.type is str else opt.type
+        fields[opt.key] = (kind | None, option(None, opt.help, cli=cli, panel="PEFT"))
+    return fields
+
+
+def _as_text(value: Any) -> Any:
+    """A configuration file's list or number as the text the command line gives (the method's own options class
+    checks it)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def select_options(method: str, values: dict[str, Any], warn: Callable[[str], None] | None = None) -> dict:
@@ -211,3 +240,17 @@ class PeftConfig:
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.method}({opts}) on blocks {self.placement}" if opts else f"{self.method} on {self.placement}"
+
+
+class _PeftSettings(Options):
+    family = "PEFT"
+    panel = "PEFT"
+
+    def method_options(self) -> dict[str, Any]:
+        """The method options given (by key)."""
+        return {k: v for k in config_keys() if (v := getattr(self, k)) is not None}
+
+
+# `merge` / `merge-and-export`: the PEFT settings of checkpoints that do not record them (micro-sam's)
+PeftOverride = create_model("PeftOverride", __base__=_PeftSettings, __module__=__name__,
+                            **selection_fields(None, None, unset="as recorded in the checkpoint"))

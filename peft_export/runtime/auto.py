@@ -14,25 +14,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import ConfigDict
 
+from peft_export.data.samples import relabel_sequential
 from peft_export.imaging import upscale_masks
+from peft_export.options import Options, option
 from peft_export.prompts import pad_points
 from peft_export.runtime.pieces import crop_piece, merge_pieces
 
 
-@dataclass(frozen=True)
-class AutoConfig:
-    points_per_side: int = 32
-    batch_size: int = 64
-    pred_iou_thresh: float = 0.8
-    stability_thresh: float = 0.9
-    stability_offset: float = 1.0
-    nms_iou: float = 0.5
-    min_area: int = 10
-    skip_covered: bool = True
+class GridOptions(Options):
+    """The point-grid strategy's settings (SAM's automatic mask generator, simplified)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    family = "grid"
+    panel = "Automatic segmentation: grid"
+
+    points_per_side: int = option(32, "Grid points per side (of each tile when tiled).", ge=1)
+    points_per_batch: int = option(64, "Grid points per prompt-decoder call.", ge=1)
+    pred_iou_thresh: float = option(0.8, "Minimum predicted IoU of a mask.", ge=0, le=1)
+    stability_thresh: float = option(0.9, "Minimum stability score of a mask.", ge=0, le=1)
+    stability_offset: float = option(1.0, "Logit offset of the stability score.", gt=0)
+    nms_iou: float = option(0.5, "Masks overlapping a better one by more than this IoU are dropped.", ge=0, le=1)
+    min_area: int = option(10, "Smallest object in pixels.", ge=0)
+    skip_covered: bool = option(True, "Skip grid points inside a mask already found (dense images need far fewer "
+                                "decoder calls).")
 
 
 def point_grid(h: int, w: int, n: int) -> np.ndarray:
@@ -50,23 +57,7 @@ def stability_scores(low: np.ndarray, valid_hw: tuple[int, int], offset: float) 
     return np.where(lo > 0, hi / np.maximum(lo, 1), 0.0)
 
 
-def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
-    """Indices kept by greedy NMS on mask IoU (highest score first)."""
-    order = np.argsort(-scores, kind="stable")
-    flat = masks.reshape(len(masks), -1)
-    areas = flat.sum(1)
-    kept: list[int] = []
-    for i in order:
-        if kept:
-            inter = (flat[kept] & flat[i]).sum(1)
-            union = areas[kept] + areas[i] - inter
-            if (inter / np.maximum(union, 1) > iou_thresh).any():
-                continue
-        kept.append(int(i))
-    return np.array(kept, dtype=np.int64)
-
-
-def grid_points(plan, cfg: AutoConfig) -> tuple[np.ndarray, np.ndarray]:
+def grid_points(plan, cfg: GridOptions) -> tuple[np.ndarray, np.ndarray]:
     """Grid points in scaled-image pixels and the tile of each: the image's grid (untiled), or a grid of
     ``points_per_side`` per tile side over the whole image, each point in the tile whose core holds it."""
     h, w = plan.scaled_hw
@@ -80,20 +71,20 @@ def grid_points(plan, cfg: AutoConfig) -> tuple[np.ndarray, np.ndarray]:
     return pts, plan.grid.core_index(pts[:, 1], pts[:, 0])
 
 
-def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.ndarray, cfg: AutoConfig,
+def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.ndarray, cfg: GridOptions,
                      pieces: list, progress) -> None:
     """Decode tile ``t``'s grid points (scaled-image pixels) and add the masks that pass the filters."""
     plan = seg.plan
     tile, geo = plan.tiles[t], plan.geometry[t]
     y0, _, x0, _ = tile.window
     wh, ww = tile.hw
-    mask_hw = seg.backend_mask_size()
+    mask_hw = seg.info.mask_input_size
     valid_low = (max(1, geo.resized_hw[0] * mask_hw[0] // geo.img_size),
                  max(1, geo.resized_hw[1] * mask_hw[1] // geo.img_size))
     edges = plan.grid.interior_edges(tile) if plan.tiled else (False,) * 4
-    outs = range(1, 4) if seg.multimask else range(1)
-    for s in range(0, max(len(pts), 1), cfg.batch_size):
-        batch = pts[s: s + cfg.batch_size]
+    outs = range(1, 4) if seg.info.multimask else range(1)
+    for s in range(0, max(len(pts), 1), cfg.points_per_batch):
+        batch = pts[s: s + cfg.points_per_batch]
         if cfg.skip_covered and len(batch):
             xi = np.clip(batch[:, 0].astype(int), 0, covered.shape[1] - 1)
             yi = np.clip(batch[:, 1].astype(int), 0, covered.shape[0] - 1)
@@ -117,40 +108,37 @@ def _tile_candidates(seg, t: int, emb: np.ndarray, pts: np.ndarray, covered: np.
             progress(1)
 
 
-def segment_everything(segmenter, config: AutoConfig | None = None, progress=None) -> np.ndarray:
-    """Instance label image (int32, 0 = background) of the segmenter's current image, at its original size.
+class GridStrategy:
+    """Strategy ``grid`` (:mod:`peft_export.runtime.strategies`)."""
 
-    ``progress(1)`` is called per batch of grid points (untiled) or per tile (tiled): see :func:`auto_steps`."""
-    cfg = config or AutoConfig()
-    seg = segmenter
-    plan = seg._require_plan()
-    pts, owner = grid_points(plan, cfg)
-    covered = np.zeros(plan.scaled_hw, bool)
-    pieces: list = []
-    n = len(plan.grid)
-    for s in range(0, n, seg.batch_size):
-        group = list(range(s, min(n, s + seg.batch_size)))
-        embs = seg.tile_embeddings(group)  # one encoder batch per group of tiles
-        for j, t in enumerate(group):
-            _tile_candidates(seg, t, embs[j:j + 1], pts[owner == t], covered, cfg, pieces, progress)
-            if progress is not None and plan.tiled:
-                progress(1)
-        seg._emb.release(group)  # never needed again by this pass (kept if they were computed eagerly: no-op)
-    if not pieces:
-        return np.zeros(plan.original_hw, np.int32)
-    labels = merge_pieces(pieces, plan.scaled_hw, cfg.nms_iou, plan.grid if plan.tiled else None)
-    from peft_export.data.samples import relabel_sequential
+    name = "grid"
+    description = "a grid of point prompts"
 
-    return relabel_sequential(plan.to_original(labels)).astype(np.int32)
+    def __init__(self, options):
+        self.cfg: GridOptions = options.grid
 
+    def steps(self, image) -> int:
+        """``segment`` calls ``progress(1)`` per batch of grid points (untiled) or per tile (tiled)."""
+        if image.plan.tiled:
+            return len(image.plan.grid)
+        return -(-self.cfg.points_per_side ** 2 // self.cfg.points_per_batch)
 
-def n_batches(config: AutoConfig | None = None) -> int:
-    cfg = config or AutoConfig()
-    n = cfg.points_per_side ** 2
-    return (n + cfg.batch_size - 1) // cfg.batch_size
-
-
-def auto_steps(segmenter, config: AutoConfig | None = None) -> int:
-    """How many ``progress`` calls :func:`segment_everything` makes on the current image."""
-    plan = segmenter._require_plan()
-    return len(plan.grid) if plan.tiled else n_batches(config)
+    def segment(self, image, progress=None) -> np.ndarray:
+        """Instance label image (int32, 0 = background) of the image, at its original size."""
+        cfg, plan = self.cfg, image.plan
+        pts, owner = grid_points(plan, cfg)
+        covered = np.zeros(plan.scaled_hw, bool)
+        pieces: list = []
+        n = len(plan.grid)
+        for s in range(0, n, image.batch_size):
+            group = list(range(s, min(n, s + image.batch_size)))
+            embs = image.tile_embeddings(group)  # one encoder batch per group of tiles
+            for j, t in enumerate(group):
+                _tile_candidates(image, t, embs[j:j + 1], pts[owner == t], covered, cfg, pieces, progress)
+                if progress is not None and plan.tiled:
+                    progress(1)
+            image.release(group)  # never needed again by this pass (kept if they were computed eagerly: no-op)
+        if not pieces:
+            return np.zeros(plan.original_hw, np.int32)
+        labels = merge_pieces(pieces, plan.scaled_hw, cfg.nms_iou, plan.grid if plan.tiled else None)
+        return relabel_sequential(plan.to_original(labels)).astype(np.int32)

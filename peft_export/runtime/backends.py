@@ -1,81 +1,157 @@
-"""Opening a backend: an export folder with ONNX Runtime, OpenVINO or TensorRT, or (for evaluation) a PyTorch model.
+"""Opening a model for the runtime: one opener for export folders and bioimage.io packages, one registry of
+backends. Torch-free.
 
-This module never imports torch itself: the PyTorch backend is imported only when a checkpoint or zoo model
-is evaluated.
+    backend = open_model("export_dir/")                    # --backend auto: the fastest one present here
+    backend = open_model("model.zip", RuntimeOptions(backend="onnxruntime"))
+
+Adding a backend is one file (a class with ``info``, ``embed``, ``decode``, ``instance_maps``, and the two class
+methods below) and one line in :data:`BACKENDS`. Its module is imported only when it is chosen or asked whether
+it can run (optional dependencies stay optional):
+
+- ``Cls.unavailable(folder, manifest) -> str | None``: why it cannot run this export here (None: it can);
+- ``Cls.open(folder, manifest, options) -> Backend``.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from peft_export.errors import UsageError
+from pydantic import AfterValidator
 
-RUNTIME_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-EVALUATION_BACKENDS = ("auto", "torch", *RUNTIME_BACKENDS)
+from peft_export.errors import DataError, UsageError
+from peft_export.manifest import MANIFEST_NAME, not_an_export, read_manifest
+from peft_export.options import Options, option
 
+log = logging.getLogger(__name__)
 
-def open_backend(out_dir: str | os.PathLike, backend: str = "onnxruntime", providers: list[str] | None = None,
-                 openvino=None):
-    """A runtime backend for an export folder (``auto``: the fastest installed, see runtime/backend_choice.py;
-    ``openvino``: an ``OpenVinoOptions`` for the OpenVINO backend)."""
-    if backend == "auto":
-        from peft_export.runtime.backend_choice import auto_backend
-
-        backend = auto_backend(out_dir)[0]
-    if backend == "openvino":
-        from peft_export.runtime.openvino_backend import OpenVinoBackend, OpenVinoOptions
-
-        return OpenVinoBackend(out_dir, **(openvino or OpenVinoOptions()).model_dump())
-    if backend == "onnxruntime":
-        from peft_export.runtime.onnx_backend import OnnxBackend
-
-        return OnnxBackend(out_dir, providers)
-    if backend == "tensorrt":
-        from peft_export.runtime.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(out_dir)
-    raise UsageError(f"unknown runtime backend {backend!r}; choose auto, onnxruntime, openvino or tensorrt")
+# name -> "module:Class", in the order ``--backend auto`` prefers them (the first that can run the export wins, see
+# choose_backend for the measured exceptions)
+BACKENDS: dict[str, str] = {
+    "tensorrt": "peft_export.runtime.tensorrt_backend:TensorRTBackend",
+    "openvino": "peft_export.runtime.openvino_backend:OpenVinoBackend",
+    "onnxruntime": "peft_export.runtime.onnx_backend:OnnxBackend",
+}
+# OpenVINO's inference precisions (peft_export.runtime.openvino_backend): reduced ones only after `peft-export cpu-gate`
+OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "bf16-mixed", "int8")
 
 
-def is_export_folder(model: str | os.PathLike) -> bool:
-    """Whether ``model`` names an export folder (a manifest, or at least ONNX files) rather than a model."""
-    from peft_export.manifest import MANIFEST_NAME
+def _backend_name(value: str) -> str:
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"unknown backend {value!r}; choose auto or {', '.join(BACKENDS)}")
+    return value
 
-    p = Path(model)
+
+class RuntimeOptions(Options):
+    """Which backend runs an export, and how (predict, evaluate, embed, the napari plugin)."""
+
+    family = "runtime"
+    panel = "Runtime"
+
+    backend: Annotated[str, AfterValidator(_backend_name)] = option(
+        "auto", f"auto (the fastest backend present here that can run the export), or {', '.join(BACKENDS)}.")
+    batch_size: int | None = option(
+        None, "Tiles per encoder call. Older exports without a batch axis run one at a time.", ge=1,
+        default_text="1 on a CPU (batches gained at most ~5% there, for several times the memory), 4 on a GPU")
+    providers: list[str] | None = option(None, "ONNX Runtime execution providers (Python API).", cli=False)
+    threads: int | None = option(None, "Intra-op threads of the backend (Python API).", ge=1, cli=False)
+    inference_precision: Literal[OPENVINO_PRECISIONS] = option(
+        "auto", "OpenVINO backend: the inference precision. auto: the fastest option that passed the export's CPU "
+        "gate (`peft-export cpu-gate`) and that this CPU runs, else f32; bf16 and bf16-mixed need AVX512-BF16 or "
+        "AMX; reduced precisions only after the gate.")
+    openvino_cache: str = option(
+        "user", "OpenVINO backend: where compiled models are cached. user (~/.cache/peft-export/openvino/<encoder "
+        "sha256>), beside (EXPORT/.openvino_cache), off, or a folder.")
+
+
+def backend_class(name: str) -> Any:
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an export folder (a manifest, or at least ONNX files) rather than a model."""
+    p = Path(path)
     return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob("*.onnx")))
 
 
-def make_backend(model: str, checkpoint: str | None, backend: str = "auto", device: str = "auto", openvino=None):
-    """A backend for evaluation and a description of it: PyTorch for checkpoints and zoo names, a runtime backend
-    (``auto``: the fastest installed, runtime/backend_choice.py) for export folders. Returns (backend, description
-    dict)."""
-    if backend not in EVALUATION_BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(EVALUATION_BACKENDS)}")
-    export = is_export_folder(model)
-    if backend == "auto" and not export:
-        backend = "torch"
-    if export:
-        from peft_export.runtime.backend_choice import runtime_summary
 
-        if backend == "torch":
-            raise UsageError(f"{model} is an export folder: evaluate it with --backend onnxruntime, openvino or "
-                             "tensorrt")
-        if checkpoint is not None:
-            raise UsageError("--checkpoint does not apply to an export folder")
-        be = open_backend(model, backend, openvino=openvino)
-        m = be.manifest
-        return be, {"model": m.model, "source": str(model), "peft": m.source.get("peft"), "backend": be.name,
-                    "precision": m.precision, "runtime": runtime_summary(be)}
-    if backend != "torch":
-        raise UsageError(f"--backend {backend} runs export folders; export {model} first "
-                         "(peft-export export / merge-and-export) or use --backend torch")
-    from peft_export.devices import resolve_device
-    from peft_export.models.loading import load_model
-    from peft_export.models.torch_backend import TorchBackend
 
-    loaded = load_model(model, checkpoint)
-    be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask,
-                      instance_decoder=loaded.instance_decoder)  # evaluate --auto with a checkpoint's decoder
-    return be, {"model": loaded.spec.name, "source": loaded.source, "peft": loaded.peft, "backend": "torch",
-                "precision": "fp32"}
+def _ort_has_cuda() -> bool:
+    """An ONNX Runtime build with the CUDA provider and a GPU device node (onnxruntime is not imported when absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    from peft_export.runtime.onnx_backend import _import_ort, default_providers
+
+    return "CUDAExecutionProvider" in default_providers(_import_ort())
+
+
+def auto_passes_over(name: str, manifest) -> str | None:
+    """Why ``--backend auto`` passes over a backend that could run the export (None: it does not). Measured
+    choices (benchmarks/cpu_backends.py, docs/how-to/cpu-speed.md): OpenVINO ran the fp32 LiteMedSAM encoder at
+    0.80-0.87x of ONNX Runtime's latency on a CPU even in f32, but an fp16 / int8 export's gate was measured with
+    ONNX Runtime, and on a GPU machine ONNX Runtime with CUDA runs it."""
+    if name != "openvino":
+        return None
+    if manifest.precision != "fp32":
+        return f"a {manifest.precision} export (its gate was measured with ONNX Runtime)"
+    if _ort_has_cuda():
+        return "an NVIDIA GPU with ONNX Runtime's CUDA provider"
+    return None
+
+
+def choose_backend(folder: Path, manifest, name: str) -> tuple[str, str]:
+    """(backend, why). ``auto``: the first registered backend that can run the export here (and that
+    :func:`auto_passes_over` keeps); a named one must be able to."""
+    if name != "auto":
+        why = backend_class(name).unavailable(folder, manifest)
+        if why:
+            raise UsageError(f"--backend {name}: {why}")
+        return name, "asked for"
+    reasons = {}
+    for candidate in BACKENDS:
+        why = backend_class(candidate).unavailable(folder, manifest) or auto_passes_over(candidate, manifest)
+        if not why:
+            passed = "; ".join(f"not {k}: {v}" for k, v in reasons.items() if k != "tensorrt")
+            return candidate, f"auto ({passed})" if passed else "auto (the first that can run it here)"
+        reasons[candidate] = why
+    raise UsageError("no backend can run this export here: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+
+
+def explain_run(info) -> str:
+    """One line for the command line: which backend runs, why, and in what arithmetic."""
+    d = info.details
+    chosen = f" ({d['chosen']})" if d.get("chosen") else ""
+    text = f"backend {info.name}{chosen}: {info.precision} graphs, computing in {info.compute}"
+    if "why" in d:  # OpenVINO: why this inference precision
+        text += f" ({d['why']})"
+    return text
+
+
+def open_model(source: str | os.PathLike, options: RuntimeOptions | None = None):
+    """A runtime backend for an export folder or a bioimage.io package (every file verified by its sha256)."""
+    from peft_export.runtime.package import is_package, package_backend
+
+    opts = options or RuntimeOptions()
+    path = Path(source)
+    if is_package(path):
+        if opts.backend not in ("auto", "onnxruntime"):
+            raise UsageError(f"a bioimage.io package runs with ONNX Runtime, not {opts.backend}")
+        return package_backend(path, opts.providers, opts.threads)
+    if not path.is_dir() or not (path / MANIFEST_NAME).is_file():
+        raise DataError(not_an_export(path))  # a checkpoint or a run folder: says how to export it
+    manifest = read_manifest(path)
+    name, why = choose_backend(path, manifest, opts.backend)
+    if opts.inference_precision != "auto" and name != "openvino":
+        raise UsageError(f"--inference-precision {opts.inference_precision} applies to the OpenVINO backend, and "
+                         f"{name} runs this export ({why}): use --backend openvino")
+    backend = backend_class(name).open(path, manifest, opts)
+    log.debug("backend %s: %s", name, why)
+    backend.info = replace(backend.info, details={**backend.info.details, "chosen": why})
+    return backend

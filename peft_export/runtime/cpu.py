@@ -81,3 +81,14 @@ def _read_cpuinfo() -> tuple[str, set[str]]:
             if model and flags:
                 break
     return model, flags
+
+
+def describe_run(info) -> dict:
+    """What ran, for run summaries: the backend's ``info.describe()`` (backend, stored precision, compute
+    precision, its details), plus, on a CPU, the CPU model, kind and flags (``info.details["cpu"]`` when the
+    backend recorded them)."""
+    out = info.describe()
+    if not info.on_gpu and "cpu" not in out:
+        features = cpu_features()
+        out["cpu"] = {k: features[k] for k in ("model", "kind", "flags")}
+    return out

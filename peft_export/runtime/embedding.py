@@ -19,7 +19,7 @@ import numpy as np
 
 from peft_export.errors import DataError
 from peft_export.imaging import (
-    Prepared,
+    ModelInput,
     PreprocessSpec,
     as_rgb,
     normalize_and_pad,
@@ -33,23 +33,18 @@ from peft_export.runtime.tiling import Tile, TileGrid, Tiling
 log = logging.getLogger(__name__)
 
 
-def encoder_batch(backend) -> int | None:
-    """How many tiles ``backend.embed`` takes at once: 1 for static-batch graphs and backends that do not say,
-    None for any number."""
-    if getattr(backend, "baked", False):
-        return 1  # baked preprocessing: one resized uint8 image per call
-    return getattr(backend, "max_batch", 1)
-
-
-def embed_batched(backend, feeds: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """Embed (1, 3, S, S) inputs (or baked uint8 images) in batches of at most ``batch_size``: (n, C, h, w)."""
-    limit = encoder_batch(backend)
+def embed_batched(backend, feeds: list[np.ndarray], batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Embed (1, 3, S, S) inputs (or baked uint8 images) in batches of at most ``batch_size``: (n, C, h, w);
+    ``progress(k)`` after each call of k inputs."""
+    limit = backend.info.encoder_batch
     step = max(1, batch_size if limit is None else min(batch_size, limit))
-    if step == 1:
-        return np.concatenate([backend.embed(f) for f in feeds])
     out = []
     for s in range(0, len(feeds), step):
-        out.append(backend.embed(np.concatenate(feeds[s: s + step])))
+        chunk = feeds[s: s + step]
+        out.append(backend.embed(chunk[0] if len(chunk) == 1 else np.concatenate(chunk)))
+        if progress is not None:
+            progress(len(chunk))
     return np.concatenate(out)
 
 
@@ -70,9 +65,10 @@ class ImagePlan:
     scaled_hw: tuple[int, int]
     tiled: bool
     grid: TileGrid
-    geometry: list[Prepared]  # per tile: window size -> resized size (tensor not kept)
+    geometry: list[ModelInput]  # per tile: window size -> resized size (tensor not kept)
     img_size: int
     recipe: dict = field(default_factory=dict)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, message): results may be poor
 
     @property
     def tiles(self) -> list[Tile]:
@@ -114,7 +110,7 @@ class ImagePlan:
 
 def plan_image(shape_hw: tuple[int, int], img_size: int, tiling: Tiling, name: str = "image") -> ImagePlan:
     """Whether and how to tile an image of ``shape_hw`` for a model of input size ``img_size``."""
-    tile, halo = tiling.validate(img_size)
+    tile, halo = tiling.sizes(img_size)
     h, w = (int(v) for v in shape_hw)
     scale = tiling.scale if tiling.mode != "off" else 1.0
     scaled = (h, w) if scale == 1.0 else (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
@@ -122,16 +118,37 @@ def plan_image(shape_hw: tuple[int, int], img_size: int, tiling: Tiling, name: s
     if not tiled:
         scaled = (h, w)
         grid = TileGrid.whole((h, w))
-        geometry = [Prepared(np.empty(0, np.float32), (h, w), resized_shape(h, w, img_size), img_size)]
+        geometry = [ModelInput(np.empty(0, np.float32), (h, w), resized_shape(h, w, img_size), img_size)]
         recipe = {"tiled": False, "img_size": img_size}
     else:
         grid = TileGrid.build(scaled, tile, halo)
         f = img_size / tile
-        geometry = [Prepared(np.empty(0, np.float32), t.hw, (min(img_size, int(t.hw[0] * f + 0.5)),
+        geometry = [ModelInput(np.empty(0, np.float32), t.hw, (min(img_size, int(t.hw[0] * f + 0.5)),
                                                             min(img_size, int(t.hw[1] * f + 0.5))), img_size)
                     for t in grid.tiles]
         recipe = {"tiled": True, "tile": tile, "halo": halo, "scale": scale, "img_size": img_size}
-    return ImagePlan(name, (h, w), scaled, tiled, grid, geometry, img_size, recipe)
+    return ImagePlan(name, (h, w), scaled, tiled, grid, geometry, img_size, recipe,
+                     _plan_warnings(name, (h, w), scaled, tiled, tile, img_size))
+
+
+SMALL_FACTOR = 4  # an untiled image enlarged more than this many times is far smaller than the model input
+
+
+def _plan_warnings(name, hw, scaled, tiled, tile, img_size) -> list[tuple[str, str]]:
+    """Where the results will be poor: a tile larger than the image (the image is shrunk like a tile of that
+    size), an image far smaller than the model input (enlarged many times)."""
+    out = []
+    if tiled and tile > max(scaled):
+        f = img_size / tile
+        out.append(("tile", f"{name}: the tile ({tile} px) is larger than the {scaled[1]}x{scaled[0]} image, so the "
+                    f"image is resized by {f:.2g} like a tile of that size (objects {1 / f:.2g}x smaller than at "
+                    f"native resolution); use --tile {img_size} (the model input) unless objects are that large"))
+    if not tiled and max(hw) * SMALL_FACTOR < img_size:
+        f = img_size / max(hw)
+        out.append(("small", f"{name}: the {hw[1]}x{hw[0]} image is far smaller than the model input ({img_size} px)"
+                    f" and is enlarged {f:.0f}x: objects look {f:.0f}x larger than the model saw in training; "
+                    "results will be poor unless they are that small"))
+    return out
 
 
 class TileInputs:
@@ -174,8 +191,10 @@ class TileEmbeddings:
     large images)."""
 
     def __init__(self, backend, inputs: Callable[[int], np.ndarray], n: int, batch_size: int,
-                 stored: np.ndarray | None = None, *, keep: bool = True):
+                 stored: np.ndarray | None = None, *, keep: bool = True,
+                 on_tiles: Callable[[int, int], None] | None = None):
         self.backend, self.inputs, self.n, self.batch_size = backend, inputs, n, batch_size
+        self.on_tiles = on_tiles  # on_tiles(k, n): k more of the image's n tiles embedded (progress)
         self.keep = keep  # False (lazy images): release() may forget tiles
         self._have: dict[int, np.ndarray] = {}
         self.stored = stored  # (n, C, h, w), e.g. memory-mapped from the cache
@@ -188,7 +207,8 @@ class TileEmbeddings:
             return np.asarray(self.stored[idx], np.float32)
         missing = [i for i in dict.fromkeys(idx) if i not in self._have]
         if missing:
-            embs = embed_batched(self.backend, [self.inputs(i) for i in missing], self.batch_size)
+            report = None if self.on_tiles is None else (lambda k: self.on_tiles(k, self.n))
+            embs = embed_batched(self.backend, [self.inputs(i) for i in missing], self.batch_size, report)
             self._have.update(zip(missing, embs))
             self.computed += len(missing)
         return np.stack([self._have[i] for i in idx])

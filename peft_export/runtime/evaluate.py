@@ -25,11 +25,13 @@ import numpy as np
 from scipy import ndimage
 
 from peft_export.data.objects import objects_from_labels
-from peft_export.imaging import Prepared, upscale_masks
+from peft_export.imaging import ModelInput, upscale_masks
 from peft_export.metrics import iou_matrix, mean_segmentation_accuracy
 from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, select_masks
 from peft_export.runtime.pieces import paint, piece_iou, rescale_piece
+from peft_export.runtime.segmenter import Segmenter
+from peft_export.runtime.strategies import AutoOptions
 from peft_export.runtime.tiling import Tiling
 
 PROMPT_TYPES = ("box", "point")
@@ -50,7 +52,7 @@ class PromptResult:
         }
 
 
-def prompts_for(objects, prepared: Prepared, kind: str, multimask: bool = True
+def prompts_for(objects, prepared: ModelInput, kind: str, multimask: bool = True
                 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Model-space prompts (coords, labels) for every object, and whether to use multimask output."""
     n = len(objects)
@@ -62,7 +64,7 @@ def prompts_for(objects, prepared: Prepared, kind: str, multimask: bool = True
     raise ValueError(f"unknown prompt type {kind!r}; choose from {PROMPT_TYPES}")
 
 
-def predict_objects(backend: Backend, embedding: np.ndarray, prepared: Prepared, coords: np.ndarray,
+def predict_objects(backend: Backend, embedding: np.ndarray, prepared: ModelInput, coords: np.ndarray,
                     labels: np.ndarray, multimask: bool, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Masks (N, H, W) bool at the original size and their predicted IoUs (N,)."""
     masks, scores = [], []
@@ -101,15 +103,13 @@ def _prompted(seg, sample, objects, kind: str) -> tuple[list[float], float]:
 
 
 def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMPT_TYPES, *,
-             min_area: int = 1, progress: Callable[[int], None] | None = None, auto_config=None,
+             min_area: int = 1, progress: Callable[[int], None] | None = None, auto: AutoOptions | None = None,
              tiling: Tiling | None = None, batch_size: int | None = None, per_image: list | None = None) -> dict:
     """Evaluate ``backend`` on ``samples`` (objects with ``.image`` and ``.labels``; any iterable, read one at a
     time). ``tiling``: how images are embedded (default: tiled when larger than the model input); ``per_image``:
     a list that receives one record per image. Returns a JSON-able dict {prompt type: figures}."""
-    from peft_export.runtime.segmenter import Segmenter
-
     results = {p: PromptResult() for p in prompts}
-    seg = Segmenter(backend=backend, tiling=tiling, batch_size=batch_size)
+    seg = Segmenter(backend, tiling=tiling, batch_size=batch_size)
     for sample in samples:
         name = getattr(sample, "name", "image")
         plan = seg.set_image(sample.image, name=name)
@@ -118,7 +118,7 @@ def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMP
         record = {"name": name, "objects": len(objects), "tiles": len(plan.grid)}
         for kind in prompts:
             if kind == "auto":
-                pred_labels = seg.segment_everything(config=auto_config)
+                pred_labels = seg.segment(auto)
                 iou = iou_matrix(pred_labels, labels)
                 ious = (iou.max(axis=0) if iou.shape[0] else np.zeros(iou.shape[1])).tolist()
                 msa = mean_segmentation_accuracy(pred_labels, labels)
@@ -135,3 +135,30 @@ def evaluate(backend: Backend, samples: Iterable, prompts: Sequence[str] = PROMP
         if progress is not None:
             progress(1)
     return {kind: r.summary() for kind, r in results.items()}
+
+
+def evaluate_instances(backend: Backend, samples: Sequence, auto: AutoOptions | None = None, *, tiling=None,
+                       batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Automatic segmentation without prompts (the strategy ``auto`` chooses), scored against each sample's labels
+    (see :func:`peft_export.metrics.instance_scores`). ``seconds_after_embedding``: the decoder(s) and
+    post-processing per image."""
+    import time
+
+    from peft_export.metrics import instance_scores, merge_instance_scores
+
+    seg = Segmenter(backend, tiling=tiling, batch_size=batch_size)
+    strategy, why = seg.strategy(auto)
+    per_image = []
+    for sample in samples:
+        name = getattr(sample, "name", "image")
+        t0 = time.perf_counter()
+        seg.set_image(sample.image, name=name)
+        t1 = time.perf_counter()
+        pred = strategy.segment(seg)
+        t2 = time.perf_counter()
+        scores = {"name": name, **instance_scores(pred, sample.labels)}
+        scores["seconds_embedding"], scores["seconds_after_embedding"] = round(t1 - t0, 3), round(t2 - t1, 3)
+        per_image.append(scores)
+        if progress is not None:
+            progress(1)
+    return {"method": strategy.name, "why": why, **merge_instance_scores(per_image), "per_image": per_image}

@@ -15,62 +15,49 @@ scikit-image (micro-sam's ``watershed_from_center_and_boundary_distances``):
 5. Seeded watershed on the boundary-distance map, inside the foreground.
 6. Objects smaller than ``min_size`` pixels are removed; ids are relabelled 1..N.
 
-:func:`segment_instances` runs the whole chain for a :class:`~peft_export.runtime.segmenter.Segmenter` with an
-image set; :func:`evaluate_instances` scores it against instance labels (mSA, precision/recall/F1 at IoU 0.5,
-object counts).
+:class:`InstanceStrategy` runs the whole chain on an embedded image (strategy ``instance`` of
+:mod:`peft_export.runtime.strategies`; ``Segmenter.segment(method="instance")``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
-
 import numpy as np
+from pydantic import ConfigDict
 
-from peft_export.errors import UsageError
+from peft_export.options import Options, option
 
 CHANNELS = ("foreground", "center_distance", "boundary_distance")
-ROLE = "instance_decoder"
-NO_DECODER = ("has no instance decoder ({role}.onnx); make one with `peft-export finetune --instance-decoder ...` "
-              "(or `--instance-decoder-only --model RUN/best.pt` on a finetuned run), then `peft-export "
-              "merge-and-export RUN/best.pt -o DIR`; or use --method grid (point-grid prompts)")
 
 
-@dataclass(frozen=True)
-class InstanceConfig:
-    """Post-processing parameters; the defaults are micro-sam's (``InstanceSegmentationWithDecoder.generate``)."""
+class InstanceOptions(Options):
+    """Post-processing of the instance decoder's maps; the defaults are micro-sam's
+    (``InstanceSegmentationWithDecoder.generate``)."""
 
-    foreground_threshold: float = 0.5  # foreground probability above which a pixel belongs to an object
-    center_distance_threshold: float = 0.5  # seeds: normalised centre distance below this ...
-    boundary_distance_threshold: float = 0.5  # ... and inverted boundary distance below this
-    foreground_smoothing: float = 1.0  # Gaussian sigma (image pixels) on the foreground map; 0: none
-    distance_smoothing: float = 1.6  # Gaussian sigma (image pixels) on both distance maps; 0: none
-    min_size: int = 0  # objects with fewer pixels are removed (0: keep all)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    family = "instance"
+    panel = "Automatic segmentation: instance decoder"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    foreground_threshold: float = option(0.5, "Foreground probability above which a pixel belongs to an object.",
+                                         ge=0, le=1)
+    center_distance_threshold: float = option(0.5, "Seeds: normalised centre distance below this ...", ge=0, le=1)
+    boundary_distance_threshold: float = option(0.5, "... and inverted boundary distance below this.", ge=0, le=1)
+    foreground_smoothing: float = option(1.0, "Gaussian sigma (image pixels) on the foreground map; 0: none.", ge=0)
+    distance_smoothing: float = option(1.6, "Gaussian sigma (image pixels) on both distance maps; 0: none.", ge=0)
+    min_size: int = option(0, "Objects with fewer pixels are removed (0: keep all).", ge=0)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> InstanceConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
-
-    def validate(self) -> InstanceConfig:
-        for name in ("foreground_threshold", "center_distance_threshold", "boundary_distance_threshold"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UsageError(f"{name.replace('_', ' ')} must be in [0, 1], got {getattr(self, name)}")
-        if self.foreground_smoothing < 0 or self.distance_smoothing < 0 or self.min_size < 0:
-            raise UsageError("smoothing sigmas and the minimum object size must be >= 0")
-        return self
+    def from_dict(cls, d: dict | None) -> InstanceOptions:
+        """Recorded settings (a package's, a manifest's): the known keys."""
+        return cls.parse({k: v for k, v in (d or {}).items() if k in cls.model_fields})
 
 
-def maps_to_instances(maps: np.ndarray, config: InstanceConfig | None = None) -> np.ndarray:
+def maps_to_instances(maps: np.ndarray, config: InstanceOptions | None = None) -> np.ndarray:
     """(3, H, W) maps (foreground, centre distance, boundary distance) -> int32 instance labels (0 = background)."""
     from scipy import ndimage
     from skimage.measure import label
     from skimage.segmentation import relabel_sequential, watershed
 
-    cfg = config or InstanceConfig()
+    cfg = config or InstanceOptions()
     fg, center, boundary = (np.asarray(m, np.float32) for m in maps)
     smooth = dict(mode="mirror", truncate=3.0)  # vigra's / bioimage-cpp's Gaussian, which micro-sam uses
     if cfg.foreground_smoothing > 0:
@@ -88,116 +75,26 @@ def maps_to_instances(maps: np.ndarray, config: InstanceConfig | None = None) ->
     return relabel_sequential(seg)[0].astype(np.int32)
 
 
-# ---- running the decoder ---------------------------------------------------------------------------------
+# ---- the strategy ------------------------------------------------------------------------------------------
 
-def has_instance_decoder(backend) -> bool:
-    """Whether ``backend`` can run an instance decoder (its own ``instance_maps``, or the export's ONNX file)."""
-    if callable(getattr(backend, "instance_maps", None)):
-        return getattr(backend, "instance_decoder_available", True)
-    manifest = getattr(backend, "manifest", None)
-    return manifest is not None and ROLE in manifest.files
+class InstanceStrategy:
+    """Strategy ``instance`` (:mod:`peft_export.runtime.strategies`): the maps of every tile, stitched, then one
+    watershed."""
 
+    name = "instance"
+    description = "the instance decoder + seeded watershed (micro-sam's AIS)"
 
-class InstanceMaps:
-    """Runs the instance decoder for a backend: the backend's own ``instance_maps(embedding)`` (PyTorch,
-    TensorRT), else ONNX Runtime on the export folder's ``instance_decoder.onnx`` (with the backend's providers)."""
+    def __init__(self, options):
+        self.cfg: InstanceOptions = options.instance
 
-    def __init__(self, backend):
-        self.backend = backend
-        self._session = None
-        if not has_instance_decoder(backend):
-            where = getattr(backend, "out_dir", None)
-            raise UsageError(f"{'this model' if where is None else where} " + NO_DECODER.format(role=ROLE))
+    def steps(self, image) -> int:
+        return len(image.plan.grid)
 
-    def __call__(self, embedding: np.ndarray) -> np.ndarray:
-        """(B, C, h, w) embedding -> (B, 3, S, S) maps."""
-        own = getattr(self.backend, "instance_maps", None)
-        if callable(own):
-            return np.asarray(own(embedding), np.float32)
-        if self._session is None:
-            from peft_export.runtime.onnx_backend import ort_session
-
-            b = self.backend
-            self._session = ort_session(b.manifest.path_of(b.out_dir, ROLE), getattr(b, "providers", None))
-        return self._session.run(["instance_maps"], {"image_embeddings": np.ascontiguousarray(embedding,
-                                                                                              np.float32)})[0]
+    def segment(self, image, progress=None) -> np.ndarray:
+        return maps_to_instances(image_maps(image, progress), self.cfg)
 
 
-METHODS = ("auto", "instance", "grid")
-
-
-def resolve_method(backend, method: str = "auto") -> str:
-    """``auto`` -> ``instance`` when the backend has an instance decoder, else ``grid`` (point-grid prompts);
-    ``instance`` without a decoder: one line saying how to make one."""
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "grid":
-        return "grid"
-    if has_instance_decoder(backend):
-        return "instance"
-    if method == "instance":
-        InstanceMaps(backend)  # raises the one-line UsageError
-    return "grid"
-
-
-def auto_note(method: str, backend, note, grid_steps):
-    """``predict --auto``: say which method runs; the progress-bar step count for it (tiles for the decoder)."""
-    if note is not None and method == "instance":
-        note("automatic segmentation: the export's instance decoder + seeded watershed")
-    elif note is not None:
-        note("automatic segmentation: a grid of point prompts" + ("" if has_instance_decoder(backend) else
-             " (this export has no instance decoder; finetune --instance-decoder makes one)"))
-    if method == "instance":
-        return lambda seg, _config=None: len(seg._require_plan().grid)
-    return grid_steps
-
-
-def image_maps(segmenter, runner: InstanceMaps | None = None, progress=None) -> np.ndarray:
-    """The (3, H, W) maps of the segmenter's current image at its own size: per tile cropped and resized like SAM's
-    masks, blended linearly across the tiles' overlap (halo), then resized to the original image."""
-    runner = runner or InstanceMaps(segmenter.backend)
-    return segmenter.map_tiles(runner, channels=len(CHANNELS), blend="linear", progress=progress)
-
-
-def segment_instances(segmenter, config: InstanceConfig | None = None, *, runner: InstanceMaps | None = None,
-                      return_maps: bool = False, progress=None):
-    """Instance labels (int32) of the segmenter's current image (tiled: the stitched maps, then one watershed);
-    with ``return_maps`` also the (3, H, W) maps."""
-    maps = image_maps(segmenter, runner, progress)
-    labels = maps_to_instances(maps, config)
-    return (labels, maps) if return_maps else labels
-
-
-# ---- evaluation ------------------------------------------------------------------------------------------
-
-def evaluate_instances(backend, samples: Sequence, *, method: str = "instance", config: InstanceConfig | None = None,
-                       grid_config=None, tiling=None, batch_size: int | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
-    """Automatic segmentation without prompts, scored against each sample's labels (see
-    :func:`peft_export.metrics.instance_scores`); ``method``: ``instance`` (this module), ``grid`` (point grid) or
-    ``auto`` (:func:`resolve_method`). ``seconds_after_embedding``: the decoder(s) and post-processing per image."""
-    import time
-
-    from peft_export.metrics import instance_scores, merge_instance_scores
-    from peft_export.runtime.segmenter import Segmenter
-
-    method = resolve_method(backend, method)
-    seg = Segmenter(backend=backend, tiling=tiling, batch_size=batch_size)
-    runner = InstanceMaps(backend) if method == "instance" else None
-    per_image = []
-    for sample in samples:
-        name = getattr(sample, "name", "image")
-        t0 = time.perf_counter()
-        seg.set_image(sample.image, name=name)
-        t1 = time.perf_counter()
-        if runner is not None:
-            pred = segment_instances(seg, config, runner=runner)
-        else:
-            pred = seg.segment_everything(config=grid_config)
-        t2 = time.perf_counter()
-        scores = {"name": name, **instance_scores(pred, sample.labels)}
-        scores["seconds_embedding"], scores["seconds_after_embedding"] = round(t1 - t0, 3), round(t2 - t1, 3)
-        per_image.append(scores)
-        if progress is not None:
-            progress(1)
-    return {"method": method, **merge_instance_scores(per_image), "per_image": per_image}
+def image_maps(image, progress=None) -> np.ndarray:
+    """The (3, H, W) maps of an embedded image at its own size: per tile cropped and resized like SAM's masks,
+    blended linearly across the tiles' overlap (halo), then resized to the original image."""
+    return image.map_tiles(image.backend.instance_maps, channels=len(CHANNELS), blend="linear", progress=progress)

@@ -5,15 +5,17 @@ manifest's sha256s still say what runs). Precision is explicit, never silent:
 
 - OpenVINO's CPU plugin computes in **bf16 by default on CPUs with AVX512-BF16 or AMX**. Here every graph is
   compiled with ``INFERENCE_PRECISION_HINT=f32`` unless a reduced precision was asked for AND passed the export's
-  CPU gate (``peft-export cpu-gate``, :mod:`peft_export.runtime.cpu_gate`): mask IoU vs the fp32 chain on held-out
+  CPU gate (``peft-export cpu-gate``, :mod:`peft_export.export.cpu_gate`): mask IoU vs the fp32 chain on held-out
   images, recorded in ``cpu_gate.json`` beside the export for this encoder's sha256.
-- ``precision``: ``f32``; ``bf16`` (the whole encoder); ``bf16-mixed`` (the encoder split where the gate chose: the
-  sensitive side in f32, the rest in bf16); ``int8`` (the gate's NNCF int8 encoder, ``encoder.nncf_int8.xml``);
+- ``RuntimeOptions.inference_precision`` (``--inference-precision``): ``f32``; ``bf16`` (the whole encoder);
+  ``bf16-mixed`` (the encoder split where the gate chose: the sensitive side in f32, the rest in bf16); ``int8``
+  (the gate's NNCF int8 encoder, ``encoder.nncf_int8.xml``);
   ``auto``: the fastest option that passed the gate and that this CPU can run (bf16 needs AVX512-BF16 or AMX),
   else f32. What ran is read back from the compiled model (``info.compute``).
 - The decoders (and the instance decoder) always run f32.
 - Compiled models are cached (OpenVINO's ``CACHE_DIR``), by default under the user cache
-  (``$XDG_CACHE_HOME/peft-export/openvino/<encoder sha256>``), or beside the export (``cache="beside"``), or not.
+  (``$XDG_CACHE_HOME/peft-export/openvino/<encoder sha256>``), or beside the export, or in a given folder, or not
+  (``RuntimeOptions.openvino_cache``, ``--openvino-cache user|beside|off|DIR``).
 """
 
 from __future__ import annotations
@@ -23,37 +25,21 @@ import os
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from peft_export.errors import DataError, MissingDependencyError, UsageError, first_line
-from peft_export.imaging import PreprocessSpec
 from peft_export.manifest import Manifest, read_manifest
-from peft_export.runtime.backend import mask_prompt_inputs
-from peft_export.runtime.backend_info import BackendInfo
+from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
+from peft_export.runtime.backends import OPENVINO_PRECISIONS as PRECISIONS
 
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'peft-export[openvino]'"
-PRECISIONS = ("auto", "f32", "bf16", "bf16-mixed", "int8")
 REDUCED = ("bf16", "bf16-mixed", "int8")
 CACHE_CHOICES = ("user", "beside", "off")
 INSTANCE_ROLE = "instance_decoder"
 GATE_FILE = "cpu_gate.json"  # written by `peft-export cpu-gate` (peft_export.export.cpu_gate)
 GATE_FORMAT = "peft-export-cpu-gate"
 GATE_FORMAT_VERSION = 1
-
-
-class OpenVinoOptions(BaseModel):
-    """The OpenVINO backend's runtime options (CLI: --inference-precision, --ov-cache)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    precision: str = Field("auto", description="OpenVINO inference precision: auto (the fastest option that passed "
-                           "the export's CPU gate and that this CPU runs, else f32), f32, bf16, bf16-mixed, int8. "
-                           "Reduced precisions only after `peft-export cpu-gate`.")
-    cache: str = Field("user", description="Compiled-model cache: user (~/.cache/peft-export/openvino/<encoder "
-                       "sha256>), beside (EXPORT/.openvino_cache), off, or a folder.")
-    threads: int | None = Field(None, ge=1, description="CPU threads (default: OpenVINO's choice).")
 
 
 def import_openvino():
@@ -163,41 +149,49 @@ def choose_precision(requested: str, record, bf16_ok: bool) -> tuple[str, str]:
 
 
 class OpenVinoBackend:
-    """Implements :class:`peft_export.runtime.backend.Backend` with OpenVINO over an export folder's ONNX graphs."""
+    """:class:`peft_export.runtime.backend.Backend` with OpenVINO over an export folder's ONNX graphs.
+
+    ``info.compute`` is the encoder's inference precision read back from OpenVINO (f32, bf16, a bf16-mixed split
+    ``bf16+f32``, or ``int8+f32``); ``info.details`` holds the OpenVINO version, the precision asked for, the one
+    chosen and why, the compiled-model cache folder, and this CPU (model, kind, flags)."""
 
     name = "openvino"
-    on_gpu = False
+
+    @classmethod
+    def unavailable(cls, folder: Path, manifest: Manifest) -> str | None:
+        if not openvino_available():
+            return f"OpenVINO is not installed: {INSTALL}"
+        return None
+
+    @classmethod
+    def open(cls, folder: Path, manifest: Manifest, options) -> OpenVinoBackend:
+        return cls(folder, options.inference_precision, manifest=manifest, cache=options.openvino_cache,
+                   threads=options.threads)
 
     def __init__(self, out_dir: str | os.PathLike, precision: str = "auto", *, manifest: Manifest | None = None,
                  cache: str | os.PathLike | None = "user", threads: int | None = None,
                  hint: str = "LATENCY", gate_record: dict | None = None):
         from peft_export.runtime.cpu import cpu_features
+        from peft_export.runtime.onnx_backend import manifest_info
 
         ov = import_openvino()
         self.out_dir = Path(out_dir)
-        self.manifest = manifest or read_manifest(self.out_dir)
-        m = self.manifest
-        self.preprocess: PreprocessSpec = m.preprocess_spec
-        self.multimask = bool(m.multimask)
+        self.manifest = m = manifest or read_manifest(self.out_dir)
         self.baked = bool(m.baked_preprocessing)
-        self.embedding_shape = (1, *m.embedding)
-        self.mask_input_size = tuple(m.mask_input_size)
-        self.providers = None  # not ONNX Runtime
         enc_sha = m.files["encoder"]["sha256"] if "encoder" in m.files else ""
         self.core = core = ov.Core()
-        self.cache_dir = cache_dir_for(self.out_dir, enc_sha, cache)
-        if self.cache_dir is not None:
+        cache_dir = cache_dir_for(self.out_dir, enc_sha, cache)
+        if cache_dir is not None:
             try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                core.set_property({"CACHE_DIR": str(self.cache_dir)})
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache_dir)})
             except OSError as exc:  # a read-only export folder or home: run uncached, say so once
                 log.warning("OpenVINO model cache %s is not writable (%s): compiling without a cache",
-                            self.cache_dir, first_line(exc))
-                self.cache_dir = None
+                            cache_dir, first_line(exc))
+                cache_dir = None
         self.record = gate_record if gate_record is not None else read_gate_record(self.out_dir, m)
         bf16_ok = bf16_capable(core)
-        self.requested = precision
-        self.precision_run, self.why = choose_precision(precision, self.record, bf16_ok)
+        self.precision_run, why = choose_precision(precision, self.record, bf16_ok)
         self._config = {"PERFORMANCE_HINT": hint}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -208,19 +202,14 @@ class OpenVinoBackend:
             raise
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line messages for broken graphs
             raise DataError(f"{self.out_dir}: OpenVINO cannot load the export: {first_line(exc)}") from None
-        self.compute = compute
         self._instance = None
-        self.instance_decoder_available = INSTANCE_ROLE in m.files
-        self.max_batch = 1  # compiled with a static batch of 1 (faster on CPUs); more images: one call each
         features = cpu_features()
-        self.info = BackendInfo(
-            name=self.name, model=m.model, source=str(self.out_dir), preprocess=self.preprocess,
-            multimask=self.multimask, embedding_shape=tuple(m.embedding), mask_input_size=self.mask_input_size,
-            baked_preprocessing=self.baked, max_batch=self.max_batch, on_gpu=False, precision=m.precision,
-            compute=compute, instance_decoder=self.instance_decoder_available, encoder_sha256=enc_sha or None,
-            details={"openvino": ov.__version__, "requested": precision, "chosen": self.precision_run,
-                     "why": self.why, "cache_dir": str(self.cache_dir) if self.cache_dir else None,
-                     "cpu": {k: features[k] for k in ("model", "kind", "flags")}, "bf16_capable": bf16_ok})
+        # compiled with a static batch of 1 (faster on CPUs): more images are one encoder call each
+        self.info = manifest_info(
+            m, self.name, str(self.out_dir), max_batch=1, on_gpu=False, compute=compute,
+            details={"openvino": ov.__version__, "requested": precision, "ran": self.precision_run, "why": why,
+                     "cache_dir": str(cache_dir) if cache_dir else None, "bf16_capable": bf16_ok,
+                     "cpu": {k: features[k] for k in ("model", "kind", "flags")}})
 
     # ---- compiling -----------------------------------------------------------------------------------
 
@@ -278,17 +267,15 @@ class OpenVinoBackend:
         coords = np.ascontiguousarray(coords, np.float32)
         labels = np.ascontiguousarray(labels, np.float32)
         b = coords.shape[0]
-        mask_input, has = mask_prompt_inputs(b, mask_input, self.mask_input_size)
+        mask_input, has = mask_prompt_inputs(b, mask_input, self.info.mask_input_size)
         res = self.decoder({"image_embeddings": np.ascontiguousarray(embedding, np.float32), "point_coords": coords,
                             "point_labels": labels, "mask_input": mask_input, "has_mask_input": has})
         return np.asarray(res["low_res_masks"]), np.asarray(res["iou_predictions"])
 
     def instance_maps(self, embedding: np.ndarray) -> np.ndarray:
         """(B, C, h, w) -> (B, 3, S, S) sigmoid maps of the export's instance decoder (f32)."""
-        if not self.instance_decoder_available:
-            from peft_export.runtime.instances import NO_DECODER
-
-            raise UsageError(f"{self.out_dir} " + NO_DECODER.format(role=INSTANCE_ROLE))
+        if not self.info.instance_decoder:
+            raise no_instance_decoder(self.info)
         if self._instance is None:
             self._instance = self._compile(self.manifest.path_of(self.out_dir, INSTANCE_ROLE), "f32")
         return np.asarray(self._instance(np.ascontiguousarray(embedding, np.float32))["instance_maps"], np.float32)

@@ -1,17 +1,16 @@
 """Run a bioimage.io model package made by ``peft-export package`` — numpy + ONNX Runtime, no torch, no bioimageio.
 
-    pkg = open_package("model.zip")        # a .zip, an unzipped package folder, or its rdf.yaml
-    pkg.kind                               # "instance" (image -> instance_maps) or "encoder" (image -> embedding)
-    out = pkg.run(test_input)              # the declared preprocessing + the graph, on a tensor in the declared axes
-    maps = pkg.predict(image)              # any 2D image -> (3, H, W) maps at the image size / (C, h, w) embedding
-    seg = pkg.segmenter()                  # a Segmenter: prompts (encoder packages), segment_instances (instance)
-    labels = pkg.segment_instances(image)  # instance packages: maps + the seeded watershed
+    seg = Segmenter("model.zip")           # a .zip, an unzipped package folder, or its rdf.yaml
+    seg.set_image(image)
+    labels = seg.segment()                 # instance packages: the maps + the recorded watershed
+    masks = seg.predict(boxes=...).masks   # encoder packages: prompts, as with an export folder
 
-The package's own ``rdf.yaml`` drives everything: weights file and sha256, the input's axes and data type and its
-preprocessing steps (implemented here in numpy: ``scale_range``, ``scale_linear``, ``fixed_zero_mean_unit_variance``,
-``zero_mean_unit_variance``, ``clip``, ``ensure_dtype``), the output. Images other than S x S (the graph's fixed
-input) are handled as the export runtime handles them: longest side resized to S, the preprocessing applied to
-the resized image, zero padding after it, and the maps cropped and resized back like masks.
+Here: the package as a runtime backend (:func:`package_backend`, used by :func:`peft_export.runtime.backends.
+open_model`). The package's own ``rdf.yaml`` drives the checks: weights file and sha256, the input's axes and data
+type and its preprocessing steps (implemented here in numpy: ``scale_range``, ``scale_linear``,
+``fixed_zero_mean_unit_variance``, ``zero_mean_unit_variance``, ``clip``, ``ensure_dtype``; :meth:`PackageModel.run`
+applies them to a tensor in the declared axes, e.g. the package's test input). Images run through the export runtime
+(its preprocessing recorded in the attached export manifest), tiled like any image.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ import shutil
 import tempfile
 import weakref
 import zipfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, UsageError, first_line
-from peft_export.imaging import as_rgb, resize_image, resized_shape, to_uint8_scale, upscale_masks
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 MANIFEST_ATTACHMENT = "peft_export_manifest.json"
@@ -49,18 +47,37 @@ def _rdf_path(folder: Path) -> Path:
     raise DataError(f"{folder} holds no rdf.yaml or bioimageio.yaml: not a bioimage.io package")
 
 
+def unzip_root() -> Path:
+    """Where opened .zip packages are unzipped: one folder per user in the system's temporary folder, entries named
+    like every peft-export temporary (:mod:`peft_export.files`), so that what a killed process left is removed by
+    the next one that opens a package."""
+    root = Path(tempfile.gettempdir()) / f"peft-export-packages-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    return root
+
+
 def _extract(zip_path: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="peft_export_package_"))
+    from peft_export.files import clean_stale, temp_path
+
+    root = unzip_root()
+    clean_stale(root)
+    tmp = temp_path(root / zip_path.name)
     try:
+        tmp.mkdir()
         with zipfile.ZipFile(zip_path) as zf:
             for info in zf.infolist():
                 name = Path(info.filename)
-                if name.is_absolute() or ".." in name.parts:
+                if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
                     raise DataError(f"{zip_path}: unsafe path {info.filename!r} in the package")
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DataError(f"{zip_path}: {info.filename!r} is a symbolic link: refused")
             zf.extractall(tmp)
     except (zipfile.BadZipFile, OSError, DataError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"cannot read package {zip_path}: {first_line(exc)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -72,11 +89,15 @@ def _source(entry: dict, what: str) -> str:
 
 
 def _check_file(folder: Path, entry: dict, what: str) -> Path:
-    p = folder / _source(entry, what)
+    """A file the rdf names: inside the package (no absolute path, no ``..``, no link out), present, and matching
+    its sha256, which is required."""
+    from peft_export.files import member_path, required_sha256
+
+    p = member_path(folder, _source(entry, what), f"the package's {what}")
+    want = required_sha256(entry, str(folder), f"the package's {what} {p.name}")
     if not p.is_file():
         raise DataError(f"the package's {what} {p.name} is missing")
-    want = entry.get("sha256")
-    if want and sha256_file(p) != want:
+    if sha256_file(p) != want:
         raise DataError(f"the package's {what} {p.name} does not match its sha256 in the rdf (modified or corrupt)")
     return p
 
@@ -128,24 +149,15 @@ def apply_step(x: np.ndarray, step: dict, axis_ids: list[str]) -> np.ndarray:
                     "ensure_dtype); run it with bioimageio.core")
 
 
-@dataclass
-class PackageGeometry:
-    """Where an image sits in the graph's S x S input: to crop and resize outputs back."""
-
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    img_size: int
-
-
 class PackageModel:
     """An opened package (see the module docstring). ``folder`` holds its files (a temporary copy for a .zip)."""
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None):
-        import yaml
-
         p = Path(path)
         if not p.exists():
             raise DataError(f"package not found: {p}")
+        if not is_package(p):
+            raise UsageError(f"{p} is not a bioimage.io package (.zip, a folder with rdf.yaml, or the rdf.yaml)")
         self._cleanup = None
         if p.is_file() and p.suffix.lower() == ".zip":
             self.folder = _extract(p)  # a private copy, removed with this object (or at exit)
@@ -154,9 +166,25 @@ class PackageModel:
             self.folder = p.parent if p.is_file() else p
         self.path = p
         try:
-            self.rdf = yaml.safe_load(_rdf_path(self.folder).read_text())
+            self._open(p, providers, threads)
+        except BaseException:
+            self.close()  # an unzipped copy goes at once, not when the object is collected
+            raise
+
+    def _open(self, p: Path, providers, threads) -> None:
+        import yaml
+
+        from peft_export.files import member_path
+
+        try:
+            rdf_path = member_path(self.folder, _rdf_path(self.folder).name, "the rdf")
+            self.rdf = yaml.safe_load(rdf_path.read_text())
         except yaml.YAMLError as exc:
             raise DataError(f"{p}: its rdf is not valid YAML: {first_line(exc)}") from None
+        except DataError:
+            if self.folder != p:
+                raise DataError(f"{p} holds no rdf.yaml or bioimageio.yaml: not a bioimage.io package") from None
+            raise
         if not isinstance(self.rdf, dict) or self.rdf.get("type") != "model":
             raise DataError(f"{p} is not a bioimage.io model package")
         self.config = (self.rdf.get("config") or {}).get("peft_export") or {}
@@ -217,33 +245,6 @@ class PackageModel:
         out = np.transpose(arr, order) if "batch" in self.axis_ids else np.transpose(arr[0], [o - 1 for o in order])
         return np.ascontiguousarray(out)
 
-    # -- images -----------------------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray, *, name: str = "image") -> tuple[np.ndarray, PackageGeometry]:
-        """A 2D image -> the graph's input (preprocessed) and its geometry. See the module docstring."""
-        h, w = np.asarray(image).shape[:2]
-        s = self.img_size
-        if self.input_dtype == "uint8":  # preprocessing baked into the graph: uint8 on a 0-255 scale, resized
-            scaled = np.clip(np.round(to_uint8_scale(image)), 0, 255)
-            rh, rw = resized_shape(h, w, s)
-            x = np.clip(np.round(resize_image(scaled.astype(np.float32), (rh, rw))), 0, 255).astype(np.uint8)
-            return self.tensor_from_image(x), PackageGeometry((int(h), int(w)), (rh, rw), s)
-        rgb = as_rgb(image, name=name)
-        rh, rw = resized_shape(h, w, s)
-        x = self.preprocess(self.tensor_from_image(resize_image(rgb, (rh, rw))))
-        pad = [(0, 0)] * x.ndim
-        pad[self.axis_ids.index("y")] = (0, s - rh)
-        pad[self.axis_ids.index("x")] = (0, s - rw)
-        return np.pad(x, pad), PackageGeometry((int(h), int(w)), (rh, rw), s)
-
-    def predict(self, image: np.ndarray, *, name: str = "image") -> np.ndarray:
-        """Instance packages: (3, H, W) maps at the image's size (cropped and resized like masks); encoder
-        packages: the (C, h, w) image embedding."""
-        x, geo = self.prepare(image, name=name)
-        out = self.session.run(None, {self._input_name: np.ascontiguousarray(x)})[0][0]
-        if self.kind != "instance":
-            return out
-        return upscale_masks(out, geo.img_size, geo.resized_hw, geo.original_hw)
-
     # -- the export inside an encoder package -----------------------------------------------------------
     def manifest(self):
         """The export manifest attached to the package (``peft_export_manifest.json``), or None."""
@@ -255,57 +256,36 @@ class PackageModel:
         data = read_json_document(path, FORMAT, FORMAT_VERSION, "manifest")
         return Manifest(**{k: v for k, v in data.items() if k in Manifest.__dataclass_fields__})
 
-    def segmenter(self, providers: list[str] | None = None, **kwargs):
-        """A :class:`~peft_export.runtime.segmenter.Segmenter` on this package (see :func:`package_backend`)."""
-        from peft_export.runtime.segmenter import Segmenter
-
-        return Segmenter(backend=package_backend(self, providers), **kwargs)
-
     def instance_settings(self) -> dict:
         """The watershed parameters the package records (``config.peft_export.instance_postprocessing``)."""
         return dict(self.config.get("instance_postprocessing") or {})
-
-    def segment_instances(self, image: np.ndarray, config=None, *, name: str = "image") -> np.ndarray:
-        """Instance labels (int32) of ``image`` from an instance package: :meth:`predict`'s maps, then the seeded
-        watershed of :mod:`peft_export.runtime.instances` with ``config`` (default: the recorded parameters)."""
-        if self.kind != "instance":
-            raise UsageError(f"{self.path} is an encoder package: it computes an embedding, not instance maps")
-        from peft_export.runtime.instances import InstanceConfig, maps_to_instances
-
-        cfg = config or InstanceConfig.from_dict(self.instance_settings())
-        return maps_to_instances(self.predict(image, name=name), cfg)
 
 
 class InstancePackageBackend:
     """An instance package as a runtime backend. Its graph maps a preprocessed tile straight to the three maps, so
     to a :class:`~peft_export.runtime.segmenter.Segmenter` its ``embed`` returns those maps (B, 3, S, S) and its
-    instance decoder (``instance_maps``) is the identity: ``segment_instances`` and ``predict --auto`` run
+    instance decoder (``instance_maps``) is the identity: automatic segmentation (strategy ``instance``) runs
     unchanged. It has no prompt decoder: ``decode`` refuses with one line."""
 
     name = "onnxruntime"
-    instance_decoder_available = True
 
     def __init__(self, pkg: PackageModel, manifest):
-        from peft_export.manifest import Manifest
+        from peft_export.runtime.onnx_backend import manifest_info
 
         s = pkg.img_size
         self.package = pkg
-        self.out_dir = pkg.folder
-        entry = {"path": pkg.weights.name, "sha256": (pkg.rdf["weights"]["onnx"] or {}).get("sha256")}
-        # the package's own identity: its graph is the "encoder", its maps the "embedding" (caches stay apart)
-        self.manifest = Manifest(**{**manifest.to_dict(), "files": {"encoder": entry}, "embedding": [3, s, s]})
-        self.preprocess = manifest.preprocess_spec
-        self.multimask = bool(manifest.multimask)
-        self.baked = bool(manifest.baked_preprocessing)
-        self.embedding_shape = (1, 3, s, s)
-        self.mask_input_size = tuple(manifest.mask_input_size)
         dims = pkg.session.get_inputs()[0].shape
-        self.max_batch = 1 if self.baked or not dims or dims[0] == 1 else None
-        self.providers = pkg.session.get_providers()
+        baked = bool(manifest.baked_preprocessing)
+        # the package's own identity: its graph is the "encoder", its maps the "embedding" (caches stay apart)
+        sha = (pkg.rdf["weights"]["onnx"] or {}).get("sha256")
+        self.info = replace(manifest_info(manifest, self.name, str(pkg.path), details={
+            "providers": pkg.session.get_providers(), "package": "instance"}),
+            embedding_shape=(3, s, s), max_batch=1 if baked or not dims or dims[0] == 1 else None,
+            prompt_decoder=False, instance_decoder=True, encoder_sha256=sha)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.uint8 if self.baked else np.float32)
-        if self.max_batch is None or self.baked or len(x) <= 1:
+        x = np.ascontiguousarray(x, np.uint8 if self.info.baked_preprocessing else np.float32)
+        if self.info.max_batch is None or len(x) <= 1:
             return self.package.session.run(None, {self.package._input_name: x})[0]
         return np.concatenate([self.package.session.run(None, {self.package._input_name: x[i: i + 1]})[0]
                                for i in range(len(x))])
@@ -315,19 +295,19 @@ class InstancePackageBackend:
 
     def decode(self, embedding, coords, labels, mask_input=None):
         raise UsageError(f"{self.package.path} is an instance-segmentation package: it has no prompt decoder (its "
-                         "graph gives instance maps: segment_instances); for prompts, package an export without an "
-                         "instance decoder")
+                         "graph gives instance maps: automatic segmentation); for prompts, package an export "
+                         "without an instance decoder")
 
 
-def package_backend(package, providers: list[str] | None = None):
-    """The runtime backend of a package made by ``peft-export package`` (``package``: a path or a
-    :class:`PackageModel`): encoder packages -> an ONNX Runtime backend over the package's encoder and its attached
-    prompt decoders; instance packages -> :class:`InstancePackageBackend`."""
-    pkg = package if isinstance(package, PackageModel) else open_package(package, providers)
+def package_backend(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+    """The runtime backend of a package made by ``peft-export package``: encoder packages -> an ONNX Runtime
+    backend over the package's encoder and its attached prompt decoders; instance packages ->
+    :class:`InstancePackageBackend`."""
+    pkg = PackageModel(path, providers, threads=threads)
     manifest = pkg.manifest()
     if manifest is None:
         raise DataError(f"{pkg.path} carries no {MANIFEST_ATTACHMENT}: not made by peft-export package; run it with "
-                        "open_package(...).predict or bioimageio.core")
+                        "bioimageio.core")
     if pkg.kind == "instance":
         return InstancePackageBackend(pkg, manifest)
     if "decoder_lowres" not in manifest.files:
@@ -336,13 +316,6 @@ def package_backend(package, providers: list[str] | None = None):
     from peft_export.runtime.onnx_backend import OnnxBackend
 
     verify_manifest_files(pkg.folder, manifest)
-    backend = OnnxBackend(pkg.folder, providers, manifest=manifest)
+    backend = OnnxBackend(pkg.folder, manifest, providers=providers, threads=threads, source=str(pkg.path))
     backend.package = pkg  # keeps the unzipped files (removed with the PackageModel) while the backend lives
     return backend
-
-
-def open_package(path: str | os.PathLike, providers: list[str] | None = None, *,
-                 threads: int | None = None) -> PackageModel:
-    if not is_package(path):
-        raise UsageError(f"{path} is not a bioimage.io package (.zip, a folder with rdf.yaml, or the rdf.yaml)")
-    return PackageModel(path, providers, threads=threads)

@@ -1,32 +1,35 @@
-"""``Segmenter``: the microscope-side API. numpy + ONNX Runtime (or TensorRT), never torch.
+"""``Segmenter``: the microscope-side API. numpy + ONNX Runtime (or OpenVINO, TensorRT), never torch.
 
-    seg = Segmenter("export_dir")              # reads manifest.json, checks every file's sha256
+    seg = Segmenter("export_dir")              # an export folder or a bioimage.io package; every file's sha256
+    seg.info                                   #   checked; seg.info: model, backend, precision, instance decoder
     seg.set_image(image)                       # any 2D grayscale/RGB, uint8/uint16/float; tiled when larger
     out = seg.predict(boxes=[[10, 20, 60, 80]])   #   than the model input (tile=, halo=, scale=, tiled=False)
     out.masks      # (B, H, W) bool at the image's size
     out.scores     # (B,) predicted IoU of the returned masks
     out.low_res    # (B, 4h, 4w) logits, reusable as ``mask_input`` (with ``tiles=out.tiles``) for a refinement step
     labels, scores = seg.predict_labels(boxes=...)   # the same painted into one label image (no full masks)
-    labels = seg.segment_everything()          # automatic instance segmentation -> label image
+    labels = seg.segment()                     # automatic instance segmentation (the best method the model has)
     maps = seg.map_tiles(fn)                   # any per-tile output at model resolution, stitched (K, H, W)
 
 The image embedding (one per tile) is computed once per ``set_image`` (or read from an embedding cache,
-``Segmenter(..., cache="cache/")``) and reused for any number of prompts. Tiling: :mod:`peft_export.runtime.tiling`.
+``Segmenter(..., cache="cache/")``) and reused for any number of prompts. Tiling: :mod:`peft_export.runtime.tiling`;
+backends: :mod:`peft_export.runtime.backends`; automatic segmentation: :mod:`peft_export.runtime.strategies`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from peft_export.errors import DataError, UsageError
-from peft_export.imaging import Prepared, upscale_masks
+from peft_export.imaging import upscale_masks
 from peft_export.prompts import box_prompts, pad_points
-from peft_export.runtime.backend import Backend, default_batch_size, select_masks
-from peft_export.runtime.backends import open_backend
+from peft_export.runtime.backend import Backend, BackendInfo, select_masks
+from peft_export.runtime.backends import RuntimeOptions, open_model
 from peft_export.runtime.cache import open_cache
 from peft_export.runtime.embedding import (
     ImagePlan,
@@ -38,11 +41,12 @@ from peft_export.runtime.embedding import (
     recipe_key,
 )
 from peft_export.runtime.pieces import Piece, crop_piece, full_masks, paint
+from peft_export.runtime.strategies import GRID_FALLBACK, AutoOptions, choose_strategy
 from peft_export.runtime.tiling import Stitcher, Tiling, check_prompts_inside
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prediction", "Segmenter", "open_backend"]
+__all__ = ["Prediction", "Segmenter"]
 
 
 @dataclass
@@ -78,75 +82,63 @@ def _points_and_labels(points, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Segmenter:
-    def __init__(self, out_dir: str | os.PathLike | None = None, backend: str | Backend = "onnxruntime",
-                 providers: list[str] | None = None, *, tiling: Tiling | None = None,
-                 batch_size: int | None = None, cache=None):
-        if isinstance(backend, str):
-            if out_dir is None:
-                raise UsageError("Segmenter needs an export folder")
-            backend = open_backend(out_dir, backend, providers)
-        if batch_size is None:  # 1 tile per encoder call on a CPU, 4 on a GPU (backend.default_batch_size)
-            batch_size = default_batch_size(backend)
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        self.backend = backend
+    def __init__(self, model: str | os.PathLike | Backend, *, runtime: RuntimeOptions | None = None,
+                 tiling: Tiling | None = None, cache=None, **runtime_options):
+        """``model``: an export folder, a bioimage.io package, or an opened backend. ``runtime`` (or its fields as
+        keywords: ``backend``, ``batch_size``, ``providers``, ``threads``): which backend runs it, and how."""
+        opts = runtime or RuntimeOptions.parse(runtime_options)
+        if runtime is not None and runtime_options:
+            opts = runtime.replace(**runtime_options)
+        self.backend: Backend = open_model(model, opts) if isinstance(model, (str, os.PathLike)) else model
+        self.batch_size = int(opts.batch_size or self.info.default_batch_size)
         self.tiling = tiling or Tiling()
-        self.tiling.validate()
-        self.batch_size = int(batch_size)
-        self.cache = open_cache(cache, backend)
+        self.cache = open_cache(cache, self.info)
         self.plan: ImagePlan | None = None
         self._emb: TileEmbeddings | None = None
         self.cache_hit = False
-
-    # ---- bioimage.io packages (peft-export package; peft_export.runtime.package) ------------------------
-    @classmethod
-    def from_package(cls, path: str | os.PathLike, backend: str = "onnxruntime",
-                     providers: list[str] | None = None, **kwargs) -> Segmenter:
-        """A Segmenter on a package made by ``peft-export package`` (.zip, its folder or rdf.yaml); ONNX Runtime."""
-        from peft_export.runtime.package import package_backend
-
-        if backend != "onnxruntime":
-            raise UsageError(f"a bioimage.io package runs with ONNX Runtime, not {backend}")
-        return cls(backend=package_backend(path, providers), **kwargs)
-    # ---- end bioimage.io packages ------------------------------------------------------------------------
+        # progress over one image's tiles: on_tiles(k, n) after each encoder call (k more of n tiles embedded)
+        self.on_tiles: Callable[[int, int], None] | None = None
+        self._warned: set[str] = set()  # kinds of plan warnings already given (once per segmenter, not per image)
 
     @property
-    def multimask(self) -> bool:
-        return bool(getattr(self.backend, "multimask", True))
-
-    @property
-    def img_size(self) -> int:
-        return int(self.backend.preprocess.img_size)
+    def info(self) -> BackendInfo:
+        return self.backend.info
 
     # ---- the image -----------------------------------------------------------------------------------
 
-    def tiling_for(self, tile=None, halo=None, scale=None, tiled: bool | None = None) -> Tiling:
+    def _tiling(self, tile=None, halo=None, scale=None, tiled: bool | None = None) -> Tiling:
         """This segmenter's tiling with per-call overrides (``tiled``: True/False forces tiling on/off)."""
         t = self.tiling
         mode = t.mode if tiled is None else ("on" if tiled else "off")
         if tiled is None and tile is not None:
             mode = "on"
-        out = Tiling(mode, t.tile if tile is None else tile, t.halo if halo is None else halo,
-                     t.scale if scale is None else float(scale))
-        out.validate(self.img_size)
+        out = Tiling(mode=mode, tile=t.tile if tile is None else tile, halo=t.halo if halo is None else halo,
+                     scale=t.scale if scale is None else float(scale))
+        out.sizes(self.info.img_size)
         return out
 
     def set_image(self, image: np.ndarray, *, name: str = "image", tile: int | None = None, halo: int | None = None,
                   scale: float | None = None, tiled: bool | None = None, lazy: bool = False) -> ImagePlan:
-        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed)."""
-        tiling = self.tiling_for(tile, halo, scale, tiled)
-        backend = self.backend
-        inputs = TileInputs(image, backend.preprocess, bool(getattr(backend, "baked", False)), name=name)
-        plan = plan_image(inputs.rgb.shape[:2], self.img_size, tiling, name)
+        """Embed ``image`` (every tile, in batches of ``batch_size``; ``lazy``: each tile when first needed; progress
+        over its tiles: ``on_tiles``)."""
+        tiling = self._tiling(tile, halo, scale, tiled)
+        info = self.info
+        inputs = TileInputs(image, info.preprocess, info.baked_preprocessing, name=name)
+        plan = plan_image(inputs.rgb.shape[:2], info.img_size, tiling, name)
         inputs.bind(plan)
         stored, key = None, None
         if self.cache is not None:
             key = recipe_key(image_digest(image), plan.recipe, self.cache.encoder_sha256)
             stored = self.cache.get(key)
             if stored is not None:
-                check_stored(stored, plan, tuple(getattr(backend, "embedding_shape", (0,))[1:]) or None)
+                check_stored(stored, plan, info.embedding_shape)
         self.plan, self.cache_hit = plan, stored is not None
-        self._emb = TileEmbeddings(backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy)
+        for kind, msg in plan.warnings:
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning(msg)
+        self._emb = TileEmbeddings(self.backend, inputs, len(plan.grid), self.batch_size, stored, keep=not lazy,
+                                   on_tiles=self.on_tiles)
         if stored is None and (not lazy or self.cache is not None):
             embs = self._emb.all()
             if self.cache is not None:
@@ -165,33 +157,19 @@ class Segmenter:
             raise UsageError("call set_image(image) before predict()")
         return self.plan
 
-    def _require_image(self) -> Prepared:
-        """The model-input geometry of an untiled image (a tiled one has one per tile: see ``plan``)."""
-        plan = self._require_plan()
-        if plan.tiled:
-            raise UsageError(f"{plan.name} is tiled ({len(plan.grid)} tiles): use seg.plan / seg.map_tiles")
-        return plan.geometry[0]
-
-    @property
-    def prepared(self) -> Prepared | None:
-        return None if self.plan is None else self._require_image()
-
-    @property
-    def embedding(self) -> np.ndarray | None:
-        """Every tile's embedding (tiles, C, h, w); (1, C, h, w) for an untiled image."""
-        return None if self._emb is None else self._emb.all()
-
     def tile_embeddings(self, idx) -> np.ndarray:
+        """The embeddings (k, C, h, w) of tiles ``idx`` of the current image (computed when first needed)."""
         self._require_plan()
         return self._emb.get(idx)
 
-    @property
-    def tiled(self) -> bool:
-        return bool(self.plan is not None and self.plan.tiled)
+    def release(self, idx) -> None:
+        """Forget tiles ``idx``' embeddings when the image was set ``lazy`` (they are recomputed if asked again)."""
+        if self._emb is not None:
+            self._emb.release(idx)
 
     # ---- prompts -------------------------------------------------------------------------------------
 
-    def check_inside(self, coords_xy: np.ndarray, what: str) -> None:
+    def _check_inside(self, coords_xy: np.ndarray, what: str) -> None:
         plan = self._require_plan()
         c = np.asarray(coords_xy, np.float32).reshape(-1, 2)
         check_prompts_inside(np.stack([c[:, 1], c[:, 0], c[:, 1], c[:, 0]], 1), plan.original_hw, what, plan.tiled)
@@ -200,12 +178,12 @@ class Segmenter:
         pts = lab = bx = None
         if points is not None:
             pts, lab = _points_and_labels(points, labels)
-            self.check_inside(pts, "point")
+            self._check_inside(pts, "point")
         if boxes is not None:
             bx = _as_batch(boxes, 4, "boxes")
             if (bx[:, 2] < bx[:, 0]).any() or (bx[:, 3] < bx[:, 1]).any():
                 raise DataError("boxes must be x0, y0, x1, y1 with x1 >= x0 and y1 >= y0")
-            self.check_inside(bx.reshape(-1, 2), "box corner")
+            self._check_inside(bx.reshape(-1, 2), "box corner")
             if pts is not None and bx.shape[0] != pts.shape[0]:
                 raise DataError(f"{bx.shape[0]} boxes but {pts.shape[0]} point prompts: give one box per prompt")
         if pts is None and bx is None:
@@ -250,14 +228,6 @@ class Segmenter:
             coords, labs = pad_points(coords, labs)
         return coords, labs
 
-    def encode_prompts(self, points=None, labels=None, boxes=None) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts in image pixels -> model-space coords/labels in Meta's convention (B, N, 2)/(B, N) (untiled
-        images: on a tiled image the model space is per tile)."""
-        self._require_image()
-        pts, lab, bx = self._validated(points, labels, boxes)
-        tiles, spts, sbx = self._route(pts, bx)
-        return self._model_prompts(0, np.arange(len(tiles)), spts, lab, sbx)
-
     def _decode(self, points, labels, boxes, mask_input, multimask, batch_size, tiles) -> tuple[list, Prediction]:
         plan = self._require_plan()
         pts, lab, bx = self._validated(points, labels, boxes)
@@ -271,7 +241,7 @@ class Segmenter:
             raise UsageError("on a tiled image mask_input belongs to a tile: pass tiles=previous.tiles with it")
         n_points = (0 if spts is None else spts.shape[1]) + (0 if sbx is not None else 1)
         if multimask is None:
-            multimask = self.multimask and sbx is None and n_points == 2
+            multimask = self.info.multimask and sbx is None and n_points == 2
         if mask_input is not None:
             mask_input = np.asarray(mask_input, np.float32)
             if mask_input.ndim == 3:
@@ -279,7 +249,7 @@ class Segmenter:
         b = len(routed)
         pieces: list[Piece | None] = [None] * b
         scores = np.zeros(b, np.float32)
-        lows = np.zeros((b, *self.backend_mask_size()), np.float32)
+        lows = np.zeros((b, *self.info.mask_input_size), np.float32)
         for t in np.unique(routed):
             emb = self._emb.get([t])
             members = np.flatnonzero(routed == t)
@@ -287,13 +257,6 @@ class Segmenter:
                 idx = members[s: s + batch_size]
                 self._decode_batch(int(t), idx, emb, spts, lab, sbx, mask_input, multimask, pieces, scores, lows)
         return pieces, Prediction(np.zeros(0, bool), scores, lows, routed)
-
-    def backend_mask_size(self) -> tuple[int, int]:
-        size = getattr(self.backend, "mask_input_size", None)
-        if size is None:
-            e = getattr(self.backend, "embedding_shape", (1, 1, self.img_size // 16, self.img_size // 16))
-            size = (4 * e[-2], 4 * e[-1])
-        return tuple(int(v) for v in size)
 
     def _decode_batch(self, t, idx, emb, spts, lab, sbx, mask_input, multimask, pieces, scores, lows) -> None:
         plan = self.plan
@@ -357,18 +320,25 @@ class Segmenter:
 
     # ---- whole-image outputs -------------------------------------------------------------------------
 
-    def segment_everything(self, **kwargs) -> np.ndarray:
-        """Automatic instance segmentation of the current image (see :mod:`peft_export.runtime.auto`)."""
-        from peft_export.runtime.auto import segment_everything
+    def segment(self, options: AutoOptions | None = None, *, method: str | None = None,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Automatic instance segmentation of the current image: int32 labels at its original size. ``options``
+        (or ``method``: auto, instance, grid) choose the strategy (:mod:`peft_export.runtime.strategies`);
+        ``progress(1)`` per step (see :meth:`strategy`)."""
+        strategy, _ = self.strategy(options, method=method)
+        self._require_plan()
+        return strategy.segment(self, progress)
 
-        return segment_everything(self, **kwargs)
-
-    def segment_instances(self, config=None, **kwargs) -> np.ndarray:
-        """Automatic segmentation with the export's instance decoder (micro-sam's AIS; tiled: maps stitched in the
-        halo, then one watershed); see :mod:`peft_export.runtime.instances` for ``config`` and its defaults."""
-        from peft_export.runtime.instances import segment_instances
-
-        return segment_instances(self, config, **kwargs)
+    def strategy(self, options: AutoOptions | None = None, *, method: str | None = None):
+        """(the automatic-segmentation strategy ``options`` choose for this model, one line saying which and why)."""
+        opts = options or AutoOptions()
+        if method is not None:
+            opts = opts.replace(method=method)
+        strategy, why = choose_strategy(self.info, opts)
+        if opts.method == "auto" and strategy.name == "grid" and "grid" not in self._warned:
+            self._warned.add("grid")  # results will be poor: said once per segmenter
+            log.warning(GRID_FALLBACK)
+        return strategy, why
 
     def map_tiles(self, fn, *, channels: int | None = None, blend: str = "core", progress=None) -> np.ndarray:
         """A per-tile output stitched over the image: ``fn(embeddings (k, C, h, w)) -> (k, K, S, S)`` float maps

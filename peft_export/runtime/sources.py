@@ -113,3 +113,18 @@ def output_path(item: InputItem, out: Path, single: bool, suffix: str = ".tif") 
 
 def summary_path(label_path: Path) -> Path:
     return label_path.with_suffix(".json")
+
+
+PROMPT_SUFFIXES = (".json", ".csv")
+
+
+def prompt_file(prompts: Path | None, item: InputItem) -> Path | None:
+    """The prompt file of ``item``: ``prompts`` itself, or for a folder of prompt files the one mirroring the
+    input's relative path (``<name>.json`` or ``.csv``)."""
+    if prompts is None or not prompts.is_dir():
+        return prompts
+    for suffix in PROMPT_SUFFIXES:
+        p = prompts / item.rel.with_suffix(suffix)
+        if p.is_file():
+            return p
+    raise DataError(f"no prompt file for {item.rel} in {prompts} ({item.rel.with_suffix('.json')} or .csv)")

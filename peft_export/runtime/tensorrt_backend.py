@@ -31,9 +31,9 @@ from peft_export.errors import (
     VerificationError,
     first_line,
 )
-from peft_export.imaging import PreprocessSpec
+from peft_export.files import member_path
 from peft_export.manifest import Manifest, read_json_document, read_manifest
-from peft_export.runtime.backend import mask_prompt_inputs
+from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def read_engine_meta(out_dir: str | os.PathLike, manifest: Manifest | None = Non
         raise DataError(f"{path} is incomplete (needs engines {', '.join(ENGINES)} and tensorrt_version, gpu, "
                         "precision); rebuild with `peft-export build-engine --force`")
     for role, entry in engines.items():
-        p = out_dir / entry["path"]
+        p = member_path(out_dir, entry.get("path") if isinstance(entry, dict) else None, f"the {role} engine")
         if not p.is_file():
             raise DataError(f"{out_dir}: {entry['path']} ({role} engine) listed in {ENGINE_META} is missing; rebuild "
                             f"with `peft-export build-engine {out_dir} --force`")
@@ -361,6 +361,21 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
+    @classmethod
+    def unavailable(cls, folder: Path, manifest: Manifest) -> str | None:
+        if not (Path(folder) / ENGINE_META).is_file():
+            return f"no TensorRT engines in {folder} (build them with `peft-export build-engine {folder}`)"
+        try:
+            import_tensorrt()
+            import_cudart()
+        except MissingDependencyError as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def open(cls, folder: Path, manifest: Manifest, options) -> TensorRTBackend:
+        return cls(folder, manifest=manifest)
+
     def __init__(self, out_dir: str | os.PathLike, *, manifest: Manifest | None = None, device: int = 0,
                  verify_files: bool = True):
         self.out_dir = Path(out_dir)
@@ -371,30 +386,23 @@ class TensorRTBackend:
         trt, cudart = env["trt"], env["cudart"]
         check_engine_compatible(self.meta, env["capabilities"]["version"], env["gpu"], self.out_dir)
         self.gpu = env["gpu"]
-        self.on_gpu = True  # (runtime.backend.default_batch_size)
-        self.preprocess: PreprocessSpec = m.preprocess_spec
-        self.multimask = bool(m.multimask)
-        self.baked = bool(m.baked_preprocessing)
-        self.embedding_shape = (1, *m.embedding)
-        self.mask_input_size = tuple(m.mask_input_size)
-        self.precision = self.meta.get("precision")
         runners = {}
         try:
             for role, (fname, _) in ENGINES.items():
-                plan = (self.out_dir / self.meta["engines"][role]["path"]).read_bytes()
+                plan = member_path(self.out_dir, self.meta["engines"][role]["path"], f"the {role} engine").read_bytes()
                 runners[role] = EngineRunner(trt, cudart, plan, fname)
         except BaseException:
             for r in runners.values():
                 r.close()
             raise
         self.encoder, self.decoder = runners["encoder"], runners["decoder"]
+        self._instance = None  # instance_decoder.onnx with ONNX Runtime (CUDA), loaded when first used
         if len(self.encoder.inputs) != 1:
             raise DataError(f"{self.out_dir}: encoder.engine should have one input, has {self.encoder.inputs}")
         self._enc_input = self.encoder.inputs[0]
         self._enc_output = "image_embeddings" if "image_embeddings" in self.encoder.outputs else self.encoder.outputs[0]
         enc_prof = self.encoder.profile.get(self._enc_input)
-        # images per encoder call: the profile's batch range (engines of batch-axis exports), else 1
-        self.max_batch = 1 if self.baked or enc_prof is None else int(enc_prof[2][0])
+        baked = bool(m.baked_preprocessing)
         absent = [n for n in (*DECODER_INPUTS, *DECODER_OUTPUTS) if n not in (*self.decoder.inputs,
                                                                               *self.decoder.outputs)]
         if absent:
@@ -406,16 +414,23 @@ class TensorRTBackend:
             prof = (shape, shape, shape)
         self.batch_range = (prof[0][0], prof[2][0])
         self.points_range = (prof[0][1], prof[2][1])
+        from peft_export.runtime.onnx_backend import manifest_info
+
+        # images per encoder call: the profile's batch range (engines of batch-axis exports), else 1
+        self.info = manifest_info(m, self.name, str(self.out_dir),
+                                  max_batch=1 if baked or enc_prof is None else int(enc_prof[2][0]), on_gpu=True,
+                                  precision=self.meta.get("precision") or m.precision,
+                                  details={"gpu": self.gpu.get("name"), "tensorrt": self.meta.get("tensorrt_version")})
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """``x``: preprocessed (B, 3, S, S) float32 images (run in chunks of the engine profile's largest batch),
         or for a baked graph the resized uint8 image."""
-        if self.baked:
+        if self.info.baked_preprocessing:
             out = self.encoder.run({self._enc_input: np.ascontiguousarray(x, np.uint8)})[self._enc_output]
             return out.astype(np.float32, copy=False)
         x = np.ascontiguousarray(x, np.float32)
-        outs = [self.encoder.run({self._enc_input: x[s: s + self.max_batch]})[self._enc_output]
-                for s in range(0, len(x), self.max_batch)]
+        step = self.info.max_batch
+        outs = [self.encoder.run({self._enc_input: x[s: s + step]})[self._enc_output] for s in range(0, len(x), step)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def decode(self, embedding, coords, labels, mask_input=None):
@@ -427,7 +442,7 @@ class TensorRTBackend:
             raise UsageError(f"a prompt with {n} points (padding included) does not fit decoder.engine, built for "
                              f"{lo} to {hi} points; rebuild with `peft-export build-engine {self.out_dir} "
                              f"--{'max' if n > hi else 'min'}-points {n} --force`")
-        mask_input, has = mask_prompt_inputs(b, mask_input, self.mask_input_size)
+        mask_input, has = mask_prompt_inputs(b, mask_input, self.info.mask_input_size)
         emb = np.ascontiguousarray(embedding, np.float32)
         bmin, bmax = self.batch_range
         lows, ious = [], []
@@ -442,7 +457,20 @@ class TensorRTBackend:
             ious.append(out["iou_predictions"][:k].astype(np.float32, copy=False))
         return np.concatenate(lows), np.concatenate(ious)
 
+    def instance_maps(self, embedding: np.ndarray) -> np.ndarray:
+        """The instance decoder runs its ONNX graph with ONNX Runtime (CUDA where it can): its engine is not used
+        yet."""
+        if not self.info.instance_decoder:
+            raise no_instance_decoder(self.info)
+        if self._instance is None:
+            from peft_export.runtime.onnx_backend import _import_ort, default_providers, ort_session
+
+            self._instance = ort_session(self.manifest.path_of(self.out_dir, "instance_decoder"),
+                                         default_providers(_import_ort()))
+        return self._instance.run(["instance_maps"], {
+            "image_embeddings": np.ascontiguousarray(embedding, np.float32)})[0]
+
     def close(self) -> None:
-        for r in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
+        for r in (getattr(self, "encoder", None), getattr(self, "decoder", None)):  # a half-built backend too
             if r is not None:
                 r.close()

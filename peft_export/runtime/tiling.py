@@ -15,52 +15,65 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import ConfigDict, model_validator
 
 from peft_export.errors import DataError, UsageError
+from peft_export.options import Options, option
 
 HALO_DIVISOR = 8  # default halo: tile // 8 (a core of 3/4 of the tile; 32 px for LiteMedSAM, 128 px for SAM)
 MIN_TILE = 16
-MODES = ("auto", "on", "off")
 
 
-@dataclass(frozen=True)
-class Tiling:
-    """How ``Segmenter.set_image`` embeds an image.
+class Tiling(Options):
+    """How ``Segmenter.set_image`` embeds an image (the tiling option family of predict, evaluate, embed).
 
     ``mode``: ``auto`` tiles when the (scaled) image is larger than ``tile`` (default: the model input size) in
-    either direction, ``on`` always tiles, ``off`` resizes the whole image to the model input (the behaviour
-    before tiling existed). ``halo``: default ``tile // 8``. ``scale``: the image is resized by this factor
-    before tiling (e.g. 0.5 for objects twice as large as the model was trained on).
+    either direction, ``on`` always tiles (an explicit ``--tile`` turns it on), ``off`` resizes the whole image to
+    the model input (``--no-tile``). ``halo``: default ``tile // 8``. ``scale``: the image is resized by this
+    factor before tiling (e.g. 0.5 for objects twice as large as the model was trained on).
     """
 
-    mode: str = "auto"
-    tile: int | None = None
-    halo: int | None = None
-    scale: float = 1.0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    family = "tiling"
+    panel = "Tiling"
+
+    tile: int | None = option(None, "Tile size in pixels (of the image after --scale). Images larger than it are "
+                              "embedded tile by tile at native resolution.",
+                              default_text="the model input: 256 LiteMedSAM, 1024 SAM")
+    halo: int | None = option(None, "Context added on each side of a tile's core, in pixels. Needs tile > 2 x halo.",
+                              default_text="tile / 8")
+    scale: float = option(1.0, "Resize images by this factor before tiling (e.g. 0.5 when objects are twice the "
+                          "trained size).", gt=0, le=16, allow_inf_nan=False)
+    no_tile: bool = option(False, "Resize the whole image to the model input instead of tiling.", cli="--no-tile")
+    mode: Literal["auto", "on", "off"] = option("auto", "auto, on or off (see the class docstring).", cli=False)
+
+    @model_validator(mode="after")
+    def _mode(self):
+        if self.halo is not None and self.halo < 0:
+            raise ValueError(f"--halo must be >= 0, got {self.halo}")
+        if self.tile is not None:  # one line per mistake, saying what to change (the halo's default: tile / 8)
+            check_tile(self.tile, self.halo if self.halo is not None else self.tile // HALO_DIVISOR)
+        if self.no_tile:
+            if self.tile is not None or self.halo is not None or self.scale != 1.0:
+                raise ValueError("--no-tile resizes the whole image to the model input: drop --tile/--halo/--scale")
+            object.__setattr__(self, "mode", "off")
+        elif self.tile is not None and self.mode == "auto":
+            object.__setattr__(self, "mode", "on")  # an explicit tile size turns tiling on
+        return self
 
     @classmethod
     def from_options(cls, tile: int | None = None, halo: int | None = None, scale: float | None = None,
                      no_tile: bool = False) -> Tiling:
-        """The CLI's ``--tile/--halo/--scale/--no-tile``: an explicit ``--tile`` turns tiling on."""
-        if no_tile and (tile is not None or halo is not None or scale is not None):
-            raise UsageError("--no-tile resizes the whole image to the model input: drop --tile/--halo/--scale")
-        mode = "off" if no_tile else ("on" if tile is not None else "auto")
-        t = cls(mode, tile, halo, 1.0 if scale is None else float(scale))
-        t.validate()
-        return t
+        """The CLI's ``--tile/--halo/--scale/--no-tile``."""
+        return cls.parse(tile=tile, halo=halo, scale=scale, no_tile=no_tile or None)
 
-    def validate(self, img_size: int | None = None) -> tuple[int, int] | None:
+    def sizes(self, img_size: int | None = None) -> tuple[int, int] | None:
         """(tile, halo) after defaults (None without ``img_size`` when no tile was given); UsageError if bad."""
-        if self.mode not in MODES:
-            raise UsageError(f"unknown tiling mode {self.mode!r}; choose {', '.join(MODES)}")
-        if not (math.isfinite(self.scale) and 0 < self.scale <= 16):
-            raise UsageError(f"--scale must be a factor in (0, 16], got {self.scale:g}")
         tile = self.tile if self.tile is not None else img_size
         if tile is None:
-            if self.halo is not None and self.halo < 0:
-                raise UsageError(f"--halo must be >= 0, got {self.halo}")
             return None
         halo = self.halo if self.halo is not None else tile // HALO_DIVISOR
         check_tile(int(tile), int(halo))

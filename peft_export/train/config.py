@@ -18,89 +18,111 @@ automatic segmentation's mSA on the validation images).
 
 from __future__ import annotations
 
-import math
-import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
+
+from pydantic import create_model
 
 from peft_export.errors import UsageError, first_line
-from peft_export.peft.options import PeftConfig, config_keys, peft_config_from
+from peft_export.options import Options, comma_list, option
+from peft_export.peft.options import PeftConfig, config_keys, peft_config_from, selection_fields
 
-RECIPES = ("auto", "study", "cpu")
-PATCH_SAMPLING = ("tiles", "random")
-AUGMENTATIONS = ("flip", "rot90", "intensity")
-TRUNK_CACHE = ("auto", "memory", "disk", "off")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-MULTIMASK = ("auto", "on", "off")
-VAL_METRICS = ("box", "point", "mean", "instance")
-VAL_PROMPTS = ("box", "point")
+TRAIN, DATA, VAL, RUN, AIS = "Training", "Data", "Validation", "Run", "Automatic instance segmentation"
 
 # the PEFT methods' options (peft/options.py): one field each, None = not given (the method's default)
 PEFT_KEYS: dict[str, type] = config_keys()
 
 
-@dataclass
-class _TrainFields:
-    # what to train (+ the PEFT options, after `blocks`)
-    model: str = "lite_medsam"
-    checkpoint: str | None = None
-    peft: str = "lora"
-    blocks: str = "all"
-    instance_decoder: bool = False  # train micro-sam's instance decoder jointly (its loss added)
-    instance_decoder_only: bool = False  # train only the instance decoder; SAM stays frozen
+class _TrainFields(Options):
+    """One finetune run's options (the YAML keys of --config and RUN_DIR/config.yaml)."""
+
+    family = "finetune"
+    panel = TRAIN
+
+    # what to train (+ the PEFT method, its blocks and options: selection_fields, panel PEFT)
+    model: str = option("lite_medsam", "Zoo model (lite_medsam, vit_b, vit_l, vit_h, vit_t) or a checkpoint file.")
+    checkpoint: str | None = option(None, "Base weights for --model (lite_medsam: bundled).", short="-c")
+    instance_decoder: bool = option(
+        False, "Also train micro-sam's instance decoder (foreground, centre and boundary distance maps for automatic "
+        "segmentation without prompts), its loss added to the prompt losses; merge-and-export writes it as "
+        "instance_decoder.onnx.", panel=AIS)
+    instance_decoder_only: bool = option(
+        False, "Train only the instance decoder on the frozen model (cheapest: with the trunk cache the encoder runs "
+        "once per patch); e.g. on a finetuned run: --model RUN/best.pt. Validation metric: the automatic "
+        "segmentation's mSA.", cli="--instance-decoder-only", panel=AIS)
     # data
-    data: str = "sample:dsb2018"
-    val: str | None = None
-    patch_size: int | None = None  # None: min(model input size, 512); 0: whole images
-    patch_sampling: str = "tiles"
-    augment: list[str] = field(default_factory=list)
-    min_object_area: int = 10
+    data: str = option("sample:dsb2018", "DIR with images/ + labels/ (optional train/ val/ sub-folders), or "
+                       "sample:dsb2018.", short="-d", panel=DATA)
+    val: str | None = option(None, "Validation DIR.", panel=DATA, default_text="the val split of --data, if any")
+    patch_size: int | None = option(None, "Training patch size in image pixels (0: whole images); resized to the "
+                                    "model input.", ge=0, panel=DATA, default_text="the model input, at most 512")
+    patch_sampling: Literal["tiles", "random"] = option("tiles", "tiles (a fixed grid) or random crops.", panel=DATA)
+    augment: comma_list(Literal["flip", "rot90", "intensity"]) = option(
+        [], "Comma-separated augmentations: flip, rot90, intensity.", panel=DATA)
+    min_object_area: int = option(10, "Smallest object (pixels at model resolution) used for training.", ge=1,
+                                  panel=DATA)
     # recipe
-    recipe: str = "auto"
-    epochs: int | None = None
-    iterations: int | None = None
-    samples_per_epoch: int | None = None  # None: one pass over the training patches
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 0.01
-    objects_per_image: int | None = None
-    sub_iterations: int | None = None
-    mask_prob: float = 0.5
-    multimask: str = "auto"
-    scheduler_factor: float = 0.9
-    scheduler_patience: int = 10
-    early_stopping: int = 10
+    recipe: Literal["auto", "study", "cpu"] = option(
+        "auto", "Preset for the options that default to it: study (micro-sam's defaults), cpu (a few CPU-minutes), "
+        "auto (study on CUDA, cpu otherwise).")
+    epochs: int | None = option(None, "Number of epochs.", ge=1, default_text="recipe: cpu 6, study 100")
+    iterations: int | None = option(None, "Number of optimisation steps instead of --epochs.", ge=1)
+    samples_per_epoch: int | None = option(None, "Images per epoch.", ge=1, default_text="one pass over the "
+                                           "training patches")
+    batch_size: int | None = option(None, "Images per step; embeddings computed once per batch.", ge=1,
+                                    default_text="recipe: cpu 1, study 2")
+    lr: float | None = option(None, "AdamW learning rate.", gt=0, allow_inf_nan=False,
+                              default_text="recipe: cpu 2e-4, study 1e-5")
+    weight_decay: float = option(0.01, "AdamW weight decay.", ge=0, allow_inf_nan=False)
+    objects_per_image: int | None = option(None, "Objects sampled per image.", ge=1,
+                                           default_text="recipe: cpu 6, study 25")
+    sub_iterations: int | None = option(None, "Iterative-correction rounds per step.", ge=1,
+                                        default_text="recipe: cpu 2, study 8")
+    mask_prob: float = option(0.5, "Probability of feeding the previous logits as mask input.", ge=0, le=1)
+    multimask: Literal["auto", "on", "off"] = option(
+        "auto", "3 masks for the first point prompt (the study); auto: on when the model's multimask outputs were "
+        "trained (not LiteMedSAM).")
+    scheduler_factor: float = option(0.9, "ReduceLROnPlateau factor.", gt=0, le=1)
+    scheduler_patience: int = option(10, "ReduceLROnPlateau patience in epochs.", ge=0)
+    early_stopping: int = option(10, "Stop after N epochs without improvement (0: never).", ge=0)
     # validation
-    val_every: int = 1
-    val_prompts: list[str] = field(default_factory=lambda: ["box", "point"])
-    val_metric: str = "box"
-    val_before: bool = True
+    val_every: int = option(1, "Validate every N epochs.", ge=1, panel=VAL)
+    val_prompts: comma_list(Literal["box", "point"]) = option(["box", "point"], "Prompt types to validate: box, "
+                                                              "point.", min_length=1, panel=VAL)
+    val_metric: Literal["box", "point", "mean", "instance"] = option(
+        "box", "Metric for best.pt, the scheduler and early stopping: box, point or mean (mean IoU), or instance "
+        "(the instance decoder's automatic segmentation mSA).", panel=VAL,
+        default_text="box; instance with --instance-decoder-only")
+    val_before: bool = option(True, "Validate before training (epoch 0 in metrics.jsonl).", panel=VAL)
     # machinery
-    trunk_cache: str = "auto"
-    trunk_cache_mb: int = 2048
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int = 0  # torch's CPU threads; 0: torch's default
-    seed: int = 0
+    trunk_cache: Literal["auto", "memory", "disk", "off"] = option(
+        "auto", "Cache the frozen encoder trunk's output per repeating input.", panel=RUN)
+    trunk_cache_mb: int = option(2048, "Size budget of the trunk cache in MiB.", ge=0, panel=RUN)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto, cpu or cuda.", panel=RUN)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = option(
+        "auto", "auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16.", panel=RUN)
+    threads: int = option(0, "CPU threads of torch (0: torch's default, one per core). On a small CPU shared with "
+                          "other jobs, 1 is often faster.", ge=0, panel=RUN)
+    seed: int = option(0, "Seed of every random choice.", panel=RUN)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        keys = [k for k in d if k not in PEFT_KEYS]
-        at = keys.index("blocks") + 1
-        return {k: d[k] for k in (*keys[:at], *PEFT_KEYS, *keys[at:])}
+        """By key: the model, the PEFT method, its blocks and options, then the rest (RUN_DIR/config.yaml)."""
+        d = self.model_dump(mode="json")
+        peft = ("peft", "blocks", *PEFT_KEYS)
+        keys = [k for k in d if k not in peft]
+        at = keys.index("checkpoint") + 1
+        return {k: d[k] for k in (*keys[:at], *peft, *keys[at:])}
 
     def peft_config(self, warn: Callable[[str], None] | None = None) -> PeftConfig:
         """The run's PEFT method, placement and options (validated; options it does not have: ``warn``)."""
         return peft_config_from(self.peft, self.blocks, {k: getattr(self, k) for k in PEFT_KEYS}, warn)
 
 
-TrainConfig = make_dataclass("TrainConfig", [(k, t | None, field(default=None)) for k, t in PEFT_KEYS.items()],
-                             bases=(_TrainFields,))
-TrainConfig.__doc__ = "One finetune run's options (the YAML keys of --config and RUN_DIR/config.yaml)."
-TrainConfig.__module__ = __name__
+TrainConfig = create_model("TrainConfig", __base__=_TrainFields, __module__=__name__,
+                           **selection_fields("lora", "all"))
+TrainConfig.__doc__ = _TrainFields.__doc__
+TrainOptions = TrainConfig  # the training family's name among the option families
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,13 +135,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESUME_MUTABLE = ("epochs", "iterations", "early_stopping", "val_every", "device", "trunk_cache", "trunk_cache_mb",
                   "threads")
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-_TYPES = get_type_hints(TrainConfig)
+# command-line-only flags: never configuration keys
+CLI_ONLY = ("out", "resume", "force", "config", "quiet", "json")
 _ALIASES = {"method": "peft", "placement": "blocks", "checkpoint_path": "checkpoint", "val_data": "val"}
 
 
 def field_names() -> tuple[str, ...]:
-    return tuple(_FIELDS)
+    return tuple(TrainConfig.model_fields)
 
 
 def _norm_key(key: str) -> str:
@@ -162,89 +184,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         k = _norm_key(key)
-        if k in ("out", "resume", "force", "config", "quiet", "json"):
+        if k in CLI_ONLY:
             raise UsageError(f"config file {p}: {key!r} is a command-line-only option")
-        if k not in _FIELDS:
-            raise UsageError(f"config file {p}: unknown option {key!r} (options: {', '.join(_FIELDS)})")
+        if k not in TrainConfig.model_fields:
+            raise UsageError(f"config file {p}: unknown option {key!r} (options: {', '.join(field_names())})")
         out[k] = value
     return out
 
 
-def _as_list(value: Any, allowed: tuple[str, ...], what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
-    elif isinstance(value, (list, tuple)):
-        items = [str(v).strip() for v in value]
-    else:
-        raise UsageError(f"{what} must be a comma-separated list, got {value!r}")
-    bad = [v for v in items if v not in allowed]
-    if bad:
-        raise UsageError(f"unknown {what} {bad[0]!r}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Type-check one value (config files carry any YAML type)."""
-    if value is None:
-        return None
-    kind = _TYPES[name]
-    if get_origin(kind) in (Union, types.UnionType):  # X | None
-        kind = next(a for a in get_args(kind) if a is not type(None))
-    try:
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            v = float(value)
-            if not math.isfinite(v):
-                raise ValueError
-            return v
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if get_origin(kind) is list:
-            return value
-        if isinstance(value, (dict, list)):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"option {name.replace('_', '-')}: invalid value {value!r}") from None
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UsageError(f"unknown {name.replace('_', '-')} {value!r}; choose from {', '.join(allowed)}")
+def _given(src: dict[str, Any] | None) -> dict[str, Any]:
+    out = {}
+    for k, v in (src or {}).items():
+        k = _norm_key(k)
+        if k not in TrainConfig.model_fields:
+            raise UsageError(f"unknown option {k!r}")
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def resolve_config(file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None, *,
                    cuda_available: bool = False) -> TrainConfig:
     """Preset < file < command line; validated. ``cli_values`` holds only options the user gave (not None)."""
     given: dict[str, Any] = {}
-    for src in (file_values or {}, cli_values or {}):
-        layer = {}
-        for k, v in src.items():
-            k = _norm_key(k)
-            if k not in _FIELDS:
-                raise UsageError(f"unknown option {k!r}")
-            if v is not None:
-                layer[k] = _coerce(k, v)
+    for src in (file_values, cli_values):
+        layer = _given(src)
         # --epochs and --iterations are one choice: a later source's choice replaces an earlier one's
         if "epochs" in layer or "iterations" in layer:
             given.pop("epochs", None)
             given.pop("iterations", None)
         given.update(layer)
-    recipe = given.get("recipe", "auto")
-    _choice("recipe", recipe, RECIPES)
+    recipe = TrainConfig.parse(recipe=given.get("recipe")).recipe
     preset = PRESETS["study" if recipe == "study" or (recipe == "auto" and cuda_available) else "cpu"]
     values = {**preset, **given}
     if values.get("instance_decoder_only"):
@@ -252,52 +222,22 @@ def resolve_config(file_values: dict[str, Any] | None = None, cli_values: dict[s
         values.setdefault("val_metric", "instance")
     if "iterations" in given and "epochs" not in given:
         values["epochs"] = None
-    cfg = TrainConfig(**values)
-    cfg.augment = _as_list(cfg.augment, AUGMENTATIONS, "augmentation")
-    cfg.val_prompts = _as_list(cfg.val_prompts, VAL_PROMPTS, "validation prompt type")
+    cfg = TrainConfig.parse(values)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
+    """What one field cannot say alone (each field's own range is checked by its declaration)."""
     cfg.peft_config()  # the method and its option values (placement is checked against the model)
-    _choice("patch_sampling", cfg.patch_sampling, PATCH_SAMPLING)
-    _choice("trunk_cache", cfg.trunk_cache, TRUNK_CACHE)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _choice("device", cfg.device, DEVICES)
-    _choice("multimask", cfg.multimask, MULTIMASK)
-    _choice("val_metric", cfg.val_metric, VAL_METRICS)
     if cfg.epochs is not None and cfg.iterations is not None:
         raise UsageError("give --epochs or --iterations, not both")
     if cfg.epochs is None and cfg.iterations is None:
         raise UsageError("give --epochs N or --iterations N")
-    positive = {"epochs": cfg.epochs, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
-                "objects_per_image": cfg.objects_per_image, "sub_iterations": cfg.sub_iterations,
-                "val_every": cfg.val_every, "samples_per_epoch": cfg.samples_per_epoch,
-                "min_object_area": cfg.min_object_area}
-    for name, v in positive.items():
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if cfg.lr is None or cfg.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.weight_decay < 0:
-        raise UsageError("--weight-decay must be >= 0")
-    if not 0 <= cfg.mask_prob <= 1:
-        raise UsageError(f"--mask-prob must be in [0, 1], got {cfg.mask_prob}")
-    if not 0 < cfg.scheduler_factor <= 1:
-        raise UsageError("--scheduler-factor must be in (0, 1]")
-    if cfg.scheduler_patience < 0 or cfg.early_stopping < 0:
-        raise UsageError("patience values must be >= 0 (0 turns early stopping off)")
-    if cfg.patch_size is not None and cfg.patch_size < 0:
-        raise UsageError("--patch-size must be >= 0 (0: whole images)")
+    if cfg.lr is None:
+        raise UsageError("--lr must be given (no recipe preset set it)")
     if cfg.patch_size == 0 and cfg.patch_sampling == "random":
         raise UsageError("--patch-sampling random needs a --patch-size")
-    if cfg.trunk_cache_mb < 0:
-        raise UsageError("--trunk-cache-mb must be >= 0")
-    if cfg.threads < 0:
-        raise UsageError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
-    if not cfg.val_prompts:
-        raise UsageError("--val-prompts is empty; choose from box, point")
     if cfg.val_metric in ("box", "point") and cfg.val_metric not in cfg.val_prompts:
         raise UsageError(f"--val-metric {cfg.val_metric} needs {cfg.val_metric} in --val-prompts")
     if cfg.instance_decoder_only and not cfg.instance_decoder:
@@ -319,7 +259,7 @@ def diff_for_resume(saved: dict[str, Any], new: TrainConfig, given: set[str]) ->
     for k in sorted(given):
         if k in RESUME_MUTABLE or k not in saved:
             continue
-        if _coerce(k, saved[k]) != getattr(new, k):
+        if getattr(TrainConfig.parse({k: saved[k]}), k) != getattr(new, k):
             bad.append(f"{k.replace('_', '-')} (run: {saved[k]!r}, given: {getattr(new, k)!r})")
     return bad
 
@@ -333,8 +273,8 @@ def config_for_resume(saved: dict[str, Any], file_values: dict[str, Any] | None 
         for k, v in src.items():
             if v is not None:
                 given[_norm_key(k)] = v
-    known = {k: v for k, v in saved.items() if k in _FIELDS}
-    base = TrainConfig(**known)
+    known = {k: v for k, v in saved.items() if k in TrainConfig.model_fields}
+    base = TrainConfig.parse(known)
     probe = resolve_config({**known, "epochs": None, "iterations": None,
                             **{k: v for k, v in given.items()}, **_schedule(known, given)})
     bad = diff_for_resume(known, probe, set(given))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peft_export.errors import UsageError
+from peft_export.files import clean_stale
 from peft_export.train.config import TrainConfig, config_for_resume, resolve_config, to_yaml
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "latest.pt", "best.pt", "summary.json")
@@ -46,6 +47,7 @@ class RunFolder:
         from peft_export.models.checkpoint import read_checkpoint
 
         self.check(resume=True, force=False)
+        clean_stale(self.path, recursive=True)
         ckpt = read_checkpoint(self.latest)
         if not isinstance((ckpt.raw.get("training") or {}).get("config"), dict):
             raise UsageError(f"{self.latest} is not a finetune checkpoint")
@@ -54,6 +56,7 @@ class RunFolder:
     def start(self, *, force: bool) -> None:
         """Make the folder for a new run; with ``force`` remove the run's own files (others stay)."""
         self.check(resume=False, force=force)
+        clean_stale(self.path, recursive=True)  # what a killed run's atomic writes left (peft_export/files.py)
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         if self.cache_dir.is_dir():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_export.devices import autocast, autocast_tag
+from peft_export.models.devices import autocast, autocast_tag
 from peft_export.train.distributed import Dist
 from peft_export.train.recipe import RecipeSettings, image_loss
 from peft_export.train.trunk import TrunkCache

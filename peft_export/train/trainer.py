@@ -5,7 +5,7 @@
     summary = finetune(cfg, "runs/a")
 
 The parts, each in its module: the run folder and its checks (:mod:`.run_folder`), processes and DDP
-(:mod:`.distributed`), devices and precisions (:mod:`peft_export.devices`), the step's losses and update
+(:mod:`.distributed`), devices and precisions (:mod:`peft_export.models.devices`), the step's losses and update
 (:mod:`.step`), the checkpointed state (:mod:`.state`), validation (:mod:`.validation`) and the epoch loop with
 Ctrl-C, NaN stop and early stopping (:mod:`.loop`). Randomness: data order, crops, augmentation, object choice
 and prompt points come from counter-based generators (:func:`peft_export.train.data.rng_for`); torch's generator
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from peft_export.devices import peak_memory_mb, resolve_device, resolve_precision, wants_cuda
 from peft_export.errors import UsageError
+from peft_export.models.devices import peak_memory_mb, resolve_device, resolve_precision, wants_cuda
 from peft_export.peft.options import parse_options
 from peft_export.train.config import TrainConfig
 from peft_export.train.data import TrainData
@@ -134,7 +134,7 @@ class Trainer:
                 self.peft_config = self._run_peft_config()
                 apply_peft(self.model, self.peft_config, self.spec.name)
         else:
-            from peft_export.models.loading import load_model
+            from peft_export.loading import load_model
 
             loaded = load_model(str(self.folder.latest))
             self.model, base_decoder = loaded.model, loaded.instance_decoder
@@ -211,7 +211,7 @@ class Trainer:
 
     def _base_model(self, name: str):
         """(model, where it came from, its instance decoder or None)."""
-        from peft_export.models.loading import load_model
+        from peft_export.loading import load_model
 
         model_arg = self.cfg.model
         if self.spec.test_only and self.cfg.checkpoint is None and model_arg == name:

@@ -6,6 +6,7 @@ also the automatic segmentation (``instance``: mSA, precision/recall/F1 at IoU 0
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,12 +36,8 @@ class _ValBackend:
         from peft_export.models.torch_backend import TorchBackend
 
         self._inner = TorchBackend(model, spec.preprocess, device, multimask=spec.multimask,
-                                   instance_decoder=instance_decoder)
-        self.name = "torch"
-        self.preprocess = spec.preprocess
-        self.multimask = spec.multimask
-        self.embedding_shape = self._inner.embedding_shape
-        self.mask_input_size = self._inner.mask_input_size
+                                   instance_decoder=instance_decoder, name=spec.name, source="training")
+        self.info = replace(self._inner.info, max_batch=1)  # the trunk cache encodes one image per call
         self.cache = cache
         self.device = torch.device(device)
 
@@ -52,10 +49,6 @@ class _ValBackend:
 
     def decode(self, embedding, coords, labels, mask_input=None):
         return self._inner.decode(embedding, coords, labels, mask_input)
-
-    @property
-    def instance_decoder_available(self) -> bool:
-        return self._inner.instance_decoder is not None
 
     def instance_maps(self, embedding):
         return self._inner.instance_maps(embedding)
@@ -102,8 +95,9 @@ class Validator:
 
 def _instance_figures(backend, samples) -> dict:
     """Automatic segmentation with the instance decoder (default post-processing), without the per-image list."""
-    from peft_export.runtime.instances import evaluate_instances
+    from peft_export.runtime.evaluate import evaluate_instances
+    from peft_export.runtime.strategies import AutoOptions
 
-    res = evaluate_instances(backend, samples, method="instance")
+    res = evaluate_instances(backend, samples, AutoOptions(method="instance"))
     keys = ("msa", "f1", "precision", "recall", "mean_iou", "objects_pred", "objects_true")
     return {k: res[k] for k in keys}

@@ -29,32 +29,14 @@ fp16/int8); a failed gate leaves nothing behind.
 
 from __future__ import annotations
 
-from peft_export.export.tensorrt.build import Prepared, Progress, build_engines, existing_outputs, preflight
-from peft_export.export.tensorrt.graph import GraphFacts, TensorSpec, qdq_refusal, read_onnx
-from peft_export.export.tensorrt.options import (
-    DEFAULT_MIN_IOU,
-    DEFAULT_TOLERANCE,
-    PRECISIONS,
-    EngineOptions,
-    check_range,
-    parse_size,
-)
-from peft_export.export.tensorrt.plan import (
-    BuildPlan,
-    EnginePlan,
-    Resolved,
-    decoder_profile,
-    encoder_profile,
-    installed_capabilities,
-    plan_engines,
-    resolve_precision,
-    trtexec_command,
-)
-from peft_export.export.tensorrt.verify import check_parity
+from peft_export.lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "PRECISIONS", "BuildPlan", "EngineOptions", "EnginePlan", "GraphFacts",
-    "Prepared", "Progress", "Resolved", "TensorSpec", "build_engines", "check_parity", "check_range",
-    "decoder_profile", "encoder_profile", "existing_outputs", "installed_capabilities", "parse_size",
-    "plan_engines", "preflight", "qdq_refusal", "read_onnx", "resolve_precision", "trtexec_command",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    **dict.fromkeys(("Preflight", "Progress", "build_engines", "existing_outputs", "preflight"), "build"),
+    **dict.fromkeys(("GraphFacts", "TensorSpec", "qdq_refusal", "read_onnx"), "graph"),
+    **dict.fromkeys(("DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "PRECISIONS", "EngineOptions", "check_range",
+                     "parse_size"), "options"),
+    **dict.fromkeys(("BuildPlan", "EnginePlan", "Resolved", "decoder_profile", "encoder_profile",
+                     "installed_capabilities", "plan_engines", "resolve_precision", "trtexec_command"), "plan"),
+    "check_parity": "verify",
+})

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from peft_export.errors import DataError, PeftExportError, UsageError, Verificat
 from peft_export.export.tensorrt.options import EngineOptions
 from peft_export.export.tensorrt.plan import BuildPlan, EnginePlan, plan_engines
 from peft_export.export.tensorrt.verify import check_parity
+from peft_export.files import clean_stale, scratch_dir
 from peft_export.runtime import tensorrt_backend as _rt
 from peft_export.runtime.tensorrt_backend import (
     ALL_ENGINES,
@@ -39,12 +38,12 @@ def existing_outputs(out_dir: Path) -> list[Path]:
 
 
 @dataclass
-class Prepared:
+class Preflight:
     plan: BuildPlan
     env: dict[str, Any]
 
 
-def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False) -> Prepared:
+def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False) -> Preflight:
     """Every check that needs no building, in the order a user should hear about problems: options and export;
     existing engines (refused without ``force``); TensorRT, cuda-python and a CUDA GPU (MissingDependencyError,
     exit code 2); what this TensorRT can build at the requested precision. Writes nothing."""
@@ -55,12 +54,12 @@ def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, 
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; pass --force to rebuild the engines")
     env = _rt.environment(opts.device)
-    return Prepared(plan.with_capabilities(env["capabilities"]), env)
+    return Preflight(plan.with_capabilities(env["capabilities"]), env)
 
 
 def build_engines(out_dir: str | os.PathLike, options: EngineOptions | None = None, *, force: bool = False,
                   progress: Progress | None = None, info: Callable[[str], None] | None = None,
-                  prepared: Prepared | None = None) -> dict[str, Any]:
+                  prepared: Preflight | None = None) -> dict[str, Any]:
     """Build, check and publish both engines; returns the ``engine.json`` content.
 
     After :func:`preflight` (or its result ``prepared``): both engines are built into a temporary folder inside
@@ -72,6 +71,7 @@ def build_engines(out_dir: str | os.PathLike, options: EngineOptions | None = No
     out_dir = Path(out_dir)
     say = info or (lambda msg: None)
     prepared = prepared or preflight(out_dir, opts, force=force)
+    clean_stale(out_dir)
     plan, env = prepared.plan, prepared.env
     steps = plan.steps
 
@@ -84,9 +84,8 @@ def build_engines(out_dir: str | os.PathLike, options: EngineOptions | None = No
     say("equivalent trtexec commands:\n" + "\n".join(shlex.join(a) for a in plan.trtexec().values()))
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
     cache = (cache_path.read_bytes() if cache_path.is_file() else b"") if cache_path is not None else None
-    tmp = Path(tempfile.mkdtemp(prefix=".build-engine-", dir=out_dir))
     t_start = time.perf_counter()
-    try:
+    with scratch_dir(out_dir / "engines") as tmp:  # recognisable: removed by the next run if this one is killed
         built, cache = _build_all(env, plan, tmp, cache, step)
         parity, io = _load_and_compare(env, plan, tmp, step)
         if opts.verify and not parity["passed"]:
@@ -95,8 +94,6 @@ def build_engines(out_dir: str | os.PathLike, options: EngineOptions | None = No
                                     f"was written (try {hint}--tolerance / --min-iou if the difference is acceptable)")
         meta = _metadata(plan, env, tmp, built, io, parity, time.perf_counter() - t_start)
         _publish(plan, tmp, out_dir, meta)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     step("done")
     if cache_path is not None and cache:
         atomic_write(cache_path, lambda p: p.write_bytes(cache))
@@ -224,7 +221,7 @@ def _metadata(plan: BuildPlan, env, tmp: Path, built, io, parity, total: float) 
         "tf32": not plan.no_tf32,
         "export": {"model": plan.manifest.model, "precision": plan.manifest.precision,
                    "baked_preprocessing": plan.manifest.baked_preprocessing},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("verify", "device")},
+        "options": {k: v for k, v in opts.to_dict().items() if k not in ("verify", "device")},
         "workspace_bytes": opts.workspace_bytes,
         "timing_cache": str(Path(opts.timing_cache)) if opts.timing_cache else None,
         "engines": engines,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
 
 from peft_export.errors import UsageError
+from peft_export.options import Options, option
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MIN_IOU = {"fp16": 0.99, "int8": 0.95}
@@ -31,36 +35,42 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-@dataclass
-class EngineOptions:
-    precision: str | None = None  # None: the export's precision
-    min_points: int = 1
-    opt_points: int = 4
-    max_points: int = 16
-    min_batch: int = 1
-    opt_batch: int = 16
-    max_batch: int = 64
-    encoder_batch: int = 4  # tiles per encoder call: the encoder profile's opt and max (min 1)
-    workspace: str | int = "4GiB"
-    timing_cache: str | None = None
-    tf32: bool = False  # allow TF32 math in fp32 layers (faster on Ampere+, not fp32-exact)
-    verify: bool = True
-    tolerance: float = DEFAULT_TOLERANCE  # fp32 engines: max |diff| / max(1, max |reference|)
-    min_iou: float | None = None  # fp16/int8 engines: mask IoU vs ONNX Runtime (default 0.99 / 0.95)
-    device: int = 0
+class EngineOptions(Options):
+    """How ``build-engine`` builds and checks TensorRT engines."""
 
-    def validate(self) -> None:
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}")
+    family = "engine"
+    panel = "Engine"
+
+    precision: Literal["fp32", "fp16", "int8"] | None = option(
+        None, "fp32, fp16 or int8 (see the command's help).", default_text="the export's precision")
+    min_points: int = option(1, "Fewest points per prompt (padding included).", panel="Decoder profile")
+    opt_points: int = option(4, "Points per prompt the decoder is tuned for.", panel="Decoder profile")
+    max_points: int = option(16, "Most points per prompt (padding included).", panel="Decoder profile")
+    min_batch: int = option(1, "Fewest prompts per decoder call.", panel="Decoder profile")
+    opt_batch: int = option(16, "Prompts per call the decoder is tuned for.", panel="Decoder profile")
+    max_batch: int = option(64, "Most prompts per call (larger batches are split).", panel="Decoder profile")
+    encoder_batch: int = option(4, "Most image tiles per encoder call (the encoder profile's opt and max; predict "
+                                "--batch-size up to it).", ge=1)
+    workspace: str | int = option("4GiB", "TensorRT workspace limit, e.g. 4GiB, 512MiB (a plain number is MiB).")
+    timing_cache: str | None = option(None, "Timing cache file: read if it exists, updated after a successful build.")
+    tf32: bool = option(False, "Allow TF32 math in fp32 layers (faster on Ampere and newer; then gated on mask IoU, "
+                        "not max |diff|).", cli="--tf32")
+    verify: bool = option(True, "Compare the engines with ONNX Runtime; --no-verify skips it (recorded in engine.json "
+                          "as unverified).", panel="Gate")
+    tolerance: float = option(DEFAULT_TOLERANCE, "fp32 gate: max |diff| / max(1, largest reference value).", gt=0,
+                              lt=1, panel="Gate")
+    min_iou: float | None = option(None, "fp16/int8 gate: mask IoU vs ONNX Runtime.", gt=0, le=1, panel="Gate",
+                                   default_text="0.99 fp16, 0.95 int8")
+    device: int = option(0, "CUDA device index.", ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self):
         check_range("points", self.min_points, self.opt_points, self.max_points)
         check_range("batch", self.min_batch, self.opt_batch, self.max_batch)
-        if self.encoder_batch < 1:
-            raise UsageError(f"--encoder-batch must be at least 1, got {self.encoder_batch}")
         parse_size(self.workspace)
-        if not 0 < self.tolerance < 1:
-            raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
-        if self.min_iou is not None and not 0 < self.min_iou <= 1:
-            raise UsageError(f"--min-iou must be in (0, 1], got {self.min_iou}")
+        if self.timing_cache:
+            object.__setattr__(self, "timing_cache", str(Path(self.timing_cache).expanduser().resolve()))
+        return self
 
     @property
     def workspace_bytes(self) -> int:

@@ -232,7 +232,6 @@ def plan_engines(out_dir: str | os.PathLike, options: EngineOptions | None = Non
                  verify_files: bool = True) -> BuildPlan:
     """Validate the options against the export and derive the profiles and trtexec lines. Needs no TensorRT."""
     opts = options or EngineOptions()
-    opts.validate()
     out_dir = Path(out_dir)
     manifest = manifest or read_manifest(out_dir, verify_files=verify_files)
     engines = {role: _engine_plan(out_dir, manifest, role, opts) for role in ENGINES}

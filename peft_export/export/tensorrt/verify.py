@@ -70,9 +70,9 @@ def check_parity(plan, encoder: EngineRunner, decoder: EngineRunner) -> dict[str
     """
     from peft_export.runtime.onnx_backend import OnnxBackend
 
-    ref = OnnxBackend(plan.out_dir, ["CPUExecutionProvider"], manifest=plan.manifest)
+    ref = OnnxBackend(plan.out_dir, plan.manifest, providers=["CPUExecutionProvider"])
     trt = _Engines(encoder, decoder, tuple(plan.manifest.mask_input_size))
-    image, image_name = sample_image(int(ref.preprocess.img_size))
+    image, image_name = sample_image(ref.info.img_size)
     x, prep = prepare_input(ref, image)
     ref_emb = np.asarray(ref.embed(x), np.float32)
     trt_emb = trt.embed(x)

@@ -141,3 +141,46 @@ def _adapt_foreign_peft(peft: dict | None, ckpt: Checkpoint) -> dict | None:
         peft["options"]["patch_embed"] = any(k.startswith("image_encoder.patch_embed.") and k.endswith(".scale")
                                              for k in ckpt.state_dict)
     return peft
+
+
+EVALUATION_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+
+
+def evaluation_backend(model: str, checkpoint: str | None = None, backend: str = "auto", device: str = "auto",
+                       runtime=None):
+    """What ``evaluate`` runs: PyTorch for checkpoints and zoo names, a runtime backend (the runtime's opener,
+    ``backend`` auto or named, the other ``runtime`` options as given) for export folders and packages. Returns
+    (backend, description dict)."""
+    from peft_export.errors import DataError
+    from peft_export.manifest import export_command, not_an_export
+    from peft_export.runtime.backends import RuntimeOptions, is_export_folder, open_model
+    from peft_export.runtime.outputs import export_record
+    from peft_export.runtime.package import is_package
+
+    if backend not in EVALUATION_BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(EVALUATION_BACKENDS)}")
+    if is_export_folder(model) or is_package(model):
+        if backend == "torch":
+            raise UsageError(f"{model} is an export: evaluate it with a runtime backend (--backend auto)")
+        if checkpoint is not None:
+            raise UsageError("--checkpoint does not apply to an export folder")
+        from peft_export.runtime.cpu import describe_run
+
+        be = open_model(model, (runtime or RuntimeOptions()).replace(backend=backend))
+        return be, {**describe_run(be.info), "export": export_record(model)}
+    if Path(model).is_dir():  # a training run folder, or any folder without a manifest: say what it is
+        raise DataError(not_an_export(model))
+    if backend not in ("auto", "torch"):
+        if Path(model).is_file():
+            raise UsageError(f"{model} is a training checkpoint, not an export folder: --backend {backend} runs "
+                             f"exports; make one with `{export_command(model)}`, or evaluate the checkpoint in "
+                             "PyTorch (--backend torch)")
+        raise UsageError(f"--backend {backend} runs export folders; export {model} first "
+                         "(peft-export export / merge-and-export) or use --backend torch")
+    from peft_export.models.devices import resolve_device
+    from peft_export.models.torch_backend import TorchBackend
+
+    loaded = load_model(model, checkpoint)
+    be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask,
+                      instance_decoder=loaded.instance_decoder, name=loaded.spec.name, source=loaded.source)
+    return be, {**be.info.describe(), "peft": loaded.peft}
