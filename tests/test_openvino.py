@@ -39,13 +39,13 @@ def test_openvino_f32_matches_onnxruntime(tiny_export, rng):
     ov, ort = _backends(tiny_export.out_dir)
     assert ov.info.name == "openvino" and ov.info.compute == "f32" and ov.info.precision == "fp32"
     assert ov.info.details["cpu"]["model"]
-    s = ov.preprocess.img_size
+    s = ov.info.img_size
     x = rng.standard_normal((2, 3, s, s)).astype(np.float32)  # two images: one encoder call each
     emb_ov, emb_ort = ov.embed(x), ort.embed(x)
     _close(emb_ov, emb_ort)
     coords = np.array([[[10, 12], [40, 50]], [[30, 30], [0, 0]]], np.float32)
     labels = np.array([[2, 3], [1, -1]], np.float32)
-    for mask_input in (None, rng.standard_normal((2, 1, *ov.mask_input_size)).astype(np.float32)):
+    for mask_input in (None, rng.standard_normal((2, 1, *ov.info.mask_input_size)).astype(np.float32)):
         lo_ov, iou_ov = ov.decode(emb_ort[:1], coords, labels, mask_input)
         lo_ort, iou_ort = ort.decode(emb_ort[:1], coords, labels, mask_input)
         _close(lo_ov, lo_ort)
@@ -131,7 +131,7 @@ def test_gated_precisions_run_close_to_f32(tiny_export, tmp_path, rng):
     record = run_cpu_gate(out, CpuGateOptions(precisions=("bf16", *_int8()), iou=0.5, gate_images=1, gate_objects=4,
                                               rounds=1, calibration_images=2))
     f32 = OpenVinoBackend(out, "f32", cache="off")
-    x = rng.standard_normal((1, 3, f32.preprocess.img_size, f32.preprocess.img_size)).astype(np.float32)
+    x = rng.standard_normal((1, 3, f32.info.img_size, f32.info.img_size)).astype(np.float32)
     ref = f32.embed(x)
     passed = [p for p, r in record["precisions"].items() if r.get("passed")]
     assert passed or (not record["cpu"]["bf16"] and not _int8())
@@ -214,7 +214,7 @@ def test_openvino_evaluate_matches_onnxruntime_on_real_model(lite_export_fp32, r
                                  *(("--inference-precision", "f32") if backend == "openvino" else ()))
         assert code == 0, err
         reports[backend] = json.loads(out)
-    assert reports["openvino"]["runtime"]["compute"] == "f32"
+    assert reports["openvino"]["backend"] == "openvino" and reports["openvino"]["compute"] == "f32"
     for kind in ("box", "point"):
         a, b = (reports[k]["results"][kind] for k in ("openvino", "onnxruntime"))
         assert a["objects"] == b["objects"] > 20

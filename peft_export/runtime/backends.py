@@ -85,7 +85,10 @@ def _ort_has_cuda() -> bool:
     """An ONNX Runtime build with the CUDA provider and a GPU device node (onnxruntime is not imported when absent)."""
     import importlib.util
 
-    if importlib.util.find_spec("onnxruntime") is None:
+    try:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False
+    except (ImportError, ValueError):
         return False
     from peft_export.runtime.onnx_backend import _import_ort, default_providers
 

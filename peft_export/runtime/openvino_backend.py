@@ -52,9 +52,13 @@ def import_openvino():
 
 
 def openvino_available() -> bool:
+    """Whether openvino can be imported here (without importing it; an import hook that refuses it: no)."""
     import importlib.util
 
-    return importlib.util.find_spec("openvino") is not None
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def user_cache_root() -> Path:
