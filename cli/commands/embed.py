@@ -47,11 +47,11 @@ def register(app: typer.Typer) -> None:
         refuse_inputs([output], [item.path for item in inputs.items], folders=[export], replaces=True)
         seg = Segmenter(export, runtime=runtime, tiling=tiling, cache=output)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
-        if note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
-            note(explain_run(seg.info))  # which backend runs, why, and in what arithmetic
         with common.progress_bar("embedding", len(inputs.items), enabled=not (quiet or json_out)) as bar:
             seg.on_tiles = bar.tiles  # a row for the tiles of a large image
             report = run_embed(seg, inputs, on_image=lambda item: bar.advance(), on_note=note)
+        if report.done and note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend ran, why, and in what arithmetic (once it worked)
         images_n = sum(d["images"] for d in report.done)
         cached = sum(d["cached_before"] for d in report.done)
         summary = {"cache": str(output), "export": export_record(export), "inputs": len(inputs.items),

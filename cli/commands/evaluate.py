@@ -62,8 +62,6 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--prompts is empty; choose from box, point, auto")
         pairs = labelled_set(data, split, labels)
         be, desc = evaluation_backend(model, checkpoint, runtime.backend, device, runtime)
-        if not quiet and "chosen" in desc:
-            common.info(f"note: {explain_run(be.info)}")
         batch_size = runtime.batch_size
         t0 = time.perf_counter()
         if auto_mode:  # instance metrics without prompts (the strategy AutoOptions choose)
@@ -74,6 +72,8 @@ def register(app: typer.Typer) -> None:
         with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
             results = evaluate(be, pairs, kinds, progress=bar.advance, tiling=tiling, batch_size=batch_size,
                                per_image=per_image, auto=auto)
+        if not quiet and "chosen" in desc:  # which backend ran, why, and in what arithmetic (once it worked)
+            common.info(f"note: {explain_run(be.info)}")
         tiled = sum(1 for r in per_image if r["tiles"] > 1)
         if tiled and tiling.mode == "auto" and not quiet:
             common.info(f"note: {tiled} of {len(per_image)} image(s) were larger than the model input and were "

@@ -90,8 +90,6 @@ def register(app: typer.Typer) -> None:
         _check_outputs(inputs, output, req, tiling, (export, embeddings))
         show = not (quiet or json_out)
         note = (lambda msg: common.info(f"note: {msg}")) if not quiet else None
-        if note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
-            note(explain_run(seg.info))  # which backend runs, why, and in what arithmetic
         if inputs.single:
             report = _run_single(seg, inputs, output, req, show, note, strategy)
         else:
@@ -99,6 +97,8 @@ def register(app: typer.Typer) -> None:
                 seg.on_tiles = bar.tiles  # a row for the tiles of a large image
                 report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(),
                                      on_skip=lambda item: bar.skip(), on_note=note)
+        if report.done and note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend ran, why, and in what arithmetic (once it worked)
         if why and report.done and note is not None:  # said once it worked (errors stay one line)
             note(why)
         _print(report, inputs, output, json_out, quiet, req, strategy)
