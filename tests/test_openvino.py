@@ -219,3 +219,30 @@ def test_openvino_evaluate_matches_onnxruntime_on_real_model(lite_export_fp32, r
         a, b = (reports[k]["results"][kind] for k in ("openvino", "onnxruntime"))
         assert a["objects"] == b["objects"] > 20
         assert abs(a["mean_iou"] - b["mean_iou"]) <= 0.002, (kind, a, b)
+
+
+def test_registry_auto_choice_and_precision_flag(tiny_export, monkeypatch):
+    """The registry: `auto` takes OpenVINO for an fp32 export on a CPU, passes over it for a reduced-precision
+    export (its gate ran with ONNX Runtime) and says why; --inference-precision with another backend is refused."""
+    from dataclasses import replace
+
+    from peft_export.manifest import read_manifest
+    from peft_export.runtime import backends
+    from peft_export.runtime.backends import RuntimeOptions, choose_backend, open_model
+
+    monkeypatch.setattr(backends, "_ort_has_cuda", lambda: False)  # a CPU machine, whatever this one has
+    folder = tiny_export.out_dir
+    m = read_manifest(folder)
+    assert choose_backend(folder, m, "auto")[0] == "openvino"
+    name, why = choose_backend(folder, replace(m, precision="int8"), "auto")
+    assert name == "onnxruntime" and "int8 export" in why
+    assert backends.auto_passes_over("openvino", replace(m, precision="fp16"))
+    monkeypatch.setattr(backends, "_ort_has_cuda", lambda: True)
+    assert choose_backend(folder, m, "auto")[0] == "onnxruntime"  # a GPU with ONNX Runtime CUDA
+    assert choose_backend(folder, m, "openvino") == ("openvino", "asked for")  # asked for: runs
+    be = open_model(folder, RuntimeOptions(backend="openvino", inference_precision="f32", openvino_cache="off"))
+    assert be.info.details["chosen"] == "asked for" and be.info.compute == "f32" and be.info.max_batch == 1
+    with pytest.raises(UsageError, match="--inference-precision f32 applies to the OpenVINO backend"):
+        open_model(folder, RuntimeOptions(backend="onnxruntime", inference_precision="f32"))
+    with pytest.raises(UsageError, match="--inference-precision"):
+        RuntimeOptions.parse({"inference_precision": "fp8"})
