@@ -183,7 +183,7 @@ def make_export(kind: str, where: Path) -> Path:
         cmd = ["peft-export", "export", "lite_medsam", "-o", str(out), "-q", "--force", "--precision", "int8"]
     else:  # SAM vit_b with random weights: the graph alone (the parity gate needs > 15 GB)
         code = ("import sys, torch; from peft_export.export import ExportOptions, export_model, prepare_for_export; "
-                "from peft_export.models.loading import load_model; torch.manual_seed(0); "
+                "from peft_export.loading import load_model; torch.manual_seed(0); "
                 f"export_model(prepare_for_export(load_model('vit_b', require_weights=False)), {str(out)!r}, "
                 "ExportOptions(verify=False, force=True))")
         cmd = [sys.executable, "-c", code]
