@@ -16,6 +16,7 @@ from peft_export_cli import common
 from peft_export_cli.commands import (
     benchmark,
     build_engine,
+    cpu_gate,
     embed,
     evaluate,
     export,
@@ -75,9 +76,13 @@ class _RichWarnings(logging.Handler):
             common.err.print(msg, highlight=False, style="dim")
 
 
-for module in (finetune, merge, export, build_engine, benchmark, predict, evaluate, embed, package, info):
+for module in (finetune, merge, export, build_engine, cpu_gate, benchmark, predict, evaluate, embed, package, info):
     module.register(app)
 
+
+# what the `train` extra installs (pyproject.toml); the runtime commands never import them
+TRAINING_MODULES = {"torch", "torchvision", "segment_anything", "onnx", "onnxscript", "onnx_ir", "matplotlib"}
+TRAIN_EXTRA = "'peft-export[train]' (with [cpu] or [gpu] for the export's ONNX Runtime checks)"
 
 # typer >= 0.29 runs its own copy of click (typer._click): its exceptions are not click's, catch both
 try:
@@ -106,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         # escape: messages are plain text ("pip install 'peft-export[tensorrt]'" must not lose its brackets)
         common.err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # a training-side command on a runtime-only install: name the extra
+        top = (exc.name or "").split(".")[0]
+        if top not in TRAINING_MODULES:
+            raise
+        common.err.print(f"[bold red]error:[/] this command needs the training side ({top} is not installed): "
+                         f"pip install {escape(TRAIN_EXTRA)}", highlight=False)
+        return 2
     except EXITS as exc:
         return exc.exit_code
     except CLICK_ERRORS as exc:  # bad options: click's usage line, exit 2

@@ -146,9 +146,11 @@ def _adapt_foreign_peft(peft: dict | None, ckpt: Checkpoint) -> dict | None:
 EVALUATION_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 
 
-def evaluation_backend(model: str, checkpoint: str | None = None, backend: str = "auto", device: str = "auto"):
+def evaluation_backend(model: str, checkpoint: str | None = None, backend: str = "auto", device: str = "auto",
+                       runtime=None):
     """What ``evaluate`` runs: PyTorch for checkpoints and zoo names, a runtime backend (the runtime's opener,
-    ``backend`` auto or named) for export folders and packages. Returns (backend, description dict)."""
+    ``backend`` auto or named, the other ``runtime`` options as given) for export folders and packages. Returns
+    (backend, description dict)."""
     from peft_export.errors import DataError
     from peft_export.manifest import export_command, not_an_export
     from peft_export.runtime.backends import RuntimeOptions, is_export_folder, open_model
@@ -162,8 +164,10 @@ def evaluation_backend(model: str, checkpoint: str | None = None, backend: str =
             raise UsageError(f"{model} is an export: evaluate it with a runtime backend (--backend auto)")
         if checkpoint is not None:
             raise UsageError("--checkpoint does not apply to an export folder")
-        be = open_model(model, RuntimeOptions(backend=backend))
-        return be, {**be.info.describe(), "export": export_record(model)}
+        from peft_export.runtime.cpu import describe_run
+
+        be = open_model(model, (runtime or RuntimeOptions()).replace(backend=backend))
+        return be, {**describe_run(be.info), "export": export_record(model)}
     if Path(model).is_dir():  # a training run folder, or any folder without a manifest: say what it is
         raise DataError(not_an_export(model))
     if backend not in ("auto", "torch"):

@@ -26,17 +26,17 @@ def _deps() -> list[Requirement]:
     return [Requirement(r) for r in data["project"]["dependencies"]]
 
 
-@pytest.mark.parametrize("system,machine", [("Linux", "x86_64"), ("Windows", "AMD64"), ("Linux", "aarch64"),
-                                            ("Darwin", "arm64"), ("Darwin", "x86_64"), ("Windows", "ARM64")])
-def test_exactly_one_onnxruntime_build(system, machine):
-    env = {"platform_system": system, "platform_machine": machine, "sys_platform": system.lower(),
-           "python_version": "3.11", "python_full_version": "3.11.7", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython",
-           "platform_release": "", "platform_version": "", "implementation_version": "3.11.7", "extra": ""}
-    ort = [r.name for r in _deps() if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(env))]
-    assert len(ort) == 1, ort
-    assert ort[0] == ("onnxruntime-gpu" if machine in ("x86_64", "AMD64") and system in ("Linux", "Windows")
-                      else "onnxruntime")
+def test_exactly_one_onnxruntime_build_per_extra():
+    """The base install lists no ONNX Runtime; the `cpu` extra has the CPU build, `gpu` the CUDA build, and no other
+    extra lists either (both builds install the same `onnxruntime/` folder: never both)."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert not [r for r in _deps() if r.name.startswith("onnxruntime")]
+    by_extra = {name: [Requirement(r).name for r in reqs if Requirement(r).name.startswith("onnxruntime")]
+                for name, reqs in data["project"]["optional-dependencies"].items()}
+    assert by_extra.pop("cpu") == ["onnxruntime"] and by_extra.pop("gpu") == ["onnxruntime-gpu"]
+    assert not any(by_extra.values()), by_extra
+    torch_free = {Requirement(r).name for r in data["project"]["dependencies"]}
+    assert not torch_free & {"torch", "torchvision", "segment-anything", "onnx", "matplotlib"}, torch_free
 
 
 def test_no_exact_pins():
@@ -117,10 +117,13 @@ def test_info_json(run_cli):
 # import name -> distribution, where they differ
 _DIST_OF = {"yaml": "pyyaml", "PIL": "pillow", "onnx_ir": "onnx-ir", "skimage": "scikit-image",
             "segment_anything": "segment-anything", "cuda": "cuda-python", "onnxslim": "onnxslim",
-            "onnxruntime": "onnxruntime-gpu", "bioimageio": "bioimageio.core", "torch_em": "torch-em"}
-# optional integrations imported lazily behind a clear "install X" message (extras, or absent on purpose)
+            "onnxruntime": "onnxruntime", "bioimageio": "bioimageio.core", "torch_em": "torch-em"}
+# optional integrations imported lazily behind a clear "install X" message (extras, or absent on purpose); the
+# training side (`train` extra), the engines (`cpu`/`gpu`, `openvino`, `nncf`) and the napari plugin (`napari`)
+# are extras of the torch-free base
 _OPTIONAL = {"tensorrt", "cuda", "onnxslim", "bioimageio", "polygraphy", "micro_sam", "torch_em", "tomllib",
-             "napari", "qtpy", "superqt"}
+             "torch", "torchvision", "segment_anything", "onnx", "onnxscript", "onnx_ir", "matplotlib", "onnxruntime",
+             "openvino", "nncf", "napari", "qtpy", "superqt"}
 
 
 def _third_party_imports(root: Path) -> dict[str, str]:
@@ -155,8 +158,17 @@ def test_every_library_import_is_declared():
 
 
 # what a microscope PC needs for the torch-free runtime (the README's list: keep both in step)
-RUNTIME_DISTRIBUTIONS = ("numpy", "scipy", "pillow", "tifffile", "onnxruntime")
-CLI_DISTRIBUTIONS = ("typer", "click", "rich")
+RUNTIME_DISTRIBUTIONS = ("numpy", "scipy", "pillow", "tifffile", "scikit-image", "onnxruntime")
+CLI_DISTRIBUTIONS = ("typer", "click", "rich", "pydantic", "pyyaml")
+
+
+def _ort_dist() -> str:
+    """The ONNX Runtime build installed here (the `cpu` extra's onnxruntime, or the `gpu` extra's)."""
+    try:
+        md.distribution("onnxruntime")
+        return "onnxruntime"
+    except md.PackageNotFoundError:
+        return "onnxruntime-gpu"
 
 
 def _closure(dists) -> set[str]:
@@ -169,7 +181,7 @@ def _closure(dists) -> set[str]:
             continue
         seen.add(d)
         try:
-            reqs = md.requires("onnxruntime-gpu" if d == "onnxruntime" else d) or []
+            reqs = md.requires(_ort_dist() if d == "onnxruntime" else d) or []
         except md.PackageNotFoundError:
             continue
         for r in (Requirement(x) for x in reqs):
@@ -179,7 +191,7 @@ def _closure(dists) -> set[str]:
 
 
 def _modules_of(dists: set[str]) -> set[str]:
-    dists = dists | ({"onnxruntime-gpu"} if "onnxruntime" in dists else set())
+    dists = dists | ({_ort_dist()} if "onnxruntime" in dists else set())
     norm = {d.replace("_", "-") for d in dists}
     return {mod for mod, owners in md.packages_distributions().items()
             if any(o.lower().replace("_", "-") in norm for o in owners)}

@@ -31,7 +31,7 @@ def _by_prompt(report: dict) -> dict:
 
 def test_evaluate_export_matches_torch_checkpoint(lite_export_fp32, run_cli):
     torch_report = _evaluate(run_cli, str(lite_export_fp32.checkpoint))
-    onnx_report = _evaluate(run_cli, str(lite_export_fp32.out_dir))
+    onnx_report = _evaluate(run_cli, str(lite_export_fp32.out_dir), "--backend", "onnxruntime")
     t, o = _by_prompt(torch_report), _by_prompt(onnx_report)
     assert torch_report["backend"] == "torch" and onnx_report["backend"] == "onnxruntime"
     assert set(t) == set(o) == {"box", "point"}

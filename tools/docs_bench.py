@@ -238,6 +238,36 @@ def _ais(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
     return "Automatic segmentation: AIS vs the point grid"
 
 
+def _cpu_backends(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
+    out += [f"Encoder latency at batch 1, interleaved rounds per model ({d.get('rounds')} rounds; see the runs below), "
+            "ratio to ONNX Runtime fp32 from the same rounds; quality: the case's encoder + the fp32 decoder vs the "
+            "fp32 chain, one box and one point per labelled object of the held-out tile.", "",
+            "| model | case | median s (min) | × ORT fp32 | peak RSS added MiB | box IoU (min) | point IoU (min) |",
+            "|---|---|--:|--:|--:|--:|--:|"]
+    labels, values = [], []
+    for model, m in (d.get("models") or {}).items():
+        for case, r in (m.get("cases") or {}).items():
+            q = r.get("quality") or {}
+            box = f"{_fmt(q['box_mean_iou'])} ({_fmt(q.get('box_min_iou'), '{:.2f}')})" if "box_mean_iou" in q else "–"
+            point = (f"{_fmt(q['point_mean_iou'])} ({_fmt(q.get('point_min_iou'), '{:.2f}')})"
+                     if "point_mean_iou" in q else "–")
+            out.append(f"| {model} | {case} | {_fmt(r.get('median_s'), '{:.2f}')} ({_fmt(r.get('min_s'), '{:.2f}')}) | "
+                       f"{_fmt(r.get('ratio_to_ort_fp32'), '{:.2f}')} | {_fmt(r.get('peak_rss_added_mib'), '{:.0f}')} "
+                       f"| {box} | {point} |")
+            labels.append(f"{model}: {case}")
+            values.append(r.get("ratio_to_ort_fp32"))
+        for case, why in (m.get("skipped") or {}).items():
+            out.append(f"| {model} | {case} | skipped: {_cell(why)} | | | | |")
+    runs = d.get("runs") or []
+    if runs:
+        out += ["", "**Runs**:", ""] + [f"- {', '.join(r.get('models', []))}: `{r.get('command')}`"
+                                         + (f" ({r['note']})" if r.get("note") else "") for r in runs]
+    images[f"{stem}.png"] = _bars(labels, values, "encoder latency / ONNX Runtime fp32",
+                                  f"CPU backends on {(d.get('cpu') or {}).get('model', 'the CPU')}")
+    out += ["", f"![encoder latency relative to ONNX Runtime fp32]({stem}.png)"]
+    return "CPU backends: ONNX Runtime, OpenVINO f32 / bf16 / int8"
+
+
 def _generic(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
     out += ["| key | value |", "|---|---|"]
 
@@ -281,10 +311,13 @@ def _kind(d: dict) -> str:
         return "int8"
     if "heldout_tile" in d and "grid_sweep" in d:
         return "ais"
+    if isinstance(d.get("models"), dict) and all("cases" in m for m in d["models"].values()):
+        return "cpu_backends"
     return "generic"
 
 
-RENDER = {"train": _train, "study": _study, "int8": _int8, "ais": _ais, "generic": _generic}
+RENDER = {"train": _train, "study": _study, "int8": _int8, "ais": _ais, "cpu_backends": _cpu_backends,
+          "generic": _generic}
 
 
 def render(root: Path, path: Path) -> BenchPage:

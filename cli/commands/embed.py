@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export embed export/ plates/ -o plates_embeddings/ --batch-size 8[/]
         """
         from peft_export.files import refuse_inputs
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import run_embed
+        from peft_export.runtime.cpu import describe_run
         from peft_export.runtime.outputs import export_record
         from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
@@ -48,11 +50,13 @@ def register(app: typer.Typer) -> None:
         with common.progress_bar("embedding", len(inputs.items), enabled=not (quiet or json_out)) as bar:
             seg.on_tiles = bar.tiles  # a row for the tiles of a large image
             report = run_embed(seg, inputs, on_image=lambda item: bar.advance(), on_note=note)
+        if report.done and note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend ran, why, and in what arithmetic (once it worked)
         images_n = sum(d["images"] for d in report.done)
         cached = sum(d["cached_before"] for d in report.done)
         summary = {"cache": str(output), "export": export_record(export), "inputs": len(inputs.items),
                    "images": images_n, "already_cached": cached, "tiles": sum(d["tiles"] for d in report.done),
-                   **report.to_dict()}
+                   **report.to_dict(), "runtime": describe_run(seg.info)}
         if json_out:
             common.print_json(summary)
         else:

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export evaluate export/ --data 'plates/*.tif' --labels truth/ --tile 256 --halo 32[/]
         """
         from peft_export.loading import evaluation_backend
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.evaluate import ALL_PROMPT_TYPES, evaluate
         from peft_export.runtime.labelled import labelled_set
 
@@ -62,7 +63,7 @@ def register(app: typer.Typer) -> None:
         if auto.link_3d:
             raise UsageError("--3d: evaluate scores 2D images; --3d links a stack's planes in predict --auto")
         pairs = labelled_set(data, split, labels)
-        be, desc = evaluation_backend(model, checkpoint, runtime.backend, device)
+        be, desc = evaluation_backend(model, checkpoint, runtime.backend, device, runtime)
         batch_size = runtime.batch_size
         t0 = time.perf_counter()
         if auto_mode:  # instance metrics without prompts (the strategy AutoOptions choose)
@@ -73,6 +74,8 @@ def register(app: typer.Typer) -> None:
         with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:
             results = evaluate(be, pairs, kinds, progress=bar.advance, tiling=tiling, batch_size=batch_size,
                                per_image=per_image, auto=auto)
+        if not quiet and "chosen" in desc:  # which backend ran, why, and in what arithmetic (once it worked)
+            common.info(f"note: {explain_run(be.info)}")
         tiled = sum(1 for r in per_image if r["tiles"] > 1)
         if tiled and tiling.mode == "auto" and not quiet:
             common.info(f"note: {tiled} of {len(per_image)} image(s) were larger than the model input and were "

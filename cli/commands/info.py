@@ -27,7 +27,7 @@ def collect() -> dict:
                   "platform": f"{platform.system()} {platform.machine()}"}
     versions = {}
     for dist in ("torch", "torchvision", "segment-anything", "onnx", "onnxscript", "onnxruntime",
-                 "onnxruntime-gpu", "tensorrt", "numpy"):
+                 "onnxruntime-gpu", "openvino", "nncf", "tensorrt", "numpy"):
         versions[dist] = _version(dist)
     data["versions"] = versions
     devices: dict = {}
@@ -51,6 +51,9 @@ def collect() -> dict:
         devices["tensorrt_runtime"] = "importable"
     except Exception:
         devices["tensorrt_runtime"] = "not installed (pip install 'peft-export[tensorrt]'; needs an NVIDIA GPU)"
+    from peft_export.runtime.cpu import cpu_features
+
+    devices["cpu"] = cpu_features()  # model, bf16/int8 flags, kind (the CPU section of the README)
     data["devices"] = devices
     from peft_export.data.samples import sample_status
 

@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
         file applies to every plane.
         """
         from peft_export.files import refuse_inputs
+        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import PredictRequest, run_predict
         from peft_export.runtime.outputs import check_unique_outputs, export_record
         from peft_export.runtime.segmenter import Segmenter
@@ -100,6 +101,8 @@ def register(app: typer.Typer) -> None:
                 seg.on_tiles = bar.tiles  # a row for the tiles of a large image
                 report = run_predict(seg, inputs, output, req, on_image=lambda item: bar.advance(),
                                      on_skip=lambda item: bar.skip(), on_note=note)
+        if report.done and note is not None and (runtime.backend == "auto" or seg.info.name == "openvino"):
+            note(explain_run(seg.info))  # which backend ran, why, and in what arithmetic (once it worked)
         if why and report.done and note is not None:  # said once it worked (errors stay one line)
             note(why)
             advice = strategy.advice()

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from peft_export.errors import MissingDependencyError, PeftExportError, VerificationError, first_line
 from peft_export.export.calibration import CalibrationSets, CalImage
@@ -35,6 +35,9 @@ from peft_export.export.options import Int8Options
 from peft_export.export.sensitivity import OP_TYPES, WEIGHT_QMAX, node_module, node_sensitivity
 from peft_export.imaging import PreprocessSpec
 from peft_export.metrics import mask_ious
+
+if TYPE_CHECKING:  # onnx is imported where graphs are handled: the gate helpers here also serve the torch- and
+    import onnx  # onnx-free CPU gate (peft_export.export.cpu_gate)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,8 @@ class Quantizer:
     """``quantize_static`` on one fp32 encoder, calibrating once and reusing the ranges for every variant."""
 
     def __init__(self, model: onnx.ModelProto, workdir: Path, target: str, mode: str = "static"):
+        import onnx
+
         self.q = _ort_quantization()
         self.dir = workdir
         self.src = workdir / "fp32.onnx"
@@ -249,6 +254,8 @@ class Quantizer:
 def without_initializer_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exporter records value_info for initializers too; the quantizer rewrites some weights under the same
     name, and a stale entry then fails its shape inference: drop them."""
+    import onnx
+
     inits = {i.name for i in model.graph.initializer}
     stale = [v for v in model.graph.value_info if v.name in inits]
     if not stale:
@@ -316,6 +323,8 @@ def quantize_encoder(encoder: onnx.ModelProto, decoder: onnx.ModelProto, spec: P
                      multimask: bool, mask_size: tuple[int, int],
                      progress: Callable[[str], None] | None = None) -> Int8Result:
     """The int8 encoder with the fewest float nodes that passes the gate; see the module docstring."""
+    import onnx
+
     from peft_export.runtime.cpu import cpu_info
     from peft_export.runtime.onnx_backend import ort_session
 

@@ -5,9 +5,12 @@ session next to the float graph). :mod:`peft_export.export.quantize` keeps the m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+if TYPE_CHECKING:
+    import onnx
 
 OP_TYPES = ("MatMul", "Conv")
 WEIGHT_QMAX = 64  # reduce_range: int8 weights in [-64, 64]
@@ -44,6 +47,9 @@ def _act_params(lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.n
 def sensitivity_graph(model: onnx.ModelProto, ranges: dict, symmetric: bool) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` plus, for every MatMul/Conv, a copy on fake-quantized inputs and weights and two scalar outputs:
     ``||y_q - y||^2`` and ``||y||^2``. Returns the graph and the candidate node names."""
+    import onnx
+    from onnx import helper, numpy_helper
+
     g = onnx.ModelProto()
     g.CopyFrom(model)
     graph = g.graph

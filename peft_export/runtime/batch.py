@@ -22,6 +22,7 @@ import numpy as np
 from peft_export.data.io import ImageSource, atomic_write, open_image, write_label_stack, write_labels
 from peft_export.errors import DataError, PeftExportError, UsageError, WriteError, first_line
 from peft_export.files import clean_stale, together
+from peft_export.runtime.cpu import describe_run
 from peft_export.runtime.outputs import (
     LABELS_FORMAT,
     LABELS_FORMAT_VERSION,
@@ -115,7 +116,8 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
     labels_path, record_path, overlay_path = output_files(item, out, single, req.overlay)
     settings = run_settings(req, seg.tiling, prompt_file(req.prompts, item))
     summary = {"format": LABELS_FORMAT, "format_version": LABELS_FORMAT_VERSION, "input": str(item.path),
-               "output": str(labels_path), "mode": req.mode, "backend": seg.info.name}
+               "output": str(labels_path), "mode": req.mode, "backend": seg.info.name,
+               "runtime": describe_run(seg.info)}
     link_3d = req.mode == "auto" and req.auto.link_3d
     if link_3d and not src.is_stack:
         raise UsageError(f"--3d links the planes of a stack into 3D objects; {item.path.name} is a 2D image "

@@ -33,6 +33,41 @@ def int8_class(flags: set[str], machine: str) -> str:
 @lru_cache(maxsize=1)
 def cpu_info() -> dict:
     """{"model", "machine", "flags" (the int8-relevant ones present), "int8_class"}; Linux reads /proc/cpuinfo."""
+    model, flags = _read_cpuinfo()
+    machine = platform.machine().lower()
+    present = sorted(f for f in INT8_FLAGS if f in flags)
+    return {"model": model or platform.processor() or "unknown", "machine": machine, "flags": present,
+            "int8_class": int8_class(flags, machine)}
+
+
+# bf16 arithmetic on x86: AVX512-BF16 (dot products, Zen 4, Cooper Lake) or AMX (tile matrix units, Sapphire
+# Rapids and later). OpenVINO's CPU plugin runs bf16 on either by default (see runtime/openvino_backend.py).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_fp16")
+CPU_KINDS = ("amx", "avx512-bf16", "avx512-vnni", "avx2", "other")
+
+
+@lru_cache(maxsize=1)
+def cpu_features() -> dict:
+    """``cpu_info()`` plus the bf16 flags, whether the CPU computes bf16 natively and its kind for the README's
+    recommendations: amx, avx512-bf16, avx512-vnni (no bf16), avx2 (no AVX512) or other."""
+    _, flags = _read_cpuinfo()
+    base = cpu_info()
+    present = sorted(set(base["flags"]) | {f for f in BF16_FLAGS if f in flags})
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    if "amx_bf16" in flags:
+        kind = "amx"
+    elif "avx512_bf16" in flags:
+        kind = "avx512-bf16"
+    elif "avx512_vnni" in flags:
+        kind = "avx512-vnni"
+    elif "avx2" in flags:
+        kind = "avx2"
+    else:
+        kind = "other"
+    return {**base, "flags": present, "bf16": bf16, "kind": kind}
+
+
+def _read_cpuinfo() -> tuple[str, set[str]]:
     model, flags = "", set()
     info = Path("/proc/cpuinfo")
     if info.is_file():
@@ -45,7 +80,15 @@ def cpu_info() -> dict:
                 flags = set(value.split())
             if model and flags:
                 break
-    machine = platform.machine().lower()
-    present = sorted(f for f in INT8_FLAGS if f in flags)
-    return {"model": model or platform.processor() or "unknown", "machine": machine, "flags": present,
-            "int8_class": int8_class(flags, machine)}
+    return model, flags
+
+
+def describe_run(info) -> dict:
+    """What ran, for run summaries: the backend's ``info.describe()`` (backend, stored precision, compute
+    precision, its details), plus, on a CPU, the CPU model, kind and flags (``info.details["cpu"]`` when the
+    backend recorded them)."""
+    out = info.describe()
+    if not info.on_gpu and "cpu" not in out:
+        features = cpu_features()
+        out["cpu"] = {k: features[k] for k in ("model", "kind", "flags")}
+    return out

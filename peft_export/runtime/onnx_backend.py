@@ -21,8 +21,9 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
-                                     "(or onnxruntime-gpu on Linux/Windows x86_64)") from None
+        raise MissingDependencyError("ONNX Runtime is not installed: pip install 'peft-export[cpu]' (or "
+                                     "'peft-export[gpu]' on an NVIDIA GPU machine; --backend openvino needs neither)"
+                                     ) from None
     return ort
 
 
@@ -36,6 +37,24 @@ def default_providers(ort) -> list[str]:
 def _cuda_usable() -> bool:
     """onnxruntime-gpu lists CUDA even without a GPU; only offer it when a device node exists."""
     return Path("/dev/nvidia0").exists() or (os.name == "nt" and bool(os.environ.get("CUDA_PATH")))
+
+
+def ort_conflict() -> str | None:
+    """A warning when both ONNX Runtime builds are installed (they share one folder: whichever was installed last
+    wins, and uninstalling either breaks the other)."""
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.distribution(dist)
+            found.append(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(found) < 2:
+        return None
+    return ("both onnxruntime and onnxruntime-gpu are installed (they overwrite each other's files): pip uninstall -y "
+            "onnxruntime onnxruntime-gpu, then pip install 'peft-export[cpu]' or 'peft-export[gpu]'")
 
 
 def ort_session(model, providers: list[str] | None = None, *, threads: int | None = None, optimize: bool = True):
@@ -94,6 +113,9 @@ class OnnxBackend:
 
     @classmethod
     def open(cls, folder: Path, manifest: Manifest, options) -> OnnxBackend:
+        conflict = ort_conflict()
+        if conflict:
+            log.warning(conflict)
         return cls(folder, manifest, providers=options.providers, threads=options.threads)
 
     def __init__(self, folder: str | os.PathLike, manifest: Manifest | None = None, *,
