@@ -22,7 +22,7 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 HAND_WRITTEN = sorted(DOCS.rglob("*.md"))
-RECIPES = [p for p in HAND_WRITTEN if p.parent.name == "how-to" or p.name == "get-started.md"]
+RECIPES = [ROOT / "README.md"] + [p for p in HAND_WRITTEN if p.parent.name == "how-to" or p.name == "get-started.md"]
 PROG = "peft-export"
 
 
@@ -290,8 +290,17 @@ def test_a_wrong_recipe_line_does_not_parse():
         cmd.callback.option_families["auto"].parse({"method": ctx.params["auto__method"]})
 
 
+def test_the_readme_is_short_and_its_links_resolve():
+    """The README leads to the site: at most 150 lines, and every relative link names a file of the repository
+    (generated pages are not files: the README must not link them)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    links = [t for t in re.findall(r"\]\(([^)]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    assert links and [t for t in links if not (ROOT / t.split("#")[0]).is_file()] == []
+
+
 def _python_blocks():
-    for path in HAND_WRITTEN:
+    for path in [ROOT / "README.md", *HAND_WRITTEN]:
         for lang, body in _blocks(path.read_text()):
             if lang == "python":
                 yield f"{path.relative_to(ROOT)}: {body.splitlines()[0][:50]}", body
