@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from peft_export.errors import DataError, first_line
+from peft_export.files import atomic_write as _atomic_write
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
@@ -175,8 +176,6 @@ def write_label_stack(path: str | os.PathLike, planes: Iterable[np.ndarray], cou
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     """Write a file through ``write_fn(tmp_path)`` and move it into place only when that succeeded
     (:func:`peft_export.files.atomic_write`: recognisable temporary name, user's umask, one-line disk errors)."""
-    from peft_export.files import atomic_write as _atomic_write
-
     return _atomic_write(path, write_fn)
 
 

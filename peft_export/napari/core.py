@@ -19,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.data.io import write_labels
 from peft_export.errors import DataError, UsageError
+from peft_export.files import atomic_write, together
 from peft_export.runtime.backend import BackendInfo
+from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.batch import PredictRequest, segment_image
+from peft_export.runtime.segmenter import Segmenter
 from peft_export.runtime.strategies import AutoOptions
 
 # ---- the model -------------------------------------------------------------------------------------------
@@ -29,9 +34,6 @@ from peft_export.runtime.strategies import AutoOptions
 def open_segmenter(path: str | Path, backend: str = "auto", cache: str | Path | None = None):
     """A Segmenter on an export folder or a bioimage.io package (``runtime.backends.open_model``: a checkpoint or a
     run folder gets the command that exports it)."""
-    from peft_export.runtime.backends import RuntimeOptions
-    from peft_export.runtime.segmenter import Segmenter
-
     text = str(path).strip()
     if not text:
         raise UsageError("choose an export folder (peft-export export / merge-and-export) or a bioimage.io package")
@@ -166,8 +168,6 @@ def segment_planes(seg, planes: Iterable[np.ndarray], options: AutoOptions, name
                    on_plane: Callable[[int], None] | None = None, progress=None) -> list[np.ndarray]:
     """Every plane of a stack, one at a time, as ``predict --auto`` segments a stack (``runtime.batch.segment_image``:
     the plane set lazily, then ``Segmenter.segment``)."""
-    from peft_export.runtime.batch import PredictRequest, segment_image
-
     req = PredictRequest("auto", auto=options)
     out = []
     for k, (plane, name) in enumerate(zip(planes, names)):
@@ -237,9 +237,6 @@ def save_annotations(folder: str | Path, annotations: list[Annotation], *, overw
     file under a temporary name first, moved into place only when all were written; otherwise none). Existing files
     are refused unless ``overwrite``; then prompt files the annotation no longer has are removed."""
     import tifffile
-
-    from peft_export.data.io import write_labels
-    from peft_export.files import atomic_write, together
 
     if not annotations:
         raise UsageError("nothing to save: no labels or prompts on the chosen plane(s)")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from peft_export.data.samples import dsb2018
+from peft_export.errors import PeftExportError
+
 
 def dsb2018_sample() -> list[tuple]:
     """[(image, layer options, "image")]; without the ``samples`` extra: one notification and no layer."""
-    from peft_export.data.samples import dsb2018
-    from peft_export.errors import PeftExportError
-
     try:
         image, _ = dsb2018()
     except PeftExportError as exc:

@@ -40,7 +40,8 @@ from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
 from peft_export.package.options import PackageOptions
 from peft_export.package.readme import render_readme
-from peft_export.runtime.package import MANIFEST_ATTACHMENT
+from peft_export.runtime import watershed_op
+from peft_export.runtime.package import MANIFEST_ATTACHMENT, PackageModel
 
 INSTALL = "pip install 'peft-export[bioimageio]'"
 ATOL = RTOL = 1e-4  # the package's graph vs the export's separate graphs (fp32 arithmetic, same operations)
@@ -123,8 +124,6 @@ def _own_check(stage: Path, test_input: np.ndarray, expected: np.ndarray,
     """The package (its rdf, graph and declared preprocessing, read by the torch-free runtime) on the test input
     vs the export's own answer; for instance packages also the runtime's watershed with the settings the package
     declares for its post-processing step vs the test output's instance ids."""
-    from peft_export.runtime.package import PackageModel
-
     pkg = PackageModel(stage)
     got = pkg.run(test_input)
     diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
@@ -150,8 +149,6 @@ def _stage_postprocessing(manifest: Manifest, kind: str, stage: Path, expected: 
     staged beside the graph); returns the test output after that step (channel 0: instance ids)."""
     if kind != "instance":
         return expected
-    from peft_export.runtime import watershed_op
-
     shutil.copy2(watershed_op.__file__, stage / spec_descr.POSTPROCESS_FILE)
     return watershed_op.instance_watershed(**spec_descr.instance_settings(manifest))(expected)
 

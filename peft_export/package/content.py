@@ -12,9 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.data.io import read_image
 from peft_export.errors import DataError, MissingDependencyError, UsageError
-from peft_export.imaging import as_rgb, resize_image, to_uint8_scale
+from peft_export.imaging import as_rgb, resize_image, resize_labels, to_uint8_scale
 from peft_export.manifest import Manifest
+from peft_export.runtime.backend import prepare_input
+from peft_export.runtime.onnx_backend import OnnxBackend, ort_session
+from peft_export.runtime.overlay import overlay
+from peft_export.runtime.segmenter import Segmenter
 
 SAMPLE_TEST_IMAGE = "sample:dsb2018"
 
@@ -40,8 +45,6 @@ def load_test_image(spec: str | None) -> SampleImage:
         return SampleImage(tile.image, tile.name, "the DSB2018 validation tile (bottom-right 256x256 quadrant of the "
                                                 "stardist package's img2d.tif; BBBC038, Caicedo et al. 2019)",
                            tile.labels)
-    from peft_export.data.io import read_image
-
     path = Path(spec)
     return SampleImage(read_image(path), path.stem, f"the image {path.name}")
 
@@ -67,10 +70,6 @@ def prompted_labels(export_dir: Path, manifest: Manifest, square: np.ndarray, la
     (the labels' central square, as the image's) -> a label image; None without labels."""
     if labels is None:
         return None
-    from peft_export.imaging import resize_labels
-    from peft_export.runtime.onnx_backend import OnnxBackend
-    from peft_export.runtime.segmenter import Segmenter
-
     lab = resize_labels(np.asarray(labels)[_central(*labels.shape[:2])], square.shape[:2])
     boxes = []
     for i in [i for i in np.unique(lab) if i][:max_objects]:
@@ -96,9 +95,6 @@ def reference_output(export_dir: Path, manifest: Manifest, test_input: np.ndarra
 
     Runs ``encoder.onnx`` through the runtime's preprocessing (``prepare_input``) and, for ``kind ==
     "instance"``, ``instance_decoder.onnx`` on its embedding."""
-    from peft_export.runtime.backend import prepare_input
-    from peft_export.runtime.onnx_backend import OnnxBackend, ort_session
-
     backend = OnnxBackend(export_dir, manifest)
     image = test_input if backend.info.baked_preprocessing else test_input[0].transpose(1, 2, 0)
     x, _ = prepare_input(backend, image)
@@ -146,8 +142,6 @@ def cover_image(square: np.ndarray, kind: str, output: np.ndarray, pca: np.ndarr
     """A 2:1 picture (the zoo's recommended cover ratio): the test image, and beside it the overlay of the
     instances found from the package's maps, or (encoder packages) of the objects segmented by box prompts through
     the attached decoder (``prompted``), else the embedding's principal components (``pca``)."""
-    from peft_export.runtime.overlay import overlay
-
     s = square.shape[0]
     gray = gray_u8(square)
     if kind == "instance":

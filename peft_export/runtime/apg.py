@@ -32,7 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ConfigDict
 
+from peft_export.imaging import upscale_masks
 from peft_export.options import Options, option
+from peft_export.prompts import box_prompts, pad_points
+from peft_export.runtime.backend import select_masks
+from peft_export.runtime.instances import image_maps
 
 STABILITY_OFFSET = 1.0  # micro-sam's batched_inference: calculate_stability_score(masks, threshold, 1.0)
 MASK_THRESHOLD = 0.0  # SAM's mask threshold on the logits (micro-sam's mask_threshold=None)
@@ -152,10 +156,6 @@ def decode_points(image, tile: int, embedding: np.ndarray, points: np.ndarray, c
                   boxes: np.ndarray | None = None) -> list[Candidate]:
     """Masks of point prompts (N, 2) (x/y pixels of the scaled image), or of ``boxes`` (N, 4) x0, y0, x1, y1,
     decoded in ``tile`` with its embedding (1, C, h, w), ``cfg.prompts_per_batch`` prompts per decoder call."""
-    from peft_export.imaging import upscale_masks
-    from peft_export.prompts import box_prompts, pad_points
-    from peft_export.runtime.backend import select_masks
-
     plan = image.plan
     window, geo = plan.tiles[tile], plan.geometry[tile]
     y0, _, x0, _ = window.window
@@ -305,8 +305,6 @@ class APGStrategy:
 
     def segment_with_maps(self, image, progress=None, *, maps: np.ndarray | None = None):
         """(labels, the (3, H, W) maps)."""
-        from peft_export.runtime.instances import image_maps
-
         cfg, plan = self.cfg, image.plan
         if maps is None:
             maps = image_maps(image, progress)

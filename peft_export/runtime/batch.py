@@ -34,6 +34,7 @@ from peft_export.runtime.outputs import (
     settings_sha256,
     survey,
 )
+from peft_export.runtime.prompts_io import read_boxes, read_points
 from peft_export.runtime.sources import InputItem, Inputs, output_path, prompt_file
 from peft_export.runtime.strategies import AutoOptions
 
@@ -77,8 +78,6 @@ def plane_name(src: ImageSource, k: int | None) -> str:
 
 
 def read_prompts(req: PredictRequest, item: InputItem):
-    from peft_export.runtime.prompts_io import read_boxes, read_points
-
     path = prompt_file(req.prompts, item)
     if req.mode == "boxes":
         return read_boxes(path)

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from peft_export.data.objects import objects_from_labels
 from peft_export.imaging import ModelInput, upscale_masks
-from peft_export.metrics import iou_matrix, mean_segmentation_accuracy
+from peft_export.metrics import instance_scores, iou_matrix, mean_segmentation_accuracy, merge_instance_scores
 from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, select_masks
 from peft_export.runtime.pieces import paint, piece_iou, rescale_piece
@@ -149,8 +149,6 @@ def evaluate_instances(backend: Backend, samples: Sequence, auto: AutoOptions | 
     (see :func:`peft_export.metrics.instance_scores`). ``seconds_after_embedding``: the decoder(s) and
     post-processing per image."""
     import time
-
-    from peft_export.metrics import instance_scores, merge_instance_scores
 
     seg = Segmenter(backend, tiling=tiling, batch_size=batch_size)
     strategy, why = seg.strategy(auto)

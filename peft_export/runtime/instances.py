@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import ConfigDict
 
 from peft_export.options import Options, option
+from peft_export.runtime.watershed_op import seeded_watershed
 
 CHANNELS = ("foreground", "center_distance", "boundary_distance")
 
@@ -55,8 +56,6 @@ def maps_to_instances(maps: np.ndarray, config: InstanceOptions | None = None) -
     """(3, H, W) maps (foreground, centre distance, boundary distance) -> int32 instance labels (0 = background);
     the code is :mod:`peft_export.runtime.watershed_op` (self-contained: also the bioimage.io packages' custom
     post-processing step)."""
-    from peft_export.runtime.watershed_op import seeded_watershed
-
     return seeded_watershed(maps, **(config or InstanceOptions()).to_dict())
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from peft_export.errors import DataError, MissingDependencyError, UsageError, first_line
 from peft_export.manifest import Manifest, read_manifest
 from peft_export.runtime.backend import BackendInfo, mask_prompt_inputs, no_instance_decoder
+from peft_export.runtime.cpu import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def ort_session(model, providers: list[str] | None = None, *, threads: int | Non
 def warn_int8_cpu(manifest: Manifest) -> str | None:
     """For an int8 export: a warning (logged, and returned) when this CPU's int8 class differs from the one its
     gate ran on. Its weights are 7-bit, so the kernels should agree; the gate's figures were measured there."""
-    from peft_export.runtime.cpu import cpu_info
-
     int8 = (manifest.extra or {}).get("int8") if manifest.precision == "int8" else None
     gate_cpu = (int8 or {}).get("cpu_at_gate") or {}
     here = cpu_info()

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.errors import DataError, MissingDependencyError, UsageError, first_line
-from peft_export.manifest import Manifest, read_manifest
+from peft_export.data.samples import sha256_file
+from peft_export.errors import DataError, MissingDependencyError, UsageError, VerificationError, first_line
+from peft_export.manifest import Manifest, read_json_document, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
 from peft_export.runtime.backends import OPENVINO_PRECISIONS as PRECISIONS
+from peft_export.runtime.cpu import cpu_features
+from peft_export.runtime.onnx_backend import manifest_info
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,6 @@ def cache_dir_for(out_dir: Path, encoder_sha256: str, cache: str | os.PathLike |
 def read_gate_record(out_dir: str | os.PathLike, manifest: Manifest) -> dict | None:
     """The export's CPU gate record, when it was made for this encoder (same sha256); else None (with a warning
     when a record for another encoder is there)."""
-    from peft_export.manifest import read_json_document
-
     path = Path(out_dir) / GATE_FILE
     if not path.is_file():
         return None
@@ -96,9 +97,6 @@ def read_gate_record(out_dir: str | os.PathLike, manifest: Manifest) -> dict | N
 
 def check_int8_files(out_dir: Path, entry: dict) -> None:
     """The gate's int8 encoder (OpenVINO IR: .xml + .bin) must match the sha256s the gate recorded."""
-    from peft_export.data.samples import sha256_file
-    from peft_export.errors import VerificationError
-
     for key in ("file", "weights"):
         p = Path(out_dir) / entry[key]
         if not p.is_file():
@@ -175,9 +173,6 @@ class OpenVinoBackend:
     def __init__(self, out_dir: str | os.PathLike, precision: str = "auto", *, manifest: Manifest | None = None,
                  cache: str | os.PathLike | None = "user", threads: int | None = None,
                  hint: str = "LATENCY", gate_record: dict | None = None):
-        from peft_export.runtime.cpu import cpu_features
-        from peft_export.runtime.onnx_backend import manifest_info
-
         ov = import_openvino()
         self.out_dir = Path(out_dir)
         self.manifest = m = manifest or read_manifest(self.out_dir)

@@ -31,6 +31,8 @@ from pathlib import Path
 from peft_export.data.samples import sha256_file
 from peft_export.errors import PeftExportError, UsageError
 from peft_export.files import refuse_inputs
+from peft_export.manifest import MANIFEST_NAME
+from peft_export.runtime.package import RDF_NAMES, is_package
 from peft_export.runtime.sources import InputItem, Inputs, output_path, prompt_file, summary_path
 
 LABELS_FORMAT = "peft-export-labels"
@@ -43,9 +45,6 @@ def export_record(source: str | os.PathLike | None) -> dict:
     """Which export: ``{"source", "document", "sha256"}``, the sha256 of the document the runtime verifies (an
     export folder's ``manifest.json``, which lists every graph's sha256; a package's ``rdf.yaml``, which lists its
     weights' sha256)."""
-    from peft_export.manifest import MANIFEST_NAME
-    from peft_export.runtime.package import RDF_NAMES, is_package
-
     if source is None:
         return {"source": None, "document": None, "sha256": None}
     p = Path(source)

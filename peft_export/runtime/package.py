@@ -27,6 +27,9 @@ import numpy as np
 
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, UsageError, first_line
+from peft_export.files import clean_stale, member_path, required_sha256, temp_path
+from peft_export.manifest import FORMAT, FORMAT_VERSION, Manifest, read_json_document, verify_manifest_files
+from peft_export.runtime.onnx_backend import OnnxBackend, manifest_info, ort_session
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 MANIFEST_ATTACHMENT = "peft_export_manifest.json"
@@ -57,8 +60,6 @@ def unzip_root() -> Path:
 
 
 def _extract(zip_path: Path) -> Path:
-    from peft_export.files import clean_stale, temp_path
-
     root = unzip_root()
     clean_stale(root)
     tmp = temp_path(root / zip_path.name)
@@ -91,8 +92,6 @@ def _source(entry: dict, what: str) -> str:
 def _check_file(folder: Path, entry: dict, what: str) -> Path:
     """A file the rdf names: inside the package (no absolute path, no ``..``, no link out), present, and matching
     its sha256, which is required."""
-    from peft_export.files import member_path, required_sha256
-
     p = member_path(folder, _source(entry, what), f"the package's {what}")
     want = required_sha256(entry, str(folder), f"the package's {what} {p.name}")
     if not p.is_file():
@@ -174,8 +173,6 @@ class PackageModel:
     def _open(self, p: Path, providers, threads) -> None:
         import yaml
 
-        from peft_export.files import member_path
-
         try:
             rdf_path = member_path(self.folder, _rdf_path(self.folder).name, "the rdf")
             self.rdf = yaml.safe_load(rdf_path.read_text())
@@ -201,8 +198,6 @@ class PackageModel:
         self.output = self.rdf["outputs"][0]
         self.axis_ids = [a.get("id", "batch" if a["type"] == "batch" else a["type"]) for a in self.input["axes"]]
         self.img_size = int(self.config.get("input_size") or self._space_size())
-        from peft_export.runtime.onnx_backend import ort_session
-
         try:
             self.session = ort_session(self.weights, providers, threads=threads)
         except Exception as exc:
@@ -248,8 +243,6 @@ class PackageModel:
     # -- the export inside an encoder package -----------------------------------------------------------
     def manifest(self):
         """The export manifest attached to the package (``peft_export_manifest.json``), or None."""
-        from peft_export.manifest import FORMAT, FORMAT_VERSION, Manifest, read_json_document
-
         path = self.folder / MANIFEST_ATTACHMENT
         if not path.is_file():
             return None
@@ -278,8 +271,6 @@ class InstancePackageBackend:
     name = "onnxruntime"
 
     def __init__(self, pkg: PackageModel, manifest):
-        from peft_export.runtime.onnx_backend import manifest_info
-
         s = pkg.img_size
         self.package = pkg
         dims = pkg.session.get_inputs()[0].shape
@@ -321,9 +312,6 @@ def package_backend(path: str | os.PathLike, providers: list[str] | None = None,
         return InstancePackageBackend(pkg, manifest)
     if "decoder_lowres" not in manifest.files:
         raise DataError(f"{pkg.path}: its export manifest lists no prompt decoder")
-    from peft_export.manifest import verify_manifest_files
-    from peft_export.runtime.onnx_backend import OnnxBackend
-
     verify_manifest_files(pkg.folder, manifest)
     backend = OnnxBackend(pkg.folder, manifest, providers=providers, threads=threads, source=str(pkg.path))
     backend.package = pkg  # keeps the unzipped files (removed with the PackageModel) while the backend lives

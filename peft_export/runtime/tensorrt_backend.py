@@ -34,6 +34,7 @@ from peft_export.errors import (
 from peft_export.files import member_path
 from peft_export.manifest import Manifest, read_json_document, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
+from peft_export.runtime.onnx_backend import manifest_info
 
 log = logging.getLogger(__name__)
 
@@ -414,8 +415,6 @@ class TensorRTBackend:
             prof = (shape, shape, shape)
         self.batch_range = (prof[0][0], prof[2][0])
         self.points_range = (prof[0][1], prof[2][1])
-        from peft_export.runtime.onnx_backend import manifest_info
-
         # images per encoder call: the profile's batch range (engines of batch-axis exports), else 1
         self.info = manifest_info(m, self.name, str(self.out_dir),
                                   max_batch=1 if baked or enc_prof is None else int(enc_prof[2][0]), on_gpu=True,
