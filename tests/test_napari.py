@@ -171,7 +171,10 @@ def test_open_export_shows_the_model_and_is_remembered(viewer, tiny_export, note
     w = make_widget(viewer)
     assert w.open_model(tiny_export.out_dir) is True, notes
     text = w.info_label.text()
-    for part in ("model: vit_tiny", "backend: onnxruntime (CPU)", "precision: fp32", "instance decoder: no"):
+    from peft_export.runtime.segmenter import Segmenter
+
+    chosen = Segmenter(tiny_export.out_dir).info.name  # --backend auto: OpenVINO where installed, else ONNX Runtime
+    for part in ("model: vit_tiny", f"backend: {chosen} (CPU)", "precision: fp32", "instance decoder: no"):
         assert part in text, text
     assert not errors(notes)
     from peft_export.napari.widget import SegmenterWidget

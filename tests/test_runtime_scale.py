@@ -52,7 +52,7 @@ def test_default_batch_size_is_one_tile_on_a_cpu_and_four_on_a_gpu(tiny_export):
 
     from peft_export.runtime.segmenter import Segmenter
 
-    seg = Segmenter(tiny_export.out_dir)
+    seg = Segmenter(tiny_export.out_dir, backend="onnxruntime")  # auto may pick OpenVINO (no providers) on a CPU
     assert seg.info.details["providers"][0] == "CPUExecutionProvider" and not seg.info.on_gpu
     assert seg.batch_size == 1 and seg.info.default_batch_size == 1
     assert Segmenter(tiny_export.out_dir, batch_size=3).batch_size == 3
