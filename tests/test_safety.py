@@ -453,7 +453,8 @@ def test_ctrl_c_is_exit_130_for_every_command(run_cli, monkeypatch, tmp_path):
     x = str(tmp_path / "x")
     argv = {"finetune": ["--out", x], "merge": [x, "-o", x], "export": [x, "-o", x], "merge-and-export": [x, "-o", x],
             "build-engine": [x], "predict": [x, x, "--auto", "-o", x], "evaluate": [], "embed": [x, x, "-o", x],
-            "package": [x, "-o", x], "info": [], "infer": [x, "-o", x], "train": ["-o", x], "study": ["-o", x]}
+            "package": [x, "-o", x], "info": [], "cpu-gate": [x], "infer": [x, "-o", x], "train": ["-o", x],
+            "study": ["-o", x]}
     seen = 0
     for name, sub in commands.items():
         args = ["benchmark", name, *argv.get(name, [])] if sub else [name, *argv.get(name, [])]
@@ -530,7 +531,7 @@ def test_progress_over_the_tiles_of_one_image_and_resumed_runs(tiny_export, plat
     from peft_export.runtime.segmenter import Segmenter
     from peft_export.runtime.sources import resolve_inputs
 
-    seg = Segmenter(tiny_export.out_dir, batch_size=2)
+    seg = Segmenter(tiny_export.out_dir, batch_size=2, backend="onnxruntime")  # OpenVINO embeds one tile a call
     calls = []
     seg.on_tiles = lambda k, n: calls.append((k, n))
     seg.set_image(_image((500, 700), 4))

@@ -273,47 +273,59 @@ def test_run_dir_exists_needs_resume_or_force(run_cli, synth, tmp_path):
     assert (run / "latest.pt").is_file()
 
 
+_INTERRUPTED_RUN = """
+import json, signal, sys
+import peft_export.train.step as step_mod
+from peft_export_cli.app import main
+
+how, args = sys.argv[1], json.loads(sys.argv[2])
+before = signal.getsignal(signal.SIGINT)
+real, calls = step_mod.image_loss, [0]
+
+def interrupt_third_step(*a, **k):
+    calls[0] += 1
+    if calls[0] == 3 and how == "sigint":  # inside step 3 (one image per step), epoch 1 of 2
+        signal.raise_signal(signal.SIGINT)
+    if calls[0] == 3 and how == "keyboard_interrupt":
+        raise KeyboardInterrupt
+    return real(*a, **k)
+
+step_mod.image_loss = interrupt_third_step
+code = main(args)
+print(json.dumps([calls[0], signal.getsignal(signal.SIGINT) is before]))
+sys.exit(code)
+"""
+
+
 @pytest.mark.parametrize("how,done", [
     ("sigint", 3),  # a real Ctrl-C (SIGINT) during step 3: the step finishes, then the checkpoint is written
     ("keyboard_interrupt", 2),  # KeyboardInterrupt inside step 3 (second Ctrl-C): the last completed step is kept
 ])
-def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, monkeypatch, how,
-                                                                    done):
-    import signal
-
-    import peft_export.train.step as step_mod
-
-    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN under `nohup ... &`
+def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, how, done):
     args = [*TINY, "--data", str(synth), "--iterations", "6", "--no-val-before", "--quiet"]
+    # every run is a process of its own, as a real Ctrl-C ends a real `finetune` process (in this test process other
+    # tests may have loaded OpenVINO, whose threads and an interrupted torch step do not mix)
+
+    def finetune(how: str, *argv: str):
+        child = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, how, json.dumps(["finetune", *argv])],
+                               capture_output=True, text=True, timeout=600)
+        return child.returncode, child.stdout, child.stderr
+
     ref = tmp_path / "ref"
-    code, _, err = run_cli("finetune", *args, "--out", str(ref))
+    code, _, err = finetune("none", *args, "--out", str(ref))
     assert code == 0, err
-
-    real = step_mod.image_loss
-    calls = {"n": 0}
-
-    def interrupt_third_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # inside step 3 (one image per step), epoch 1 of 2
-            if how == "sigint":
-                signal.raise_signal(signal.SIGINT)
-            else:
-                raise KeyboardInterrupt
-        return real(*a, **k)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(step_mod, "image_loss", interrupt_third_step)
-    code, _, err = run_cli("finetune", *args, "--out", str(run))
+    code, out, err = finetune(how, *args, "--out", str(run))
     assert code == 130 and "--resume" in err and f"interrupted at iteration {done}" in err, err
-    assert calls["n"] == 3  # no step started after the interruption
-    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
+    calls, handler_back = json.loads(out.strip().splitlines()[-1])
+    assert calls == 3  # no step started after the interruption
+    assert handler_back  # the handler was put back
     from peft_export.models.checkpoint import read_checkpoint
 
     ck = read_checkpoint(run / "latest.pt")
     assert ck.raw["training"]["interrupted"] and ck.raw["training"]["position"] == {"epoch": 0, "step": done,
                                                                                     "iteration": done}
-    monkeypatch.setattr(step_mod, "image_loss", real)
-    code, _, err = run_cli("finetune", "--out", str(run), "--resume", "--quiet")
+    code, _, err = finetune("none", "--out", str(run), "--resume", "--quiet")
     assert code == 0, err
     a, b = _trainable_state(ref / "latest.pt"), _trainable_state(run / "latest.pt")
     assert set(a) == set(b)
