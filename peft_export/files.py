@@ -356,11 +356,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     _mkdir(target.parent)
     clean_stale(target.parent)
-    tmp = temp_path(target)
-    try:
-        os.mkdir(tmp, 0o777)
-    except OSError as exc:
-        raise write_error(target, exc) from None
+    tmp = _temp_dir(target)
     try:
         crash_point(f"created {target.name}/")
         yield tmp
@@ -374,6 +370,16 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _temp_dir(target: Path) -> Path:
+    """A new, recognisably named folder beside ``target`` (a failure: the write error naming ``target``)."""
+    tmp = temp_path(target)
+    try:
+        os.mkdir(tmp, 0o777)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    return tmp
 
 
 def _swap(new: Path, target: Path) -> None:
@@ -399,11 +405,7 @@ def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
     end of the block; recognisable, so a crash leaves nothing that the next run does not remove."""
     beside = Path(beside)
     _mkdir(beside.parent)
-    tmp = temp_path(beside)
-    try:
-        os.mkdir(tmp, 0o777)
-    except OSError as exc:
-        raise write_error(beside, exc) from None
+    tmp = _temp_dir(beside)
     try:
         crash_point(f"created scratch for {beside.name}")
         yield tmp
