@@ -58,13 +58,12 @@ def open_case(case: str, folder: Path, int8_folder: Path | None, nncf_all: bool 
             sess = ort_session(str(Path(src) / "encoder.onnx"))
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
-    import openvino as ov
 
     from peft_export.export.cpu_gate import compiled_encoder
     from peft_export.manifest import read_manifest
-    from peft_export.runtime.openvino_backend import _static_batch, read_gate_record
+    from peft_export.runtime.openvino_backend import _static_batch, read_gate_record, shared_core
 
-    core = ov.Core()
+    core = shared_core()
     cfg = {"PERFORMANCE_HINT": "LATENCY"}
 
     def model():

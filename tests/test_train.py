@@ -303,8 +303,8 @@ sys.exit(code)
 ])
 def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, how, done):
     args = [*TINY, "--data", str(synth), "--iterations", "6", "--no-val-before", "--quiet"]
-    # every run is a process of its own, as a real Ctrl-C ends a real `finetune` process (in this test process other
-    # tests may have loaded OpenVINO, whose threads and an interrupted torch step do not mix)
+    # every run is a process of its own, as a real Ctrl-C ends a real `finetune` process, and the signal handlers
+    # and signal stacks other tests left in this process cannot change what it sees
 
     def finetune(how: str, *argv: str):
         child = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, how, json.dumps(["finetune", *argv])],

@@ -280,6 +280,7 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
         GATE_FORMAT_VERSION,
         bf16_capable,
         import_openvino,
+        shared_core,
     )
 
     options = options or CpuGateOptions()
@@ -298,7 +299,7 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
     say(f"fp32 reference on {len(sets.gate)} held-out gate input(s)")
     ref = _reference(fp32, sets, m.preprocess_spec, bool(m.baked_preprocessing), bool(m.multimask),
                      options.gate_objects)
-    core = ov.Core()
+    core = shared_core()
     ctx = GateContext(out_dir, m, core, dec, ref, sets, options.iou, say)
     bf16_ok = bf16_capable(core)
     f32 = [ctx.compile(ctx.encoder_model(), "f32")]

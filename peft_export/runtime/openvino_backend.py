@@ -20,6 +20,7 @@ manifest's sha256s still say what runs). Precision is explicit, never silent:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -52,6 +53,15 @@ def import_openvino():
     except ImportError:
         raise MissingDependencyError(f"OpenVINO is not installed: {INSTALL}") from None
     return ov
+
+
+@functools.cache
+def shared_core():
+    """The process's one ``openvino.Core``. Each Core's CPU plugin gives the thread that compiles an alternate
+    signal stack of its own and unmaps it when that Core goes; with two Cores freed out of order the main thread
+    is left pointing at unmapped memory, and the next Ctrl-C kills the process with SIGSEGV instead of stopping it
+    (tests/test_openvino.py::test_ctrl_c_after_many_openvino_models_still_stops_cleanly)."""
+    return import_openvino().Core()
 
 
 def openvino_available() -> bool:
@@ -178,12 +188,11 @@ class OpenVinoBackend:
         self.manifest = m = manifest or read_manifest(self.out_dir)
         self.baked = bool(m.baked_preprocessing)
         enc_sha = m.files["encoder"]["sha256"] if "encoder" in m.files else ""
-        self.core = core = ov.Core()
+        self.core = core = shared_core()
         cache_dir = cache_dir_for(self.out_dir, enc_sha, cache)
         if cache_dir is not None:
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                core.set_property({"CACHE_DIR": str(cache_dir)})
             except OSError as exc:  # a read-only export folder or home: run uncached, say so once
                 log.warning("OpenVINO model cache %s is not writable (%s): compiling without a cache",
                             cache_dir, first_line(exc))
@@ -192,6 +201,8 @@ class OpenVinoBackend:
         bf16_ok = bf16_capable(core)
         self.precision_run, why = choose_precision(precision, self.record, bf16_ok)
         self._config = {"PERFORMANCE_HINT": hint}
+        if cache_dir is not None:  # per compile, not on the shared Core: each export keeps its own cache
+            self._config["CACHE_DIR"] = str(cache_dir)
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
