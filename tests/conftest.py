@@ -172,6 +172,46 @@ def tiny_export(tmp_path_factory) -> ExportedModel:
     return ExportedModel(ckpt, out, "vit_tiny", model._peft_state.config.to_dict())
 
 
+def randomise_batchnorm(module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine values, so that a decoder that ignores them is caught."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.2)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="session")
+def inst_export(tmp_path_factory, tiny_export) -> ExportedModel:
+    """tiny_export's checkpoint (vit_tiny + LoRA late:2) with a random instance decoder (8 features, non-trivial
+    BatchNorm) added -> `merge-and-export` fp32 folder: what `finetune --instance-decoder` + `merge-and-export` make.
+    One export for the instance decoder, APG and napari tests; ``decoder`` is the PyTorch decoder (eval mode)."""
+    import torch
+
+    from peft_export.models.instance_decoder import build_instance_decoder
+
+    root = tmp_path_factory.mktemp("inst_export")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        decoder = build_instance_decoder(tiny_base_model(), 8)
+    randomise_batchnorm(decoder, seed=3)
+    decoder.eval()
+    raw = torch.load(tiny_export.checkpoint, weights_only=True)
+    raw["decoder_state"] = decoder.state_dict()
+    ckpt = root / "best.pt"
+    torch.save(raw, ckpt)
+    out = root / "onnx"
+    _merge_and_export(ckpt, out)
+    exported = ExportedModel(ckpt, out, "vit_tiny", tiny_export.peft)
+    exported.decoder = decoder
+    return exported
+
+
 @pytest.fixture(scope="session")
 def lite_export_fp32(tmp_path_factory, lite_medsam) -> ExportedModel:
     """LiteMedSAM (real weights) + LoRA late:2 (default rank, adapters perturbed with N(0, 0.02) noise) ->

@@ -132,28 +132,6 @@ def test_bad_apg_options_give_one_line():
 # the whole chain on an export: ONNX Runtime vs PyTorch, tiles, CLI
 
 
-@pytest.fixture(scope="module")
-def apg_export(tmp_path_factory, tiny_export):
-    """tiny_export's checkpoint (vit_tiny + LoRA late:2) with a random instance decoder (8 features) ->
-    `merge-and-export` fp32 folder. Returns (checkpoint, export folder)."""
-    from conftest import tiny_base_model
-
-    from peft_export.models.instance_decoder import build_instance_decoder
-    from peft_export_cli.app import main
-
-    root = tmp_path_factory.mktemp("apg_export")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        decoder = build_instance_decoder(tiny_base_model(), 8).eval()
-    raw = torch.load(tiny_export.checkpoint, weights_only=True)
-    raw["decoder_state"] = decoder.state_dict()
-    ckpt = root / "best.pt"
-    torch.save(raw, ckpt)
-    out = root / "onnx"
-    assert main(["merge-and-export", str(ckpt), "-o", str(out), "--quiet"]) == 0
-    return ckpt, out
-
-
 def _median_config(seg, **extra):
     """Random weights give maps near 0.5: thresholds at their medians, so that there are seeds."""
     from peft_export.runtime.apg import APGOptions
@@ -173,7 +151,7 @@ def _apg(seg, cfg):
     return strategy.segment(seg), strategy
 
 
-def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(apg_export, dsb_val):
+def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(inst_export, dsb_val):
     """APG on the export (ONNX Runtime: encoder, instance_decoder.onnx, decoder_lowres.onnx) vs the
     checkpoint's PyTorch model + decoder: object-matched IoU >= 0.99, untiled and tiled (a 2x2 mosaic: seeds routed
     to the tile whose core holds them)."""
@@ -183,7 +161,7 @@ def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(apg_export, dsb_val):
     from peft_export.runtime.segmenter import Segmenter
     from peft_export.runtime.tiling import Tiling
 
-    ckpt, out = apg_export
+    ckpt, out = inst_export.checkpoint, inst_export.out_dir
     loaded = load_model(str(ckpt))
     torch_be = TorchBackend(loaded.model, loaded.spec.preprocess, multimask=True,
                             instance_decoder=loaded.instance_decoder)
@@ -201,14 +179,14 @@ def test_onnx_runtime_and_pytorch_give_the_same_apg_labels(apg_export, dsb_val):
             assert len(ours.plan.grid) > 1
 
 
-def test_apg_decodes_one_prompt_per_seed_in_batches(apg_export, dsb_val):
+def test_apg_decodes_one_prompt_per_seed_in_batches(inst_export, dsb_val):
     """Each seed is decoded once, in batches of batch_size, with the tile of its core (a counting backend)."""
     from peft_export.runtime.apg import point_prompts
     from peft_export.runtime.instances import image_maps
     from peft_export.runtime.segmenter import Segmenter
     from peft_export.runtime.tiling import Tiling
 
-    _ckpt, out = apg_export
+    out = inst_export.out_dir
     seg = Segmenter(out, tiling=Tiling(tile=256, halo=32))
     calls = []
     real = seg.backend.decode
@@ -220,7 +198,7 @@ def test_apg_decodes_one_prompt_per_seed_in_batches(apg_export, dsb_val):
     assert sum(calls) == n and max(calls) <= 5 and n > 5
 
 
-def test_strategy_choice(apg_export, tiny_export):
+def test_strategy_choice(inst_export, tiny_export):
     """auto: AIS with an instance decoder (measured better and faster: strategies.AUTO_WITH_DECODER), grid without
     (with a line saying what to train); apg / instance on an export without a decoder: one line."""
     from peft_export.errors import UsageError
@@ -230,7 +208,7 @@ def test_strategy_choice(apg_export, tiny_export):
     def choose(info, method="auto"):
         return choose_strategy(info, AutoOptions.parse({"method": method}))
 
-    with_dec, without = open_model(apg_export[1]).info, open_model(tiny_export.out_dir).info
+    with_dec, without = open_model(inst_export.out_dir).info, open_model(tiny_export.out_dir).info
     strategy, why = choose(with_dec)
     assert strategy.name == "instance" and "has an instance decoder" in why and "--method apg" in why
     assert strategy.advice() is None
@@ -245,12 +223,12 @@ def test_strategy_choice(apg_export, tiny_export):
         choose(with_dec, "amg")
 
 
-def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
+def test_predict_and_evaluate_auto_apg(run_cli, inst_export, dsb_val, tmp_path):
     """predict --auto --method apg (says so), on a stack with --3d (objects linked across planes), and evaluate
     --auto --method apg."""
     import tifffile
 
-    _ckpt, out = apg_export
+    out = inst_export.out_dir
     img = tmp_path / "tile.tif"
     tifffile.imwrite(img, dsb_val[0].image)
     thr = ("--apg-foreground-threshold", "0.5", "--apg-center-distance-threshold", "0.6",
@@ -274,7 +252,7 @@ def test_predict_and_evaluate_auto_apg(run_cli, apg_export, dsb_val, tmp_path):
     assert auto["method"] == "apg" and "APG" in auto["why"] and {"msa", "f1", "objects_pred"} <= set(auto)
 
 
-def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, tiny_export, dsb_val, tmp_path):
+def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, inst_export, tiny_export, dsb_val, tmp_path):
     import tifffile
 
     img = tmp_path / "tile.tif"
@@ -283,12 +261,13 @@ def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, t
     cases = [
         ((str(tiny_export.out_dir), str(img), "--auto", "--method", "apg"), "no instance decoder"),
         ((str(tiny_export.out_dir), str(img), "--auto", "--method", "instance"), "no instance decoder"),
-        ((str(apg_export[1]), str(img), "--auto", "--3d"), "is a 2D image"),
-        ((str(apg_export[1]), str(img), "--boxes", str(img), "--3d"), "--3d links the objects of automatic"),
-        ((str(apg_export[1]), str(img), "--auto", "--foreground-threshold", "1.5"), "--foreground-threshold"),
-        ((str(apg_export[1]), str(img), "--auto", "--nms-threshold", "-0.2"), "--nms-threshold"),
-        ((str(apg_export[1]), str(img), "--auto", "--apg-min-size", "-1"), "--apg-min-size"),
-        ((str(apg_export[1]), str(img), "--auto", "--method", "grid", "--pred-iou-thresh", "2"), "--pred-iou-thresh"),
+        ((str(inst_export.out_dir), str(img), "--auto", "--3d"), "is a 2D image"),
+        ((str(inst_export.out_dir), str(img), "--boxes", str(img), "--3d"), "--3d links the objects of automatic"),
+        ((str(inst_export.out_dir), str(img), "--auto", "--foreground-threshold", "1.5"), "--foreground-threshold"),
+        ((str(inst_export.out_dir), str(img), "--auto", "--nms-threshold", "-0.2"), "--nms-threshold"),
+        ((str(inst_export.out_dir), str(img), "--auto", "--apg-min-size", "-1"), "--apg-min-size"),
+        ((str(inst_export.out_dir), str(img), "--auto", "--method", "grid", "--pred-iou-thresh", "2"),
+         "--pred-iou-thresh"),
     ]
     for args, message in cases:
         code, _, err = run_cli("predict", *args, "-o", str(out))
@@ -297,7 +276,7 @@ def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, apg_export, t
         assert not out.exists() and not list(tmp_path.glob(".labels*")), args
     for args, message in ((("--center-distance-threshold", "7"), "--center-distance-threshold"),
                           (("--3d",), "--3d")):
-        code, _, err = run_cli("evaluate", str(apg_export[1]), "--auto", *args)
+        code, _, err = run_cli("evaluate", str(inst_export.out_dir), "--auto", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -360,7 +339,7 @@ def test_link_planes_hand_made():
     assert out.max() == 6
 
 
-def test_box_refinement_and_mask_threshold(apg_export, dsb_val):
+def test_box_refinement_and_mask_threshold(inst_export, dsb_val):
     """refine_with_boxes decodes once more per mask, with a box prompt from the mask's bounding box extended by 1%
     (micro-sam's refine_with_box_prompts); a lower mask threshold never gives smaller masks (same prompts)."""
     from peft_export.runtime.apg import APGOptions, Candidate, decode_points, point_prompts, refine_boxes
@@ -369,7 +348,7 @@ def test_box_refinement_and_mask_threshold(apg_export, dsb_val):
 
     box = refine_boxes([Candidate(10, 20, np.ones((11, 21), bool), 0.9, 1.0)], (0, 256, 0, 256))
     np.testing.assert_allclose(box, [[20 - 0.2, 10 - 0.1, 20 + 1.01 * 20, 10 + 1.01 * 10]], rtol=1e-6)
-    seg = Segmenter(apg_export[1])
+    seg = Segmenter(inst_export.out_dir)
     seg.set_image(dsb_val[0].image)
     cfg = _median_config(seg)
     pts = point_prompts(image_maps(seg), cfg)[:6]

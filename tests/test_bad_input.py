@@ -381,6 +381,15 @@ CASES = [
          lambda w: ["evaluate", w.checkpoint, "--backend", "onnxruntime"],
          2, r"error: .*best\.pt is a training checkpoint, not an export folder: --backend onnxruntime runs exports; "
             "make one with `peft-export merge-and-export"),
+    Case("evaluate: an unknown prompt type",
+         lambda w: ["evaluate", w.export, "--data", _labelled(w), "--prompts", "box,lasso"],
+         2, r"error: --prompts: unknown value 'lasso'; choose from box, point, auto$"),
+    Case("evaluate: no prompt type",
+         lambda w: ["evaluate", w.export, "--data", _labelled(w), "--prompts", ""],
+         2, r"error: --prompts: "),
+    Case("evaluate: an unknown device",
+         lambda w: ["evaluate", w.checkpoint, "--device", "tpu"],
+         2, r"error: --device: unknown value 'tpu'; choose from auto, cpu, cuda$"),
     # ---- outputs of the other commands that would destroy their inputs ----
     Case("merge: -o the checkpoint (--force)",
          lambda w: ["merge", _run_folder(w) / "best.pt", "-o", w.tmp / "run" / "best.pt", "--force"],

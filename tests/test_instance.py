@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import disk_image
+from conftest import disk_image, randomise_batchnorm
 
 from peft_export.errors import CheckpointError
 
@@ -44,18 +44,6 @@ def _tiny_sam():
         return get_spec("vit_tiny").build().eval()
 
 
-def _randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial running statistics and affine values, so that a decoder that ignores them is caught."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.2)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the decoder vs torch-em's UNETR, through a micro-sam-style checkpoint
 @pytest.mark.parametrize("transpose", [False, True], ids=["interpolate", "transposed-conv"])
@@ -71,7 +59,7 @@ def test_micro_sam_checkpoint_decoder_matches_torch_em_unetr(tmp_path, transpose
     unetr = unetr_mod.UNETR(backbone="sam", encoder=sam.image_encoder, out_channels=3, use_sam_stats=True,
                             final_activation="Sigmoid", use_skip_connection=False, resize_input=True,
                             use_conv_transpose=transpose, initial_features=16)
-    _randomise_batchnorm(unetr)
+    randomise_batchnorm(unetr)
     unetr.eval()
     decoder_state = {k: v for k, v in unetr.state_dict().items() if not k.startswith("encoder")}
     ckpt = tmp_path / "micro_sam_best.pt"
@@ -314,30 +302,6 @@ def test_bad_instance_options_give_one_line(run_cli, synth, tmp_path, args, mess
 
 # ---------------------------------------------------------------------------------------------------------
 # export (instance_decoder.onnx, manifest, parity gate) and the torch-free runtime (segment_instances, CLI)
-@pytest.fixture(scope="module")
-def inst_export(tmp_path_factory, tiny_export):
-    """tiny_export's checkpoint (vit_tiny + LoRA late:2) with a random instance decoder (8 features, non-trivial
-    BatchNorm) added -> `merge-and-export` fp32 folder (the encoder
-    and prompt decoder traces are reused from tiny_export). Returns (checkpoint, export folder, PyTorch decoder)."""
-    from conftest import tiny_base_model
-
-    from peft_export.models.instance_decoder import build_instance_decoder
-    from peft_export_cli.app import main
-
-    root = tmp_path_factory.mktemp("inst_export")
-    torch.manual_seed(3)
-    decoder = build_instance_decoder(tiny_base_model(), 8)
-    _randomise_batchnorm(decoder, seed=3)
-    decoder.eval()
-    raw = torch.load(tiny_export.checkpoint, weights_only=True)
-    raw["decoder_state"] = decoder.state_dict()
-    ckpt = root / "best.pt"
-    torch.save(raw, ckpt)
-    out = root / "onnx"
-    assert main(["merge-and-export", str(ckpt), "-o", str(out), "--quiet"]) == 0
-    return ckpt, out, decoder
-
-
 def test_export_writes_the_instance_decoder_graph_with_its_contract(inst_export):
     """I/O contract (the bioimage.io composition relies on it), manifest entry, parity figures; the graph vs the
     PyTorch decoder on embeddings the gate never saw (batch of 3)."""
@@ -346,7 +310,7 @@ def test_export_writes_the_instance_decoder_graph_with_its_contract(inst_export)
     from peft_export.manifest import read_manifest
     from peft_export.runtime.onnx_backend import ort_session
 
-    _ckpt, out, decoder = inst_export
+    out, decoder = inst_export.out_dir, inst_export.decoder
     m = read_manifest(out)
     assert m.files["instance_decoder"]["path"] == "instance_decoder.onnx"
     extra = m.extra["instance_decoder"]
@@ -382,7 +346,7 @@ def test_onnx_runtime_and_pytorch_give_the_same_instances(inst_export, dsb_val):
     from peft_export.runtime.strategies import AutoOptions
     from peft_export.runtime.tiling import Tiling
 
-    ckpt, out, _ = inst_export
+    ckpt, out = inst_export.checkpoint, inst_export.out_dir
     loaded = load_model(str(ckpt))
     torch_be = TorchBackend(loaded.model, loaded.spec.preprocess, multimask=True,
                             instance_decoder=loaded.instance_decoder)
@@ -409,7 +373,7 @@ def test_onnx_runtime_and_pytorch_give_the_same_instances(inst_export, dsb_val):
 def test_predict_and_evaluate_auto_use_the_instance_decoder(run_cli, inst_export, tiny_export, dsb_val, tmp_path):
     import tifffile
 
-    _ckpt, out, _ = inst_export
+    out = inst_export.out_dir
     img = tmp_path / "tile.tif"
     tifffile.imwrite(img, dsb_val[0].image)
     code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "-o", str(tmp_path / "a.tif"), "--json")
@@ -439,7 +403,7 @@ def test_build_engine_plans_the_instance_decoder(inst_export, tiny_export):
     from peft_export.export.tensorrt.options import EngineOptions
     from peft_export.export.tensorrt.plan import plan_engines
 
-    plan = plan_engines(inst_export[1], EngineOptions(encoder_batch=3))
+    plan = plan_engines(inst_export.out_dir, EngineOptions(encoder_batch=3))
     e = plan.engines["instance_decoder"]
     assert (e.onnx, e.engine) == ("instance_decoder.onnx", "instance_decoder.engine")
     assert e.profile["image_embeddings"] == {"min": [1, 64, 16, 16], "opt": [3, 64, 16, 16], "max": [3, 64, 16, 16]}

@@ -184,25 +184,6 @@ def test_open_export_shows_the_model_and_is_remembered(viewer, tiny_export, note
     again.deleteLater()
 
 
-@pytest.fixture(scope="module")
-def inst_export(tmp_path_factory, tiny_export):
-    """tiny_export's checkpoint with a random instance decoder -> merge-and-export (what finetune
-    --instance-decoder + merge-and-export make)."""
-    import torch
-    from conftest import tiny_base_model
-
-    from peft_export.models.instance_decoder import build_instance_decoder
-    from peft_export_cli.app import main
-
-    root = tmp_path_factory.mktemp("napari_inst")
-    torch.manual_seed(5)
-    raw = torch.load(tiny_export.checkpoint, weights_only=True)
-    raw["decoder_state"] = build_instance_decoder(tiny_base_model(), 8).eval().state_dict()
-    torch.save(raw, root / "best.pt")
-    assert main(["merge-and-export", str(root / "best.pt"), "-o", str(root / "onnx"), "--quiet"]) == 0
-    return root / "onnx"
-
-
 def test_bad_models_give_one_notification(viewer, tiny_export, tmp_path, notes):
     w = make_widget(viewer)
     (tmp_path / "not_export").mkdir()
@@ -343,11 +324,11 @@ def test_segment_everything_equals_predict_auto(viewer, qtbot, tiny_export, inst
     assert mask.any() and np.array_equal(viewer.layers["img objects"].data, expected)
     viewer.layers.remove("img boxes")  # no prompts: the instance run below is compared with the CLI's ids as they are
 
-    assert w.open_model(inst_export) and "instance decoder: yes" in w.info_label.text()
+    assert w.open_model(inst_export.out_dir) and "instance decoder: yes" in w.info_label.text()
     w.segment_everything("plane")
     settle(qtbot, w)
     got = viewer.layers["img objects"].data
-    want = _cli_auto(run_cli, inst_export, tmp_path / "img.tif", tmp_path / "inst.tif")
+    want = _cli_auto(run_cli, inst_export.out_dir, tmp_path / "img.tif", tmp_path / "inst.tif")
     assert want.max() >= 1 and np.array_equal(got, want)
     assert ("info", "segment everything (the instance decoder + seeded watershed (micro-sam's AIS)): "
                     f"{len(np.unique(want)) - 1} objects") in notes
@@ -510,7 +491,7 @@ def test_instance_package_without_prompt_decoder_says_so(viewer, qtbot, inst_exp
 
     if importlib.util.find_spec("bioimageio") is None or importlib.util.find_spec("bioimageio.spec") is None:
         pytest.skip("the bioimageio extra is not installed: pip install 'peft-export[bioimageio]'")
-    build_package(inst_export, tmp_path / "inst.zip", PackageOptions(authors=["Test"], validate_package=False))
+    build_package(inst_export.out_dir, tmp_path / "inst.zip", PackageOptions(authors=["Test"], validate_package=False))
     viewer.add_image(image_96x128(2), name="img")
     w = make_widget(viewer)
     assert w.open_model(tmp_path / "inst.zip"), notes

@@ -36,7 +36,7 @@ def test_every_command_takes_its_options_from_families():
     """Only positionals and I/O flags are declared by commands; the rest comes from the families."""
     io_flags = {"--output", "--force", "--json", "--quiet", "--help", "--version", "--verbose", "--out", "--config",
                 "--resume", "--checkpoint", "--boxes", "--points", "--auto", "--embeddings", "--skip-existing",
-                "--shard", "--overlay", "--print-trtexec", "--data", "--labels", "--split", "--prompts", "--device"}
+                "--shard", "--overlay", "--print-trtexec", "--data", "--labels", "--split"}
     with_families = {name for name, _, fams in COMMANDS if fams}
     assert {"finetune", "export", "merge-and-export", "merge", "predict", "evaluate", "embed", "build-engine",
             "package", "benchmark train", "benchmark infer", "benchmark study"} <= with_families
@@ -122,18 +122,24 @@ FAMILIES = []
 
 
 def _families():
-    from peft_export.bench.options import InferSettings, StudySettings, TrainSettings
-    from peft_export.export.options import ExportOptions, MergeOptions
-    from peft_export.export.tensorrt.options import EngineOptions
-    from peft_export.package.options import PackageOptions
-    from peft_export.peft.options import PeftOverride
-    from peft_export.runtime.backends import RuntimeOptions
-    from peft_export.runtime.strategies import AutoOptions
-    from peft_export.runtime.tiling import Tiling
-    from peft_export.train.config import TrainConfig
+    """Every public option family of the library (each subclass of Options, once the CLI, which imports them all,
+    is loaded): a family added to the library joins the round-trip matrix below by itself."""
+    import peft_export_cli.app  # noqa: F401
 
-    return [TrainConfig, ExportOptions, MergeOptions, EngineOptions, PackageOptions, PeftOverride, RuntimeOptions,
-            AutoOptions, Tiling, TrainSettings, StudySettings, InferSettings]
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return sorted({c for c in subclasses(Options) if c.__module__.startswith("peft_export.")
+                   and not c.__name__.startswith("_")}, key=lambda c: (c.__module__, c.__name__))
+
+
+def test_the_family_matrix_holds_the_known_families():
+    names = {f.__name__ for f in _families()}
+    assert {"TrainConfig", "ExportOptions", "MergeOptions", "EngineOptions", "PackageOptions", "PeftOverride",
+            "RuntimeOptions", "AutoOptions", "APGOptions", "Tiling", "TrainSettings", "StudySettings",
+            "InferSettings", "CpuGateOptions", "EvaluateOptions", "LoRAOptions"} <= names, names
 
 
 @pytest.mark.parametrize("family", _families(), ids=lambda f: f.__name__)

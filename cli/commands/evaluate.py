@@ -9,6 +9,7 @@ from rich.table import Table
 
 from peft_export.errors import UsageError
 from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.evaluate_options import EvaluateOptions
 from peft_export.runtime.strategies import AutoOptions
 from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
@@ -17,7 +18,7 @@ from peft_export_cli.options import with_options
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
-    @with_options(tiling=Tiling, auto=AutoOptions, runtime=RuntimeOptions)
+    @with_options(evaluation=EvaluateOptions, tiling=Tiling, auto=AutoOptions, runtime=RuntimeOptions)
     def evaluate_cmd(
         model: str = typer.Argument("lite_medsam", help="Zoo model name, a checkpoint file, an export folder or a "
                                     "bioimage.io package."),
@@ -27,13 +28,11 @@ def register(app: typer.Typer) -> None:
                                  "--labels: an image file, folder or quoted glob (stacks: every plane)."),
         labels: str = typer.Option(None, "--labels", help="Folder of label images named like the --data images."),
         split: str = typer.Option("val", help="train, val or all (sample data, or train/ val/ sub-folders)."),
-        prompts: str = typer.Option("box,point", help="Comma-separated prompt types: box, point, auto."),
         auto_mode: bool = typer.Option(False, "--auto", help="Automatic segmentation without prompts instead: mSA, "
                                        "precision / recall / F1 at IoU 0.5, object counts (see --method)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda (PyTorch models: checkpoints and zoo names)."),
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-        *, tiling: Tiling, auto: AutoOptions, runtime: RuntimeOptions,
+        *, evaluation: EvaluateOptions, tiling: Tiling, auto: AutoOptions, runtime: RuntimeOptions,
     ):
         """Mean IoU and mSA of box / point / automatic prompts against instance labels.
 
@@ -54,16 +53,14 @@ def register(app: typer.Typer) -> None:
         """
         from peft_export.loading import evaluation_backend
         from peft_export.runtime.backends import explain_run
-        from peft_export.runtime.evaluate import ALL_PROMPT_TYPES, evaluate
+        from peft_export.runtime.evaluate import evaluate
         from peft_export.runtime.labelled import labelled_set
 
-        kinds = common.parse_list(prompts, ALL_PROMPT_TYPES, "prompt type")
-        if not kinds:
-            raise UsageError("--prompts is empty; choose from box, point, auto")
+        kinds = evaluation.prompts
         if auto.link_3d:
             raise UsageError("--3d: evaluate scores 2D images; --3d links a stack's planes in predict --auto")
         pairs = labelled_set(data, split, labels)
-        be, desc = evaluation_backend(model, checkpoint, runtime.backend, device, runtime)
+        be, desc = evaluation_backend(model, checkpoint, runtime.backend, evaluation.device, runtime)
         batch_size = runtime.batch_size
         t0 = time.perf_counter()
         if auto_mode:  # instance metrics without prompts (the strategy AutoOptions choose)

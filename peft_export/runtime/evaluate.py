@@ -29,13 +29,11 @@ from peft_export.imaging import ModelInput, upscale_masks
 from peft_export.metrics import instance_scores, iou_matrix, mean_segmentation_accuracy, merge_instance_scores
 from peft_export.prompts import box_prompts, pad_points
 from peft_export.runtime.backend import Backend, select_masks
+from peft_export.runtime.evaluate_options import PROMPT_TYPES
 from peft_export.runtime.pieces import paint, piece_iou, rescale_piece
 from peft_export.runtime.segmenter import Segmenter
 from peft_export.runtime.strategies import AutoOptions
 from peft_export.runtime.tiling import Tiling
-
-PROMPT_TYPES = ("box", "point")
-ALL_PROMPT_TYPES = (*PROMPT_TYPES, "auto")
 
 
 @dataclass
