@@ -1,4 +1,10 @@
-"""``peft-export``: the Typer application. Every command of the chain is registered here."""
+"""``peft-export``: the Typer application. Every command of the chain is registered here.
+
+Command modules import at module level only what the command line itself needs (the option families, typer, rich);
+their bodies import the library code that does the work, so that ``peft-export --help`` and one-line errors start
+in about half a second instead of loading PyTorch and the ONNX stack. tests/test_options.py::
+test_the_command_line_starts_without_the_heavy_stack holds that.
+"""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from peft_export.errors import UsageError, WriteError
+from peft_export.errors import DataError, UsageError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +472,6 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def member_path(folder: str | os.PathLike, rel: object, what: str) -> Path:
     """The path of a file a manifest or an rdf names, refused (one DataError line) unless it is a plain relative
     path that stays inside ``folder`` after resolving symlinks: no absolute path, no ``..``, no link out."""
-    from peft_export.errors import DataError
-
     folder = Path(folder)
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise DataError(f"{folder}: {what} has no usable file name ({rel!r})")
@@ -488,8 +486,6 @@ def member_path(folder: str | os.PathLike, rel: object, what: str) -> Path:
 
 def required_sha256(entry: object, where: str, what: str) -> str:
     """The sha256 a manifest/rdf entry must carry (64 lowercase hex digits), or one DataError line."""
-    from peft_export.errors import DataError
-
     digest = entry.get("sha256") if isinstance(entry, dict) else None
     if not isinstance(digest, str) or not SHA256.match(digest):
         raise DataError(f"{where}: {what} has no sha256 (every file must carry one to be verified): refused")

@@ -10,9 +10,20 @@ from typing import Any
 
 from segment_anything.modeling import Sam
 
-from peft_export.errors import CheckpointError, UsageError
-from peft_export.models.checkpoint import Checkpoint, load_state_dict_into, read_checkpoint
+from peft_export.data.samples import lite_medsam_checkpoint
+from peft_export.errors import CheckpointError, DataError, UsageError
+from peft_export.manifest import export_command, not_an_export
+from peft_export.models.checkpoint import Checkpoint, guess_model, load_state_dict_into, read_checkpoint
+from peft_export.models.devices import resolve_device
+from peft_export.models.instance_decoder import decoder_from_state
 from peft_export.models.registry import MODELS, ModelSpec, get_spec
+from peft_export.models.torch_backend import TorchBackend
+from peft_export.peft import apply_peft_config
+from peft_export.peft.options import peft_config_from
+from peft_export.runtime.backends import RuntimeOptions, is_export_folder, open_model
+from peft_export.runtime.cpu import describe_run
+from peft_export.runtime.outputs import export_record
+from peft_export.runtime.package import is_package
 
 log = logging.getLogger("peft_export")
 MERGE_SOURCES = ("auto", "peft-export", "micro-sam")
@@ -32,8 +43,6 @@ class LoadedModel:
 def default_weights(name: str) -> Path | None:
     """Weights that ship with the tool for a zoo entry (LiteMedSAM only)."""
     if name == "lite_medsam":
-        from peft_export.data.samples import lite_medsam_checkpoint
-
         return lite_medsam_checkpoint()
     return None
 
@@ -65,8 +74,6 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
     if spec is None:
         name = ckpt.model or _sidecar_model(path)
         if name is None:
-            from peft_export.models.checkpoint import guess_model
-
             name = guess_model(ckpt.state_dict)
             if name is None:
                 raise CheckpointError(f"{path}: cannot tell which model this is; name it, e.g. "
@@ -79,15 +86,11 @@ def load_model(model: str, checkpoint: str | Path | None = None, *, require_weig
     if ckpt is not None:
         peft_cfg = ckpt.peft if ckpt.kind == "peft-export" else _adapt_foreign_peft(peft_from, ckpt)
         if peft_cfg and not ckpt.merged:
-            from peft_export.peft import apply_peft_config
-
             apply_peft_config(sam, peft_cfg, spec.name)
         load_state_dict_into(sam, ckpt.state_dict, spec.name, source=str(path))
     sam.eval()
     loaded = LoadedModel(sam, spec, ckpt, peft_cfg, str(path) if path else spec.name)
     if ckpt is not None and ckpt.decoder_state is not None:
-        from peft_export.models.instance_decoder import decoder_from_state
-
         loaded.instance_decoder = decoder_from_state(ckpt.decoder_state, sam, spec.name, source=str(path))
     return loaded
 
@@ -98,8 +101,6 @@ def load_for_merge(checkpoint: str | Path, *, source: str = "auto", model: str |
     """A training checkpoint with its PEFT modules, ready to merge: ours record their PEFT settings; micro-sam
     checkpoints do not, so ``peft``/``blocks``/``options`` (configuration keys, as the CLI takes them) give them.
     """
-    from peft_export.peft.options import peft_config_from
-
     if source not in MERGE_SOURCES:
         raise UsageError(f"--from must be one of {', '.join(MERGE_SOURCES)}")
     if not Path(checkpoint).exists():
@@ -151,12 +152,6 @@ def evaluation_backend(model: str, checkpoint: str | None = None, backend: str =
     """What ``evaluate`` runs: PyTorch for checkpoints and zoo names, a runtime backend (the runtime's opener,
     ``backend`` auto or named, the other ``runtime`` options as given) for export folders and packages. Returns
     (backend, description dict)."""
-    from peft_export.errors import DataError
-    from peft_export.manifest import export_command, not_an_export
-    from peft_export.runtime.backends import RuntimeOptions, is_export_folder, open_model
-    from peft_export.runtime.outputs import export_record
-    from peft_export.runtime.package import is_package
-
     if backend not in EVALUATION_BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(EVALUATION_BACKENDS)}")
     if is_export_folder(model) or is_package(model):
@@ -164,8 +159,6 @@ def evaluation_backend(model: str, checkpoint: str | None = None, backend: str =
             raise UsageError(f"{model} is an export: evaluate it with a runtime backend (--backend auto)")
         if checkpoint is not None:
             raise UsageError("--checkpoint does not apply to an export folder")
-        from peft_export.runtime.cpu import describe_run
-
         be = open_model(model, (runtime or RuntimeOptions()).replace(backend=backend))
         return be, {**describe_run(be.info), "export": export_record(model)}
     if Path(model).is_dir():  # a training run folder, or any folder without a manifest: say what it is
@@ -177,9 +170,6 @@ def evaluation_backend(model: str, checkpoint: str | None = None, backend: str =
                              "PyTorch (--backend torch)")
         raise UsageError(f"--backend {backend} runs export folders; export {model} first "
                          "(peft-export export / merge-and-export) or use --backend torch")
-    from peft_export.models.devices import resolve_device
-    from peft_export.models.torch_backend import TorchBackend
-
     loaded = load_model(model, checkpoint)
     be = TorchBackend(loaded.model, loaded.spec.preprocess, resolve_device(device), multimask=loaded.spec.multimask,
                       instance_decoder=loaded.instance_decoder, name=loaded.spec.name, source=loaded.source)

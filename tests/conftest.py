@@ -196,10 +196,10 @@ def inst_export(tmp_path_factory, tiny_export) -> ExportedModel:
     from peft_export.models.instance_decoder import build_instance_decoder
 
     root = tmp_path_factory.mktemp("inst_export")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
+    with torch.random.fork_rng(devices=[]):  # seed 7: default AIS settings find 16-24 objects on 96x128 disk images
+        torch.manual_seed(7)
         decoder = build_instance_decoder(tiny_base_model(), 8)
-    randomise_batchnorm(decoder, seed=3)
+    randomise_batchnorm(decoder, seed=7)
     decoder.eval()
     raw = torch.load(tiny_export.checkpoint, weights_only=True)
     raw["decoder_state"] = decoder.state_dict()

@@ -181,3 +181,16 @@ def test_benchmark_options_are_the_training_options():
     assert TrainSettings.parse({"methods": "lora,frozen"}).methods == ["lora", "frozen"]
     with pytest.raises(UsageError, match="unknown PEFT method 'freeze_encoder'"):
         TrainSettings.parse({"methods": "freeze_encoder"})
+
+
+def test_the_command_line_starts_without_the_heavy_stack():
+    """`peft-export --help` loads no PyTorch, ONNX, ONNX Runtime, OpenVINO, SciPy or napari (cli/app.py's rule)."""
+    import subprocess
+    import sys
+
+    code = "import sys, peft_export_cli.app; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    heavy = {"torch", "onnx", "onnxruntime", "openvino", "scipy", "napari", "segment_anything", "onnxscript", "nncf",
+             "tensorrt", "matplotlib", "bioimageio"}
+    assert not loaded & heavy, loaded & heavy

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from peft_export.export.cpu_gate import CpuGateOptions
+from peft_export.export.options import CpuGateOptions
 from peft_export_cli import common
 from peft_export_cli.options import with_options
 

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
-from peft_export.runtime.backends import RuntimeOptions
+from peft_export.files import refuse_inputs
+from peft_export.runtime.backends import RuntimeOptions, explain_run
+from peft_export.runtime.cpu import describe_run
+from peft_export.runtime.segmenter import Segmenter
 from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
 from peft_export_cli.options import with_options
@@ -35,12 +38,8 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export embed export/ plates/ -o plates_embeddings/ --batch-size 8[/]
         """
-        from peft_export.files import refuse_inputs
-        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import run_embed
-        from peft_export.runtime.cpu import describe_run
         from peft_export.runtime.outputs import export_record
-        from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
         inputs = take_shard(resolve_inputs(images, exclude=output), parse_shard(shard))

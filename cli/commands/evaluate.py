@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from peft_export.errors import UsageError
-from peft_export.runtime.backends import RuntimeOptions
+from peft_export.runtime.backends import RuntimeOptions, explain_run
 from peft_export.runtime.evaluate_options import EvaluateOptions
 from peft_export.runtime.strategies import AutoOptions
 from peft_export.runtime.tiling import Tiling
@@ -52,7 +52,6 @@ def register(app: typer.Typer) -> None:
         [bold]peft-export evaluate export/ --data 'plates/*.tif' --labels truth/ --tile 256 --halo 32[/]
         """
         from peft_export.loading import evaluation_backend
-        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.evaluate import evaluate
         from peft_export.runtime.labelled import labelled_set
 

@@ -10,7 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from peft_export import __version__
+from peft_export.data.samples import sample_status
 from peft_export.errors import first_line
+from peft_export.runtime.cpu import cpu_features
 from peft_export_cli import common
 
 
@@ -51,12 +53,8 @@ def collect() -> dict:
         devices["tensorrt_runtime"] = "importable"
     except Exception:
         devices["tensorrt_runtime"] = "not installed (pip install 'peft-export[tensorrt]'; needs an NVIDIA GPU)"
-    from peft_export.runtime.cpu import cpu_features
-
     devices["cpu"] = cpu_features()  # model, bf16/int8 flags, kind (the CPU section of the README)
     data["devices"] = devices
-    from peft_export.data.samples import sample_status
-
     data["samples"] = sample_status()
     return data
 

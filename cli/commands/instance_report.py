@@ -9,12 +9,12 @@ import time
 
 from rich.table import Table
 
+from peft_export.errors import DataError
 from peft_export_cli import common
 
 
 def evaluate_auto(backend, desc: dict, pairs, data: str, split: str, auto, tiling, batch_size: int | None,
                   json_out: bool, quiet: bool, t0: float) -> None:
-    from peft_export.errors import DataError
     from peft_export.runtime.evaluate import evaluate_instances
 
     with common.progress_bar("evaluating", pairs.count(), enabled=not (quiet or json_out)) as bar:

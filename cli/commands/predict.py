@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from peft_export.errors import UsageError
-from peft_export.runtime.backends import RuntimeOptions
+from peft_export.files import refuse_inputs
+from peft_export.runtime.backends import RuntimeOptions, explain_run
+from peft_export.runtime.segmenter import Segmenter
 from peft_export.runtime.strategies import AutoOptions
 from peft_export.runtime.tiling import Tiling
 from peft_export_cli import common
@@ -63,11 +65,8 @@ def register(app: typer.Typer) -> None:
         gives a label stack (uint32 tif), one plane per plane (--auto --3d: objects linked across planes); a prompt
         file applies to every plane.
         """
-        from peft_export.files import refuse_inputs
-        from peft_export.runtime.backends import explain_run
         from peft_export.runtime.batch import PredictRequest, run_predict
         from peft_export.runtime.outputs import check_unique_outputs, export_record
-        from peft_export.runtime.segmenter import Segmenter
         from peft_export.runtime.sources import parse_shard, resolve_inputs, take_shard
 
         modes = [m for m, on in (("boxes", boxes), ("points", points), ("auto", auto_mode)) if on]

@@ -12,10 +12,10 @@ import json
 import signal
 import sys
 
+from peft_export.errors import PeftExportError, first_line
+
 
 def main() -> None:
-    from peft_export.errors import PeftExportError, first_line
-
     # the parent forwards Ctrl-C as one SIGINT: honour it even when started with SIGINT ignored (nohup, cmd &)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     payload = json.loads(sys.stdin.read())

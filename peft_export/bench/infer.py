@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 
 from peft_export.bench.common import machine_info, peak_rss_mib, run_isolated, stats, write_results
+from peft_export.bench.plots import plot_infer
 from peft_export.errors import PeftExportError, UsageError
+from peft_export.manifest import read_manifest
 from peft_export.prompts import box_prompts
+from peft_export.runtime.backend import prepare_input
 from peft_export.runtime.backends import BACKENDS as RUNTIME_BACKENDS
+from peft_export.runtime.backends import RuntimeOptions, backend_class, open_model
 
 BACKENDS = ("torch", *RUNTIME_BACKENDS)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -66,10 +70,13 @@ def _torch_cases(out_dir: Path, manifest, seen: set) -> list[Case]:
 
     def loader(kind: str):
         def _open():
+            # lazy: pulls segment_anything, torch, torchvision
             from peft_export.loading import default_weights, load_model
-            from peft_export.models import build_sam, get_spec
+            from peft_export.models import build_sam, get_spec  # lazy: pulls segment_anything, torch, torchvision
+
+            # lazy: pulls segment_anything, torch, torchvision
             from peft_export.models.torch_backend import TorchBackend
-            from peft_export.peft import is_mergeable, merge_peft
+            from peft_export.peft import is_mergeable, merge_peft  # lazy: pulls torch
 
             spec = get_spec(model_name)
             if kind == "vanilla":
@@ -102,16 +109,12 @@ def _runtime_case(out_dir: Path, manifest, backend: str) -> Case:
     variant = "vanilla" if not peft else ("merged" if manifest.source.get("merged", True) else "adapters")
     name = f"{backend} {manifest.precision} {variant} ({manifest.model}, {_peft_label(peft)})"
     case = Case(name, backend, manifest.precision, variant, str(out_dir), manifest.model, _peft_label(peft))
-    from peft_export.runtime.backends import RuntimeOptions, backend_class, open_model
-
     case.skipped = backend_class(backend).unavailable(out_dir, manifest)  # None: it can run here
     case.opener = lambda: open_model(out_dir, RuntimeOptions(backend=backend))
     return case
 
 
 def plan_cases(out_dirs: list[str | Path], backends: list[str], precisions: list[str]) -> list[Case]:
-    from peft_export.manifest import read_manifest
-
     cases: list[Case] = []
     seen: set = set()
     for d in out_dirs:
@@ -140,8 +143,6 @@ def _sample(backend, n_prompts: int):
         image = dsb2018_tiles("val")[0].image
     except PeftExportError:
         image = np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)
-    from peft_export.runtime.backend import prepare_input
-
     x, prep = prepare_input(backend, image)
     rng = np.random.default_rng(1)
     h, w = prep.original_hw
@@ -260,8 +261,6 @@ def _mean_mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def open_case(row: dict):
     """Re-open a case from its row (used by the isolated memory worker)."""
-    from peft_export.manifest import read_manifest
-
     d = Path(row["out_dir"])
     manifest = read_manifest(d)
     if row["backend"] == "torch":
@@ -282,7 +281,5 @@ def measure_case_memory(row: dict, prompts: int) -> dict:
 
 
 def write_infer_results(out_dir: Path, results: dict) -> list[Path]:
-    from peft_export.bench.plots import plot_infer
-
     j, c = write_results(out_dir, results, results["cases"])
     return [j, c, plot_infer(out_dir / "latency.png", results)]

@@ -23,8 +23,12 @@ from pathlib import Path
 from peft_export.bench.cases import Budget, StudyCase
 from peft_export.bench.options import StudySettings
 from peft_export.bench.study_case import run_case
+from peft_export.bench.study_results import COSTS, METRICS, assemble, write_study_results
+from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
 from peft_export.data.io import atomic_write
 from peft_export.errors import PeftExportError, UsageError, first_line
+from peft_export.peft.placement import resolve_placement
+from peft_export.train.config import PRESETS, field_names
 
 PLAN_VERSION = 1
 # settings that change what a case measures: a resumed study must use the same ones
@@ -39,11 +43,10 @@ class StudyInterrupted(PeftExportError):
 
 def resolve_settings(s: StudySettings) -> StudySettings:
     """Validate the options and fill those left None from finetune's recipe preset; one line per problem."""
+    # lazy: pulls segment_anything, torch, torchvision
     from peft_export.models.devices import resolve_device, resolve_precision
-    from peft_export.models.registry import MODELS
-    from peft_export.peft import METHODS
-    from peft_export.train.config import PRESETS, field_names
-
+    from peft_export.models.registry import MODELS  # lazy: pulls segment_anything, torch, torchvision
+    from peft_export.peft import METHODS  # lazy: pulls torch
     if s.model not in MODELS:
         raise UsageError(f"unknown model {s.model!r}; choose one of: {', '.join(MODELS)}")
     if not s.methods or not s.placements:
@@ -68,8 +71,6 @@ def resolve_settings(s: StudySettings) -> StudySettings:
     if s.instance_decoder and "instance_decoder" not in field_names():
         raise UsageError("--instance-decoder needs finetune's instance decoder, which this version of peft-export "
                          "does not have (peft-export finetune --help lists --instance-decoder where it does)")
-    from peft_export.bench.study_results import COSTS, METRICS
-
     if s.metric not in METRICS or s.cost not in COSTS:
         raise UsageError(f"--metric is one of {', '.join(METRICS)}; --cost one of {', '.join(COSTS)}")
     if s.metric.startswith("ais") and not s.instance_decoder:
@@ -80,8 +81,8 @@ def resolve_settings(s: StudySettings) -> StudySettings:
 
 
 def _check_weights(s: StudySettings) -> None:
-    from peft_export.loading import default_weights
-    from peft_export.models.registry import get_spec
+    from peft_export.loading import default_weights  # lazy: pulls segment_anything, torch, torchvision
+    from peft_export.models.registry import get_spec  # lazy: pulls segment_anything, torch, torchvision
 
     if s.checkpoint is not None:
         if not Path(s.checkpoint).is_file():
@@ -93,8 +94,6 @@ def _check_weights(s: StudySettings) -> None:
 
 def _check_data(s: StudySettings) -> None:
     """Training and validation data readable, with objects; a validation split must exist."""
-    from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
-
     load_samples(s.data, "train")
     if s.val is not None:
         val = load_samples(s.val, "val")
@@ -109,8 +108,6 @@ def _check_data(s: StudySettings) -> None:
 
 def plan_study(s: StudySettings) -> list[StudyCase]:
     """Every (method, placement) case; placements that do not fit the model are skipped with the reason."""
-    from peft_export.peft.placement import resolve_placement
-
     for p in s.placements:
         resolve_placement(p, 10**4)  # the syntax now; the fit below
     n_blocks = _block_count(s.model)
@@ -135,7 +132,7 @@ def _block_count(model: str) -> int:
     """Encoder blocks of ``model``, from a weightless build (meta device: no memory, any model size)."""
     import torch
 
-    from peft_export.models.registry import encoder_blocks, get_spec
+    from peft_export.models.registry import encoder_blocks, get_spec  # lazy: pulls segment_anything, torch, torchvision
 
     with torch.device("meta"):
         return len(encoder_blocks(get_spec(model).builder()))
@@ -225,8 +222,6 @@ def run_study(s: StudySettings, cases: list[StudyCase], out_dir: str | Path, *, 
     ``s`` and ``cases`` come from :func:`resolve_settings` and :func:`plan_study` (the CLI validates before it
     touches the folder). Ctrl-C: the case in progress saves a checkpoint, StudyInterrupted says how to go on.
     """
-    from peft_export.bench.study_results import assemble, write_study_results
-
     say = progress or (lambda i, f, text: None)
     folder = StudyFolder(Path(out_dir))
     before = folder.open(s, cases, resume=resume, force=force)

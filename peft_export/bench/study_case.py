@@ -21,8 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peft_export._malloc import tune_malloc
 from peft_export.bench.cases import Budget, StudyCase
-from peft_export.bench.options import StudySettings
+from peft_export.bench.common import run_worker, stats
+from peft_export.bench.options import StudySettings, TrainSettings
+from peft_export.bench.train import _blocks_label
 from peft_export.data.io import atomic_write
 from peft_export.errors import UsageError
 
@@ -51,8 +54,6 @@ def finetune_command(method: str, placement: str, s: StudySettings, iterations: 
 
 
 def _memory_settings(case: StudyCase, s: StudySettings) -> dict:
-    from peft_export.bench.options import TrainSettings
-
     return TrainSettings(model=s.model, data=s.data, steps=s.memory_steps, warmup=1, device=s.device,
                          batch_size=s.batch_size, objects_per_image=s.objects_per_image,
                          sub_iterations=s.sub_iterations, trunk_cache=s.trunk_cache, seed=s.seed, rank=s.rank,
@@ -62,8 +63,6 @@ def _memory_settings(case: StudyCase, s: StudySettings) -> dict:
 
 def run_case(case: StudyCase, s: StudySettings, case_dir: Path, say: Callable[[float, str], None]) -> dict:
     """Measure one case (memory, then training + validation); its result row (``failed`` set on failure)."""
-    from peft_export.bench.common import run_worker
-
     case_dir.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.perf_counter(), _load()
     mem_file = case_dir / "memory.json"
@@ -107,9 +106,6 @@ def _failed(case: StudyCase, why: str) -> dict:
 
 
 def _row(case: StudyCase, s: StudySettings, mem: dict, res: dict, iterations: int, wall_s: float) -> dict:
-    from peft_export.bench.common import stats
-    from peft_export.bench.train import _blocks_label
-
     # the first step (lazy initialisation) is a warm-up; a resumed, already finished run has none: the memory run's
     steps = res["step_s"][1:] or res["step_s"] or mem["step_s"]
     st = stats(steps)
@@ -172,10 +168,8 @@ class _Events:
 
 def train_case(method: str, placement: str, settings: dict, run_dir: str, iterations: int) -> dict:
     """Train and validate one case in this (fresh) process; resumes ``run_dir`` when it holds a checkpoint."""
-    from peft_export._malloc import tune_malloc
-
     tune_malloc()  # as the CLI does (the environment says whether)
-    from peft_export.train import finetune, resolve_config
+    from peft_export.train import finetune, resolve_config  # lazy: pulls torch
 
     s = StudySettings(**settings)
     cfg = resolve_config(cli_values={**finetune_values(method, placement, s, iterations), "val_before": False,

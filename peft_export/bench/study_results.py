@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from peft_export.bench.common import machine_info, write_results
+from peft_export.bench.plots import plot_study
+from peft_export.data.io import atomic_write
+from peft_export.errors import UsageError
 
 METRICS = {"mean_iou": "mean of box and point mean IoU", "box_iou": "box mean IoU", "point_iou": "point mean IoU",
            "box_msa": "box mSA", "point_msa": "point mSA", "ais_msa": "instance segmentation (AIS) mSA"}
@@ -32,8 +35,6 @@ def measured(rows: list[dict]) -> list[dict]:
 
 def pick_baseline(rows: list[dict], name: str | None) -> dict | None:
     """The named case (exact, else the first whose name contains it), LoRA on all blocks, or the first case."""
-    from peft_export.errors import UsageError
-
     if not rows:
         return None
     if name:
@@ -178,9 +179,6 @@ def markdown_table(results: dict) -> str:
 
 
 def write_study_results(out_dir: Path, results: dict) -> list[Path]:
-    from peft_export.bench.plots import plot_study
-    from peft_export.data.io import atomic_write
-
     j, c = write_results(out_dir, results, results["cases"])
     table = atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(markdown_table(results)))
     return [j, c, table, plot_study(out_dir / "study.png", results)]

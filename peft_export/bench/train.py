@@ -23,7 +23,10 @@ from typing import Any
 
 from peft_export.bench.common import current_rss_mib, machine_info, peak_rss_mib, run_isolated, stats, write_results
 from peft_export.bench.options import TrainSettings
+from peft_export.bench.plots import plot_train
 from peft_export.errors import PeftExportError, UsageError
+from peft_export.peft.placement import resolve_placement
+from peft_export.train.data import STREAM_IMAGE, rng_for
 
 DEFAULT_METHODS = ("lora",)
 DEFAULT_PLACEMENTS = ("all", "late:50%", "late:25%", "late:1")
@@ -49,8 +52,8 @@ class CaseRunner:
     def __init__(self, method: str, placement: str, s: TrainSettings, scratch: Path):
         import torch
 
-        from peft_export.train import Trainer, resolve_config
-        from peft_export.train.trainer import set_train_mode
+        from peft_export.train import Trainer, resolve_config  # lazy: pulls torch
+        from peft_export.train.trainer import set_train_mode  # lazy: pulls segment_anything, torch, torchvision
 
         self._torch = torch
         cfg = resolve_config(cli_values=dict(
@@ -75,8 +78,7 @@ class CaseRunner:
 
     def step(self) -> tuple[float, float]:
         """One training step (same images and prompts for every case); returns (seconds, loss)."""
-        from peft_export.train.data import STREAM_IMAGE, rng_for
-        from peft_export.train.recipe import prompt_kind
+        from peft_export.train.recipe import prompt_kind  # lazy: pulls segment_anything, torch, torchvision
 
         tr, s, it = self.trainer, self.settings, self.iteration
         n = len(self.order) // s.batch_size
@@ -111,8 +113,8 @@ class CaseRunner:
 
 
 def plan_cases(methods: list[str], placements: list[str], s: TrainSettings) -> list[TrainCase]:
-    from peft_export.models.registry import MODELS
-    from peft_export.peft import METHODS
+    from peft_export.models.registry import MODELS  # lazy: pulls segment_anything, torch, torchvision
+    from peft_export.peft import METHODS  # lazy: pulls torch
 
     if s.model not in MODELS:
         raise UsageError(f"unknown model {s.model!r}; choose one of: {', '.join(MODELS)}")
@@ -121,8 +123,6 @@ def plan_cases(methods: list[str], placements: list[str], s: TrainSettings) -> l
         raise UsageError(f"unknown PEFT method {bad[0]!r}; choose from: {', '.join(METHODS)}")
     if s.steps < 1 or s.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    from peft_export.peft.placement import resolve_placement
-
     for p in placements:
         resolve_placement(p, 10**4)  # syntax now; whether it fits the model is known once it is built
     cases = []
@@ -155,7 +155,7 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
     say = progress or (lambda text, n: None)
     cases = cases if cases is not None else plan_cases(methods, placements, s)
     weights_dir = None
-    from peft_export.models.registry import get_spec
+    from peft_export.models.registry import get_spec  # lazy: pulls segment_anything, torch, torchvision
 
     weights = s.checkpoint or ("random (test model)" if get_spec(s.model).test_only else "bundled")
     if s.checkpoint is None and _needs_random_weights(s.model):
@@ -171,8 +171,8 @@ def run_train_benchmark(methods: list[str], placements: list[str], settings: Tra
 
 
 def _needs_random_weights(model: str) -> bool:
-    from peft_export.loading import default_weights
-    from peft_export.models.registry import get_spec
+    from peft_export.loading import default_weights  # lazy: pulls segment_anything, torch, torchvision
+    from peft_export.models.registry import get_spec  # lazy: pulls segment_anything, torch, torchvision
 
     return default_weights(model) is None and not get_spec(model).test_only
 
@@ -180,7 +180,7 @@ def _needs_random_weights(model: str) -> bool:
 def _random_checkpoint(model: str, folder: Path) -> str:
     import torch
 
-    from peft_export.models.registry import build_sam
+    from peft_export.models.registry import build_sam  # lazy: pulls segment_anything, torch, torchvision
 
     torch.manual_seed(0)
     path = folder / f"{model}_random.pt"
@@ -339,7 +339,5 @@ def _pick_baseline(active: list[TrainCase], name: str | None) -> TrainCase | Non
 
 
 def write_train_results(out_dir: Path, results: dict) -> list[Path]:
-    from peft_export.bench.plots import plot_train
-
     j, c = write_results(out_dir, results, results["cases"])
     return [j, c, plot_train(out_dir / "train.png", results)]

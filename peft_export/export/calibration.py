@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
 from peft_export.data.io import IMAGE_SUFFIXES, read_image
 from peft_export.errors import DataError, PeftExportError, UsageError
 from peft_export.imaging import as_rgb
@@ -88,8 +89,6 @@ def _from_samples(samples) -> list[CalImage]:
 
 def _load(spec: str) -> tuple[list[CalImage], list[CalImage]]:
     """(calibration, gate) images of a source before widening."""
-    from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
-
     if spec.startswith(SAMPLE_PREFIX):
         return _from_samples(load_samples(spec, "train")), _from_samples(load_samples(spec, "val"))
     folder = Path(spec)

@@ -37,43 +37,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import field_validator
 
+from peft_export.data.io import atomic_write
 from peft_export.errors import UsageError
+from peft_export.export.calibration import calibration_sets
+from peft_export.export.nncf_int8 import gate_int8
+from peft_export.export.options import CpuGateOptions
+from peft_export.export.quantize import _Chain, _reference, gate_figures
 from peft_export.manifest import Manifest, read_manifest
-from peft_export.options import Options, comma_list, option
+from peft_export.runtime.cpu import cpu_features
+from peft_export.runtime.onnx_backend import ort_session
+from peft_export.runtime.openvino_backend import (
+    GATE_FILE,
+    GATE_FORMAT,
+    GATE_FORMAT_VERSION,
+    _static_batch,
+    bf16_capable,
+    import_openvino,
+    shared_core,
+    split_model,
+)
 
 log = logging.getLogger(__name__)
-
-CANDIDATES = ("bf16", "bf16-mixed", "int8")
-
-
-class CpuGateOptions(Options):
-    """What ``peft-export cpu-gate`` gates, and how strictly."""
-
-    family = "cpu_gate"
-    panel = "CPU gate"
-
-    precisions: comma_list(Literal[CANDIDATES]) = option(
-        ["bf16", "bf16-mixed"], "Comma-separated reduced precisions to gate: bf16, bf16-mixed (one side of the "
-        "encoder in f32, the rest bf16), int8 (NNCF; needs the nncf extra).", min_length=1)
-    iou: float = option(0.97, "Minimum box AND point mean mask IoU vs the fp32 chain.", ge=0, le=1)
-    calibration: str | None = option(
-        None, "Gate (and int8 calibration) images: sample:dsb2018 or a folder.",
-        default_text="the checkpoint's training data when recorded, else sample:dsb2018")
-    gate_images: int = option(8, "Held-out gate inputs (images, then flips/rotations).", ge=1)
-    gate_objects: int = option(16, "Prompts per kind and gate image.", ge=1)
-    calibration_images: int = option(8, "int8 calibration inputs (never gate images).", ge=1)
-    rounds: int = option(5, "Interleaved latency rounds per candidate.", ge=1)
-
-    @field_validator("precisions")
-    @classmethod
-    def _once(cls, v):
-        return list(dict.fromkeys(v))
-
 
 # ---- chains ----------------------------------------------------------------------------------------------
 
@@ -87,8 +75,6 @@ class EncoderChain:
         return np.asarray(self.encode(np.ascontiguousarray(x)), np.float32)
 
     def decode(self, embedding, coords, labels, mask_input=None):
-        from peft_export.export.quantize import _Chain
-
         return _Chain.decode(self, embedding, coords, labels, mask_input)
 
 
@@ -117,8 +103,6 @@ class GateContext:
         return EncoderChain(compiled_encoder(compiled), self.decoder, tuple(self.manifest.mask_input_size))
 
     def figures(self, compiled: list):
-        from peft_export.export.quantize import gate_figures
-
         return gate_figures(self.chain(compiled), self.ref)
 
     def entry(self, figures, **extra) -> dict:
@@ -133,8 +117,6 @@ class GateContext:
         """The fp32 encoder as an ``ov.Model``, batch fixed to 1 and shape sub-graphs folded (what the cuts and
         NNCF work on)."""
         from openvino.passes import ConstantFolding, Manager
-
-        from peft_export.runtime.openvino_backend import _static_batch
 
         model = self.core.read_model(str(self.manifest.path_of(self.out_dir, "encoder")))
         if not self.manifest.baked_preprocessing:
@@ -208,8 +190,6 @@ def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
     where bf16 hurts depends on the model (on zero-shot LiteMedSAM the early high-resolution stages, not the neck).
     Both are probed at the middle cut; the better one is binary-searched (the gate assumed monotone in the f32
     share) for the passing split with the smallest f32 share of the operations."""
-    from peft_export.runtime.openvino_backend import _static_batch, split_model
-
     if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
         return {"passed": False, "reason": "not needed: bf16 of the whole encoder passes the gate"}
     cuts = spaced(cut_points(ctx.encoder_model()))
@@ -269,20 +249,6 @@ def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
 def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Gate the requested precisions on this CPU; write ``OUT_DIR/cpu_gate.json``; return the record."""
-    from peft_export.data.io import atomic_write
-    from peft_export.export.calibration import calibration_sets
-    from peft_export.export.quantize import _Chain, _reference
-    from peft_export.runtime.cpu import cpu_features
-    from peft_export.runtime.onnx_backend import ort_session
-    from peft_export.runtime.openvino_backend import (
-        GATE_FILE,
-        GATE_FORMAT,
-        GATE_FORMAT_VERSION,
-        bf16_capable,
-        import_openvino,
-        shared_core,
-    )
-
     options = options or CpuGateOptions()
     say = progress or (lambda msg: None)
     ov = import_openvino()
@@ -320,8 +286,6 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
         elif name == "bf16-mixed":
             results[name] = gate_mixed(ctx, bf16_fig, options.rounds)
         elif name == "int8":
-            from peft_export.export.nncf_int8 import gate_int8
-
             results[name] = gate_int8(ctx, options)
     for name, r in results.items():
         if r.get("passed") and "_compiled" in r:
@@ -353,8 +317,6 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
 
 
 def _previous(out_dir: Path, record: dict) -> dict:
-    from peft_export.runtime.openvino_backend import GATE_FILE
-
     path = out_dir / GATE_FILE
     if not path.is_file():
         return {}

@@ -25,10 +25,15 @@ import onnx
 from peft_export.data.samples import sha256_file
 from peft_export.errors import UsageError, VerificationError
 from peft_export.export import graphs, instance, onnx_export, precision
+from peft_export.export.calibration import calibration_sets
 from peft_export.export.options import ExportOptions
 from peft_export.export.parity import ParityReport, run_parity
+from peft_export.export.quantize import quantize_encoder
 from peft_export.files import atomic_dir, refuse_inputs
 from peft_export.manifest import Manifest, file_entry, write_manifest
+from peft_export.models.checkpoint import versions
+from peft_export.peft import is_mergeable, peft_state
+from peft_export.peft.merge import merge_and_verify
 
 EXTERNAL_DATA_BYTES = 1800 * 2**20  # graphs whose weights exceed this are saved with a .data side file (2 GB limit)
 ROLES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_lowres": "decoder_lowres.onnx",
@@ -62,9 +67,6 @@ class ExportResult:
 
 def prepare_for_export(loaded, *, merge_atol: float = 1e-4, merge_rtol: float = 1e-4) -> PreparedModel:
     """Merge a loaded model's PEFT adapters (verified); AdaptFormer keeps its adapter modules."""
-    from peft_export.peft import is_mergeable, peft_state
-    from peft_export.peft.merge import merge_and_verify
-
     model = loaded.model.eval().float()
     state = peft_state(model)
     ckpt = loaded.checkpoint
@@ -204,8 +206,6 @@ def _verify(prepared: PreparedModel, built: _Built, tmp: Path, options: ExportOp
 
 def _manifest(prepared: PreparedModel, built: _Built, written: dict[str, list[Path]], report, options: ExportOptions,
               seconds: dict) -> Manifest:
-    from peft_export.models.checkpoint import versions
-
     sam, spec = prepared.model, prepared.spec
     files = {}
     for role, paths in written.items():
@@ -267,8 +267,6 @@ def export_model(prepared: PreparedModel, out_dir: str | os.PathLike, options: E
 
 def _calibration(prepared: PreparedModel, options: ExportOptions, say):
     """int8's calibration and gate images: the checkpoint's training data, else --calibration."""
-    from peft_export.export.calibration import calibration_sets
-
     o = options.int8
     sets = calibration_sets(o.calibration, training_data=prepared.source.get("training_data"),
                             calibration_images=o.calibration_images, gate_images=o.gate_images)
@@ -279,8 +277,6 @@ def _calibration(prepared: PreparedModel, options: ExportOptions, say):
 
 def _quantize(prepared: PreparedModel, sets, enc_m, dec_m, options: ExportOptions, say):
     """The int8 encoder: the accuracy-aware search of :mod:`peft_export.export.quantize`, gated at --int8-iou."""
-    from peft_export.export.quantize import quantize_encoder
-
     o = options.int8
     h, w = (int(v) for v in prepared.model.prompt_encoder.image_embedding_size)
     return quantize_encoder(enc_m, dec_m, prepared.spec.preprocess, sets, threshold=options.thresholds.int8_iou,

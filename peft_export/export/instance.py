@@ -24,8 +24,10 @@ import onnx
 import torch
 
 from peft_export.export import onnx_export, precision
-from peft_export.export.parity import Check, Thresholds, max_abs
+from peft_export.export.parity import Check, Thresholds, _model_outputs, _session, max_abs
+from peft_export.imaging import upscale_masks
 from peft_export.metrics import matched_iou
+from peft_export.runtime.instances import CHANNELS, InstanceOptions, maps_to_instances
 
 ROLE = "instance_decoder"
 FILENAME = "instance_decoder.onnx"
@@ -63,8 +65,6 @@ def build(prepared, options, say, timed) -> BuiltInstance | None:
 
 
 def manifest_entry(prepared) -> dict | None:
-    from peft_export.runtime.instances import CHANNELS, InstanceOptions
-
     decoder = getattr(prepared, "instance_decoder", None)
     if decoder is None:
         return None
@@ -83,10 +83,6 @@ def parity_checks(prepared, folder: Path, *, precision_name: str, baked: bool, t
     decoder = getattr(prepared, "instance_decoder", None)
     if decoder is None:
         return []
-    from peft_export.export.parity import _model_outputs, _session
-    from peft_export.imaging import upscale_masks
-    from peft_export.runtime.instances import maps_to_instances
-
     sam, spec = prepared.model.eval(), prepared.spec
     _sample, original_hw, resized_hw, feed_image, emb, _rounds = _model_outputs(sam, spec.preprocess, baked)
     batch = np.concatenate([emb, emb[..., ::-1].copy()]).astype(np.float32)  # two different images' worth

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.data.samples import sha256_file
 from peft_export.errors import MissingDependencyError, PeftExportError, first_line
+from peft_export.export.quantize import encoder_inputs
+from peft_export.export.sensitivity import OP_TYPES, node_sensitivity
+from peft_export.runtime.onnx_backend import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,6 @@ def activation_ranges(onnx_path: Path, feeds: list[np.ndarray]) -> tuple[dict[st
     """Min/max of every non-constant MatMul/Conv input over ``feeds`` (fp32, ONNX Runtime), and the graph."""
     import onnx
 
-    from peft_export.export.sensitivity import OP_TYPES
-    from peft_export.runtime.onnx_backend import ort_session
-
     model = onnx.load_model(str(onnx_path))
     inits = {i.name for i in model.graph.initializer}
     wanted = sorted({x for n in model.graph.node if n.op_type in OP_TYPES for x in n.input[:1] if x and x not in inits})
@@ -60,8 +61,6 @@ def activation_ranges(onnx_path: Path, feeds: list[np.ndarray]) -> tuple[dict[st
 
 def sensitivity_order(onnx_path: Path, feeds: list[np.ndarray]) -> tuple[list[str], dict[str, float]]:
     """MatMul/Conv node names, most sensitive to int8 first, and each one's relative output error."""
-    from peft_export.export.sensitivity import node_sensitivity
-
     ranges, model = activation_ranges(onnx_path, feeds)
     sens = node_sensitivity(model, ranges, feeds, symmetric=False)
     return sorted(sens, key=lambda n: -sens[n]), sens
@@ -84,9 +83,6 @@ def gate_int8(ctx, options) -> dict:
     """The NNCF int8 encoder with the fewest float MatMul/Conv that passes the gate (see the module docstring);
     saved beside the export when it passes. Returns the gate record's entry."""
     import openvino as ov
-
-    from peft_export.data.samples import sha256_file
-    from peft_export.export.quantize import encoder_inputs
 
     nncf = import_nncf()
     logging.getLogger("nncf").setLevel(logging.ERROR)

@@ -195,7 +195,7 @@ def trace_encoder(sam, opset: int = DEFAULT_OPSET) -> Traced:
 
 def trace_decoder_lowres(sam, opset: int = DEFAULT_OPSET) -> Traced:
     """PromptDecoder with a dynamic number of prompts B and points N: all four low-res masks and IoUs."""
-    from peft_export.models.prompt_decoder import PromptDecoder
+    from peft_export.models.prompt_decoder import PromptDecoder  # lazy: pulls PIL, segment_anything, torchvision
 
     dec = PromptDecoder(sam).eval()
     c = sam.prompt_encoder.embed_dim

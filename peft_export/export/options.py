@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from peft_export.options import Options, option
+from peft_export.options import Options, comma_list, option
 
 MIN_OPSET = 18  # the dynamo exporter's floor (asked for 17 it gives 18)
 MAX_OPSET = 23  # what this onnx / onnxruntime support
@@ -97,3 +97,32 @@ class MergeOptions(Options):
                                default_text="as recorded in the checkpoint")
     merge_atol: float = option(1e-4, "Absolute tolerance of the merge check (merged vs unmerged model).", ge=0)
     merge_rtol: float = option(1e-4, "Merge check tolerance relative to the output's largest magnitude.", ge=0)
+
+
+# ---- the CPU gate (peft_export.export.cpu_gate) -------------------------------------------------------------
+
+CANDIDATES = ("bf16", "bf16-mixed", "int8")
+
+
+class CpuGateOptions(Options):
+    """What ``peft-export cpu-gate`` gates, and how strictly."""
+
+    family = "cpu_gate"
+    panel = "CPU gate"
+
+    precisions: comma_list(Literal[CANDIDATES]) = option(
+        ["bf16", "bf16-mixed"], "Comma-separated reduced precisions to gate: bf16, bf16-mixed (one side of the "
+        "encoder in f32, the rest bf16), int8 (NNCF; needs the nncf extra).", min_length=1)
+    iou: float = option(0.97, "Minimum box AND point mean mask IoU vs the fp32 chain.", ge=0, le=1)
+    calibration: str | None = option(
+        None, "Gate (and int8 calibration) images: sample:dsb2018 or a folder.",
+        default_text="the checkpoint's training data when recorded, else sample:dsb2018")
+    gate_images: int = option(8, "Held-out gate inputs (images, then flips/rotations).", ge=1)
+    gate_objects: int = option(16, "Prompts per kind and gate image.", ge=1)
+    calibration_images: int = option(8, "int8 calibration inputs (never gate images).", ge=1)
+    rounds: int = option(5, "Interleaved latency rounds per candidate.", ge=1)
+
+    @field_validator("precisions")
+    @classmethod
+    def _once(cls, v):
+        return list(dict.fromkeys(v))

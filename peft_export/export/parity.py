@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from peft_export.data.dataset import sample_image
 from peft_export.export.options import Thresholds
 from peft_export.imaging import (
     PreprocessSpec,
@@ -40,6 +41,10 @@ from peft_export.imaging import (
 from peft_export.memo import Memo
 from peft_export.metrics import mask_ious
 from peft_export.models.prompt_decoder import PromptDecoder
+from peft_export.peft.merge import merge_check_prompts as merge_prompts
+from peft_export.prompts import sample_prompts as spread
+from peft_export.runtime.backend import select_masks
+from peft_export.runtime.onnx_backend import ort_session
 
 
 @dataclass
@@ -90,9 +95,6 @@ def baked_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def parity_prompt_sets(resized_hw: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Prompt groups (coords (B, N, 2), labels (B, N)) in model-input pixels; and the prompt count: the merge
     check's boxes and points (N = 2), then two box + point prompts (N = 3)."""
-    from peft_export.peft.merge import merge_check_prompts as merge_prompts
-    from peft_export.prompts import sample_prompts as spread
-
     groups = [merge_prompts(resized_hw), spread(resized_hw, 3, 2, seed=2)]
     return groups, sum(len(g[0]) for g in groups)
 
@@ -134,8 +136,6 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _pick(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> np.ndarray:
-    from peft_export.runtime.backend import select_masks
-
     return select_masks(low_res, iou, multimask)[0]
 
 
@@ -178,7 +178,7 @@ def model_digest(sam) -> str:
     """sha256 of the module structure and every parameter and buffer value: equal digests compute the same."""
     import hashlib
 
-    from peft_export.export.onnx_export import fingerprint
+    from peft_export.export.onnx_export import fingerprint  # lazy: pulls onnx
 
     h = hashlib.sha256(fingerprint(sam).encode())
     for name, t in sorted(sam.state_dict(keep_vars=False).items()):
@@ -190,8 +190,6 @@ def model_digest(sam) -> str:
 @torch.no_grad()
 def _model_outputs(sam, spec: PreprocessSpec, baked: bool) -> tuple:
     """The expensive part (encoder + every decoder round), cached for the last model by :func:`model_digest`."""
-    from peft_export.data.dataset import sample_image
-
     image, sample = sample_image(spec.img_size)
     key = repr((model_digest(sam), sample, spec.to_dict(), baked))
     hit = REFERENCES.get(key)
@@ -249,8 +247,6 @@ def torch_reference(sam, spec: PreprocessSpec, *, baked: bool, single_mask: bool
 # ---- the gate ----------------------------------------------------------------------------------------
 
 def _session(path: Path):
-    from peft_export.runtime.onnx_backend import ort_session
-
     return ort_session(path)
 
 

@@ -29,12 +29,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from peft_export.data.objects import Objects, objects_from_labels
 from peft_export.errors import MissingDependencyError, PeftExportError, VerificationError, first_line
 from peft_export.export.calibration import CalibrationSets, CalImage
 from peft_export.export.options import Int8Options
 from peft_export.export.sensitivity import OP_TYPES, WEIGHT_QMAX, node_module, node_sensitivity
 from peft_export.imaging import PreprocessSpec
 from peft_export.metrics import mask_ious
+from peft_export.runtime.backend import mask_prompt_inputs, prepare_image
+from peft_export.runtime.cpu import cpu_info
+from peft_export.runtime.evaluate import predict_objects, prompts_for
+from peft_export.runtime.onnx_backend import ort_session
 
 if TYPE_CHECKING:  # onnx is imported where graphs are handled: the gate helpers here also serve the torch- and
     import onnx  # onnx-free CPU gate (peft_export.export.cpu_gate)
@@ -75,8 +80,6 @@ class Int8Result:
 
 def encoder_inputs(images: list[CalImage], spec: PreprocessSpec, baked: bool) -> list[tuple[np.ndarray, object]]:
     """(encoder feed, geometry) per image, exactly as the runtime prepares them."""
-    from peft_export.runtime.backend import prepare_image
-
     return [prepare_image(c.image, spec, baked=baked, name=c.name) for c in images]
 
 
@@ -84,9 +87,6 @@ def gate_prompts(image: CalImage, prepared, multimask: bool, max_objects: int = 
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
     """Box and point prompts (model space) for a gate image: one per labelled object (at most ``max_objects``,
     evenly chosen), else a 4x4 grid."""
-    from peft_export.data.objects import Objects, objects_from_labels
-    from peft_export.runtime.evaluate import prompts_for
-
     if image.labels is not None:
         objects = objects_from_labels(image.labels)
     else:
@@ -113,8 +113,6 @@ class _Chain:
         return self.encoder.run(None, {self.enc_input: x})[0]
 
     def decode(self, embedding, coords, labels, mask_input=None):
-        from peft_export.runtime.backend import mask_prompt_inputs
-
         mi, has = mask_prompt_inputs(len(coords), mask_input, self.mask_size)
         return self.decoder.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": embedding, "point_coords": coords, "point_labels": labels, "mask_input": mi,
@@ -130,8 +128,6 @@ class _Reference:
 
 
 def _masks(chain: _Chain, emb, prepared, prompts) -> dict[str, np.ndarray]:
-    from peft_export.runtime.evaluate import predict_objects
-
     return {kind: predict_objects(chain, emb, prepared, c, lab, mm)[0] for kind, (c, lab, mm) in prompts.items()}
 
 
@@ -282,8 +278,6 @@ class _Search:
     """Gate trials over 'the k most sensitive nodes stay float', binary-searched for the smallest passing k."""
 
     def __init__(self, quant: Quantizer, ref: _Reference, decoder, mask_size, say):
-        from peft_export.runtime.onnx_backend import ort_session
-
         self.quant, self.ref, self.dec, self.mask_size, self.say = quant, ref, decoder, mask_size, say
         self.session = ort_session
         self.order: list[str] = []
@@ -324,9 +318,6 @@ def quantize_encoder(encoder: onnx.ModelProto, decoder: onnx.ModelProto, spec: P
                      progress: Callable[[str], None] | None = None) -> Int8Result:
     """The int8 encoder with the fewest float nodes that passes the gate; see the module docstring."""
     import onnx
-
-    from peft_export.runtime.cpu import cpu_info
-    from peft_export.runtime.onnx_backend import ort_session
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from peft_export.runtime.onnx_backend import ort_session
+
 if TYPE_CHECKING:
     import onnx
 
@@ -95,8 +97,6 @@ def sensitivity_graph(model: onnx.ModelProto, ranges: dict, symmetric: bool) -> 
 def node_sensitivity(model: onnx.ModelProto, ranges: dict, feeds: list[np.ndarray], symmetric: bool
                      ) -> dict[str, float]:
     """Relative error of each MatMul/Conv output under int8 quantization of its own inputs and weights."""
-    from peft_export.runtime.onnx_backend import ort_session
-
     graph, names = sensitivity_graph(model, ranges, symmetric)
     sess = ort_session(graph)
     outs = [o.name for o in sess.get_outputs()]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from peft_export.data.io import atomic_write
 from peft_export.errors import CheckpointError, first_line
 
 FORMAT = "peft-export"
@@ -197,8 +198,6 @@ def save_checkpoint(path: str | os.PathLike, *, model_name: str, state_dict: dic
                     peft: dict | None, merged: bool = False, extra: dict | None = None) -> Path:
     """Write this project's checkpoint format atomically (temporary file, then rename)."""
     from datetime import datetime, timezone
-
-    from peft_export.data.io import atomic_write
 
     obj = {
         "format": FORMAT,

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from peft_export._memory import peak_rss_mib
 from peft_export.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,8 +57,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocations, or the resident set (VmHWM) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from peft_export._memory import peak_rss_mib  # VmHWM: ru_maxrss would include a launching parent's size
-
     try:
         return peak_rss_mib()
     except (ImportError, AttributeError, OSError):

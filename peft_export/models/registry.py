@@ -16,6 +16,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from peft_export.errors import UsageError
 from peft_export.imaging import SAM_PIXEL_MEAN, SAM_PIXEL_STD, PreprocessSpec
+from peft_export.models.checkpoint import load_state_dict_into, normalize_state_dict, read_checkpoint
 from peft_export.models.tiny_vit import TinyViT, TinyViTConfig
 
 
@@ -135,8 +136,6 @@ def build_sam(name: str, checkpoint=None, *, device: str | torch.device = "cpu",
     micro-sam's with ``--from micro-sam``) are loaded with :func:`peft_export.models.load_model` instead,
     which also re-applies the adapters.
     """
-    from peft_export.models.checkpoint import load_state_dict_into, normalize_state_dict, read_checkpoint
-
     spec = get_spec(name)
     model = spec.build()
     if checkpoint is not None:

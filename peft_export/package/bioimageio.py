@@ -41,6 +41,7 @@ from peft_export.package import compose, content, spec_descr
 from peft_export.package.options import PackageOptions
 from peft_export.package.readme import render_readme
 from peft_export.runtime import watershed_op
+from peft_export.runtime.instances import InstanceOptions, maps_to_instances
 from peft_export.runtime.package import MANIFEST_ATTACHMENT, PackageModel
 
 INSTALL = "pip install 'peft-export[bioimageio]'"
@@ -133,8 +134,6 @@ def _own_check(stage: Path, test_input: np.ndarray, expected: np.ndarray,
         raise VerificationError(f"the package's graph does not reproduce the export: max |diff| {diff:.3g} > "
                                 f"{limit:.3g} (shape {got.shape} vs {expected.shape}); nothing written")
     if expected_post is not None:
-        from peft_export.runtime.instances import InstanceOptions, maps_to_instances
-
         labels = maps_to_instances(got[0], InstanceOptions.from_dict(pkg.instance_settings()))
         same = bool(np.array_equal(labels, expected_post[0, 0].astype(np.int32)))
         result.update(postprocessing_objects=int(labels.max()), postprocessing_equal=same)

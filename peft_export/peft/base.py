@@ -74,7 +74,7 @@ class BlockView:
         c = self.dim
         if self.family == "vit":  # [q | k | v]
             return {t: torch.arange(i * c, (i + 1) * c, device="cpu") for i, t in enumerate("qkv")}
-        from peft_export.models.tiny_vit import qkv_index
+        from peft_export.models.tiny_vit import qkv_index  # lazy: pulls PIL, segment_anything, torchvision
 
         return qkv_index(self.block.num_heads, c)
 

@@ -8,6 +8,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from peft_export.errors import UsageError
+from peft_export.models.registry import model_family
 from peft_export.peft.adaptformer import AdaptFormer
 from peft_export.peft.base import PeftMethod, freeze, unfreeze
 from peft_export.peft.fact import FacT
@@ -38,8 +39,6 @@ def get_method(config: PeftConfig) -> PeftMethod:
 
 
 def _family(model: Sam) -> str:
-    from peft_export.models.registry import model_family
-
     return model_family(model)
 
 

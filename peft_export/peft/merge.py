@@ -16,10 +16,18 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from peft_export.data.dataset import sample_image
+from peft_export.data.io import atomic_write
+from peft_export.data.samples import sha256_file
 from peft_export.errors import VerificationError
+from peft_export.files import clean_stale, refuse_inputs
 from peft_export.imaging import PreprocessSpec, preprocess
+from peft_export.models.checkpoint import save_checkpoint, versions
 from peft_export.models.prompt_decoder import PromptDecoder
+from peft_export.peft.base import NotMergeableError
 from peft_export.peft.core import is_mergeable, merge_peft, peft_state
+from peft_export.prompts import pad_points
+from peft_export.prompts import sample_prompts as spread
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -43,8 +51,6 @@ class MergeReport:
 
 def sample_input(spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]]:
     """The preprocessed sample image (:func:`peft_export.data.dataset.sample_image`), its name and resized size."""
-    from peft_export.data.dataset import sample_image
-
     image, name = sample_image(spec.img_size)
     prepared = preprocess(image, spec)
     return prepared.tensor, name, prepared.resized_hw
@@ -52,9 +58,6 @@ def sample_input(spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]
 
 def merge_check_prompts(resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Three boxes and two single points (with padding) spread over the image, in model-input pixels."""
-    from peft_export.prompts import pad_points
-    from peft_export.prompts import sample_prompts as spread
-
     boxes = spread(resized_hw, 2, 3, seed=0)
     points = pad_points(*spread(resized_hw, 1, 2, seed=1))
     return np.concatenate([boxes[0], points[0]]), np.concatenate([boxes[1], points[1]])
@@ -87,8 +90,6 @@ def merge_and_verify(model: Sam, spec: PreprocessSpec, *, atol: float = DEFAULT_
     state = peft_state(model)
     method = state.config.method if state else None
     if not is_mergeable(model):
-        from peft_export.peft.base import NotMergeableError
-
         raise NotMergeableError(f"{method} cannot be folded into plain SAM weights (a nonlinear adapter branch); "
                                 "export keeps the adapter modules instead")
     model = model.eval().float()
@@ -113,9 +114,6 @@ def merge_and_verify(model: Sam, spec: PreprocessSpec, *, atol: float = DEFAULT_
 
 def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: MergeReport, source: dict) -> Path:
     """Write the merged weights as a plain SAM state dict (loadable by segment_anything) + ``<path>.json``."""
-    from peft_export.data.io import atomic_write
-    from peft_export.models.checkpoint import versions
-
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     sidecar = {"format": "peft-export-merged", "model": model_name, "source": source,
@@ -131,11 +129,6 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
     verified plain SAM weights + sidecar, and ``<stem>.decoder.pt`` (``{"decoder_state": ...}``, micro-sam's key)
     when the checkpoint holds an instance decoder. A method that cannot be folded (AdaptFormer) is written as a
     peft-export checkpoint that keeps its adapter modules instead (report None). Returns (result record, report)."""
-    from peft_export.data.io import atomic_write
-    from peft_export.data.samples import sha256_file
-    from peft_export.files import clean_stale
-    from peft_export.models.checkpoint import save_checkpoint
-
     check_merge_output(output, checkpoint)
     clean_stale(Path(output).parent)
     state = peft_state(loaded.model)
@@ -164,8 +157,6 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
 def check_merge_output(output: str | Path, checkpoint: str | Path) -> None:
     """The merged weights, their sidecar and decoder file must not be (links to) the checkpoint read: refused even
     with --force (:func:`peft_export.files.refuse_inputs`)."""
-    from peft_export.files import refuse_inputs
-
     refuse_inputs([output, sidecar_path(output), decoder_path(output)], [checkpoint, sidecar_path(checkpoint)])
 
 

@@ -26,6 +26,8 @@ from pydantic import AfterValidator
 from peft_export.errors import DataError, UsageError
 from peft_export.manifest import MANIFEST_NAME, not_an_export, read_manifest
 from peft_export.options import Options, option
+from peft_export.runtime.onnx_backend import _import_ort, default_providers
+from peft_export.runtime.package import is_package, package_backend
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ def _ort_has_cuda() -> bool:
             return False
     except (ImportError, ValueError):
         return False
-    from peft_export.runtime.onnx_backend import _import_ort, default_providers
-
     return "CUDAExecutionProvider" in default_providers(_import_ort())
 
 
@@ -139,8 +139,6 @@ def explain_run(info) -> str:
 
 def open_model(source: str | os.PathLike, options: RuntimeOptions | None = None):
     """A runtime backend for an export folder or a bioimage.io package (every file verified by its sha256)."""
-    from peft_export.runtime.package import is_package, package_backend
-
     opts = options or RuntimeOptions()
     path = Path(source)
     if is_package(path):

@@ -23,6 +23,7 @@ from peft_export.data.io import ImageSource, atomic_write, open_image, write_lab
 from peft_export.errors import DataError, PeftExportError, UsageError, WriteError, first_line
 from peft_export.files import clean_stale, together
 from peft_export.runtime.cpu import describe_run
+from peft_export.runtime.link3d import link_planes
 from peft_export.runtime.outputs import (
     LABELS_FORMAT,
     LABELS_FORMAT_VERSION,
@@ -34,6 +35,7 @@ from peft_export.runtime.outputs import (
     settings_sha256,
     survey,
 )
+from peft_export.runtime.overlay import write_overlay
 from peft_export.runtime.prompts_io import read_boxes, read_points
 from peft_export.runtime.sources import InputItem, Inputs, output_path, prompt_file
 from peft_export.runtime.strategies import AutoOptions
@@ -127,8 +129,6 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
             labels, scores = segment_image(seg, image, req, prompts, item.path.name, progress)
             write_labels(labels_path, labels)
             if overlay_path is not None:
-                from peft_export.runtime.overlay import write_overlay
-
                 write_overlay(overlay_path, image, labels)
                 summary["overlay"] = str(overlay_path)
             summary.update(objects=_objects(labels), tiles=seg.plan.describe(),
@@ -146,8 +146,6 @@ def predict_item(seg, item: InputItem, out: Path, req: PredictRequest, *, single
                 raise UsageError(f"{item.path.name} is a stack ({src.planes} planes): write its labels to a .tif")
             planes = _planes()
             if link_3d:  # every plane's labels first, then linked across planes (runtime/link3d.py)
-                from peft_export.runtime.link3d import link_planes
-
                 linked = link_planes(np.stack(list(planes)))
                 summary["objects_3d"] = int(linked.max(initial=0))
                 planes = iter(linked)

@@ -85,6 +85,7 @@ def instance_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def setup_instance_decoder(sam, spec, decoder=None, *, only: bool = False):
     """The decoder a run trains: ``decoder`` (from the base checkpoint's ``decoder_state``, or the run's own on
     resume) or a fresh one (torch's default initialisation, seeded by the run); with ``only`` SAM is frozen whole."""
+    # lazy: pulls PIL, segment_anything, torchvision
     from peft_export.models.instance_decoder import build_instance_decoder
 
     if only:

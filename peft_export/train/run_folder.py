@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from peft_export.data.io import atomic_write
 from peft_export.errors import UsageError
 from peft_export.files import clean_stale
 from peft_export.train.config import TrainConfig, config_for_resume, resolve_config, to_yaml
@@ -44,7 +45,7 @@ class RunFolder:
 
     def resume_checkpoint(self):
         """The checkpoint to resume (``latest.pt``), refused unless it is a finetune checkpoint."""
-        from peft_export.models.checkpoint import read_checkpoint
+        from peft_export.models.checkpoint import read_checkpoint  # lazy: pulls PIL, segment_anything, torch
 
         self.check(resume=True, force=False)
         clean_stale(self.path, recursive=True)
@@ -66,8 +67,6 @@ class RunFolder:
 
     # -- files ----------------------------------------------------------------------------------------------
     def _write(self, name: str, text: str) -> None:
-        from peft_export.data.io import atomic_write
-
         atomic_write(self.path / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def write_config(self, cfg: TrainConfig) -> None:

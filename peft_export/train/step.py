@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from peft_export.models.devices import autocast, autocast_tag
+from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.train.distributed import Dist
+from peft_export.train.instance import instance_loss, instance_targets
 from peft_export.train.recipe import RecipeSettings, image_loss
 from peft_export.train.trunk import TrunkCache
 
@@ -31,8 +33,6 @@ class StepModule(nn.Module):
     def __init__(self, model: nn.Module, settings: RecipeSettings, instance_decoder: nn.Module | None = None,
                  *, instance_only: bool = False):
         super().__init__()
-        from peft_export.models.prompt_decoder import PromptDecoder
-
         self.model = model
         self.settings = settings
         self.instance_decoder = instance_decoder  # registered: DDP averages its gradients too
@@ -76,8 +76,6 @@ class StepModule(nn.Module):
 
     def view_instance_loss(self, embedding: torch.Tensor, view) -> torch.Tensor:
         """micro-sam's instance loss of one view: the decoder's maps inside the image area vs its distance targets."""
-        from peft_export.train.instance import instance_loss, instance_targets
-
         rh, rw = view.resized_hw
         maps = self.instance_decoder(embedding)[0, :, :rh, :rw].float()
         target = torch.from_numpy(instance_targets(view.labels, view.ids)).to(maps.device)

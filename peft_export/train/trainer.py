@@ -19,18 +19,24 @@ from pathlib import Path
 
 import torch
 
+from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
 from peft_export.errors import UsageError
+from peft_export.loading import load_model
+from peft_export.models.checkpoint import read_checkpoint, save_checkpoint
 from peft_export.models.devices import peak_memory_mb, resolve_device, resolve_precision, wants_cuda
-from peft_export.peft.options import parse_options
+from peft_export.models.registry import MODELS, get_spec
+from peft_export.peft import apply_peft, count_parameters, peft_state
+from peft_export.peft.options import parse_options, peft_config_from
 from peft_export.train.config import TrainConfig
-from peft_export.train.data import TrainData
+from peft_export.train.data import TrainData, data_fingerprint
 from peft_export.train.distributed import Dist, init_distributed
+from peft_export.train.instance import setup_instance_decoder
 from peft_export.train.loop import Events, Schedule, TrainingError, TrainingInterrupted, TrainingLoop
 from peft_export.train.recipe import RecipeSettings
 from peft_export.train.run_folder import RunFolder
 from peft_export.train.state import CheckpointParts, RngState, TrainState
 from peft_export.train.step import StepModule, StepResult, TrainStep
-from peft_export.train.trunk import TrunkCache, encoder_steps, trunk_boundary
+from peft_export.train.trunk import TrunkCache, encoder_steps, trunk_boundary, trunk_fingerprint
 from peft_export.train.validation import Validator, set_train_mode
 
 __all__ = ["Events", "Trainer", "TrainingError", "TrainingInterrupted", "finetune", "peak_memory_mb",
@@ -39,8 +45,6 @@ __all__ = ["Events", "Trainer", "TrainingError", "TrainingInterrupted", "finetun
 
 def load_datasets(cfg: TrainConfig):
     """Training and validation samples (None when there is no validation set)."""
-    from peft_export.data.dataset import SAMPLE_PREFIX, load_samples
-
     train = load_samples(cfg.data, "train")
     if cfg.val is not None:
         val = load_samples(cfg.val, "val")
@@ -98,9 +102,6 @@ class Trainer:
                              f"({self.dist.world})")
 
     def _setup_data(self):
-        from peft_export.models.registry import get_spec
-        from peft_export.train.data import data_fingerprint
-
         cfg = self.cfg
         train_samples, self.val_samples = load_datasets(cfg)
         ckpt = self.folder.resume_checkpoint() if self.resume else None
@@ -122,8 +123,6 @@ class Trainer:
     def _setup_model(self, ckpt) -> None:
         """Model + PEFT (seeded: adapter initialisation is reproducible), or the run's own from its checkpoint;
         and the instance decoder when the run trains one."""
-        from peft_export.peft import apply_peft, count_parameters, peft_state
-
         torch.manual_seed(self.cfg.seed)
         base_decoder = None
         if ckpt is None:
@@ -134,16 +133,12 @@ class Trainer:
                 self.peft_config = self._run_peft_config()
                 apply_peft(self.model, self.peft_config, self.spec.name)
         else:
-            from peft_export.loading import load_model
-
             loaded = load_model(str(self.folder.latest))
             self.model, base_decoder = loaded.model, loaded.instance_decoder
             self.peft_config = peft_state(self.model).config
             self.base_source = ckpt.raw["training"].get("base_source", "")
         self.instance_decoder = None
         if self.cfg.instance_decoder:
-            from peft_export.train.instance import setup_instance_decoder
-
             self.instance_decoder = setup_instance_decoder(self.model, self.spec, base_decoder,
                                                            only=self.cfg.instance_decoder_only)
             self.instance_decoder.to(self.device)
@@ -158,8 +153,6 @@ class Trainer:
     def _run_peft_config(self):
         warn = lambda text: self.events.message("warning: " + text)  # noqa: E731
         if self.cfg.instance_decoder_only:
-            from peft_export.peft.options import peft_config_from
-
             self.events.message("--instance-decoder-only: SAM (image encoder, prompt encoder, mask decoder) stays "
                                 "frozen and only the instance decoder trains; --peft/--blocks are not used")
             return peft_config_from("frozen", None, {}, warn)
@@ -196,9 +189,6 @@ class Trainer:
                                  self._epoch_figures)
 
     def _model_name(self) -> str:
-        from peft_export.models.checkpoint import read_checkpoint
-        from peft_export.models.registry import MODELS
-
         if self.cfg.model in MODELS:
             return self.cfg.model
         p = Path(self.cfg.model)
@@ -211,8 +201,6 @@ class Trainer:
 
     def _base_model(self, name: str):
         """(model, where it came from, its instance decoder or None)."""
-        from peft_export.loading import load_model
-
         model_arg = self.cfg.model
         if self.spec.test_only and self.cfg.checkpoint is None and model_arg == name:
             self.events.message(f"{name} is a test model: training from random weights")
@@ -253,8 +241,6 @@ class Trainer:
             mode = "memory"
         folder = None
         if mode == "disk":
-            from peft_export.train.trunk import trunk_fingerprint
-
             folder = self.folder.cache_dir / f"rank{self.dist.rank}" / trunk_fingerprint(steps, boundary,
                                                                                          self.spec.name)
         self.cache = TrunkCache(steps, boundary, mode=mode, budget_mb=cfg.trunk_cache_mb, folder=folder)
@@ -266,8 +252,6 @@ class Trainer:
     def _save(self, name: str, *, interrupted: bool = False, rng: dict | None = None) -> Path | None:
         if not self.dist.main:
             return None
-        from peft_export.models.checkpoint import save_checkpoint
-
         s = self.state
         training = {"config": self.cfg.to_dict(), "base_source": self.base_source, **s.to_dict(),
                     "interrupted": interrupted, "total_iterations": self.schedule.total_iterations,

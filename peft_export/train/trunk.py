@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peft_export.data.io import atomic_write
+
 log = logging.getLogger("peft_export")
 
 
@@ -47,7 +49,7 @@ class Step:
 
 def encoder_steps(encoder: nn.Module) -> list[Step]:
     """The encoder's forward pass as a list of steps (applied in order, they equal ``encoder(x)``)."""
-    from peft_export.models.tiny_vit import TinyViT
+    from peft_export.models.tiny_vit import TinyViT  # lazy: pulls PIL, segment_anything, torchvision
 
     if isinstance(encoder, TinyViT):
         return _tinyvit_steps(encoder)
@@ -184,8 +186,6 @@ class TrunkCache:
         if self.mode == "memory":
             self._mem[key] = cpu
         else:
-            from peft_export.data.io import atomic_write
-
             atomic_write(self.folder / f"{key}.pt", lambda tmp: torch.save(cpu, tmp))
             self._disk.add(key)
         self.bytes += size

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peft_export.runtime.evaluate import evaluate, evaluate_instances
+from peft_export.runtime.strategies import AutoOptions
 from peft_export.train.distributed import Dist
 from peft_export.train.trunk import TrunkCache
 
@@ -33,7 +35,7 @@ class _ValBackend:
     """TorchBackend for validation that reuses the trunk cache for the encoder."""
 
     def __init__(self, model, spec, device, cache: TrunkCache | None, instance_decoder: nn.Module | None = None):
-        from peft_export.models.torch_backend import TorchBackend
+        from peft_export.models.torch_backend import TorchBackend  # lazy: pulls PIL, segment_anything, torchvision
 
         self._inner = TorchBackend(model, spec.preprocess, device, multimask=spec.multimask,
                                    instance_decoder=instance_decoder, name=spec.name, source="training")
@@ -70,8 +72,6 @@ class Validator:
         return "max" if self.samples else "min"
 
     def __call__(self) -> dict | None:
-        from peft_export.runtime.evaluate import evaluate
-
         if not self.samples:
             return None
         record = None
@@ -95,9 +95,6 @@ class Validator:
 
 def _instance_figures(backend, samples) -> dict:
     """Automatic segmentation with the instance decoder (default post-processing), without the per-image list."""
-    from peft_export.runtime.evaluate import evaluate_instances
-    from peft_export.runtime.strategies import AutoOptions
-
     res = evaluate_instances(backend, samples, AutoOptions(method="instance"))
     keys = ("msa", "f1", "precision", "recall", "mean_iou", "objects_pred", "objects_true")
     return {k: res[k] for k in keys}

@@ -17,6 +17,7 @@ from peft_export.export.tensorrt.options import DEFAULT_MIN_IOU
 from peft_export.metrics import mask_ious
 from peft_export.prompts import sample_prompts
 from peft_export.runtime.backend import mask_prompt_inputs, prepare_input
+from peft_export.runtime.onnx_backend import OnnxBackend
 from peft_export.runtime.tensorrt_backend import EngineRunner
 
 _MAX = ("masks_abs", "masks_rel", "iou_abs")  # running worst: max of these, min of the IoUs
@@ -68,8 +69,6 @@ def check_parity(plan, encoder: EngineRunner, decoder: EngineRunner) -> dict[str
     TensorRT encoder -> TensorRT decoder against ONNX Runtime -> ONNX Runtime. Prompt sets cover the profile's
     min/opt/max points, a refinement pass (mask_input) and the maximum batch (the prompts repeated).
     """
-    from peft_export.runtime.onnx_backend import OnnxBackend
-
     ref = OnnxBackend(plan.out_dir, plan.manifest, providers=["CPUExecutionProvider"])
     trt = _Engines(encoder, decoder, tuple(plan.manifest.mask_input_size))
     image, image_name = sample_image(ref.info.img_size)
