@@ -639,8 +639,10 @@ def test_lite_medsam_every_mergeable_method_exports_and_matches_the_unmerged_mod
                                             base=lite_medsam, scale=0.02, parts=parts)
     prepared = prepare_for_export(load_model(str(ckpt)))
     out = tmp_path / "onnx"
-    result = export_model(prepared, out, ExportOptions())
-    assert result.report.passed and result.manifest.source["merged"] is True
+    # the parity gate on real weights runs in the LoRA and AdaptFormer exports; here the graphs are held to the
+    # unmerged PEFT model directly (below), which is the stronger check, and the gate's second pass would add 7 s each
+    result = export_model(prepared, out, ExportOptions(verify=False))
+    assert result.manifest.source["merged"] is True
     assert result.manifest.extra["reused_trace"] == {"encoder": True, "decoder": True}
     image, coords, labels = lite_case
     prep = lite_reference["prep"]

@@ -233,14 +233,18 @@ def dsb_mosaic() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def mosaic_tiled(lite_export_fp32):
-    """The mosaic embedded once, tiled (the default for an image larger than the model input), and its boxes."""
+    """The mosaic embedded once, tiled (the default for an image larger than the model input), its boxes, and the
+    box prompts decoded once (pieces, predicted IoUs) for the two tests below."""
     from peft_export.data.objects import objects_from_labels
     from peft_export.runtime.segmenter import Segmenter
 
     image, labels = dsb_mosaic()
     seg = Segmenter(lite_export_fp32.out_dir, batch_size=4)
     plan = seg.set_image(image, name="mosaic")
-    return seg, plan, labels, objects_from_labels(labels)
+    objs = objects_from_labels(labels)
+    pieces, out = seg.decode_pieces(boxes=objs.boxes, batch_size=32)  # every box once, in the tile that holds it
+    assert plan.scaled_hw == plan.original_hw  # tiled at native resolution: pieces are in image pixels
+    return seg, plan, labels, objs, pieces, out.scores
 
 
 def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, mosaic_tiled):
@@ -251,13 +255,12 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
 
     from peft_export.data.dataset import Sample, dsb2018_tiles
     from peft_export.runtime.backends import open_model
-    from peft_export.runtime.evaluate import evaluate, object_pieces
+    from peft_export.runtime.evaluate import evaluate
     from peft_export.runtime.pieces import piece_iou
     from peft_export.runtime.tiling import Tiling
 
-    seg, plan, labels, objs = mosaic_tiled
+    _seg, plan, labels, objs, pieces, _scores = mosaic_tiled
     assert plan.tiled and len(plan.grid) == 25
-    pieces, _ = object_pieces(seg, objs, "box")
     found = ndimage.find_objects(labels)
     tiled = float(np.mean([piece_iou(p, labels, int(i), found[int(i) - 1]) for p, i in zip(pieces, objs.ids)]))
     be = open_model(lite_export_fp32.out_dir)
@@ -276,9 +279,11 @@ def test_nuclei_cut_by_tile_borders_are_single_objects(mosaic_tiled):
     """Nuclei that cross a tile's core boundary are segmented in one tile with its halo: each one object that
     spans the boundary (not truncated at the seam), as good as the nuclei inside a core."""
     from peft_export.metrics import iou_matrix
+    from peft_export.runtime.pieces import paint
 
-    seg, plan, labels, objs = mosaic_tiled
-    pred, _ = seg.predict_labels(boxes=objs.boxes)  # prompt k -> id k + 1
+    _seg, plan, labels, objs, all_pieces, scores = mosaic_tiled
+    # prompt k -> id k + 1, higher predicted IoU winning overlaps (Segmenter.predict_labels on these pieces)
+    pred = paint(all_pieces, labels.shape, order=np.argsort(scores, kind="stable"))
     core_owner = np.zeros(labels.shape, int)
     for t in plan.tiles:
         cy0, cy1, cx0, cx1 = t.core
@@ -288,7 +293,7 @@ def test_nuclei_cut_by_tile_borders_are_single_objects(mosaic_tiled):
     # the object spans the seam (zero-shot LiteMedSAM misses part of some nuclei: 86% measured) and is not cut
     # by its tile's window (a mask touching an interior window edge would be truncated there)
     spans = [len(np.unique(core_owner[(pred == k + 1) & (labels == objs.ids[k])])) > 1 for k in crossing]
-    pieces, _ = seg.decode_pieces(boxes=objs.boxes[crossing])
+    pieces = [all_pieces[k] for k in crossing]
     best = iou_matrix(pred, labels).max(0)  # (true ids,): each nucleus' best IoU with a predicted object
     cross = np.isin(np.arange(1, labels.max() + 1), [objs.ids[k] for k in crossing])
     print(f"{cross.sum()} nuclei cross a core boundary: {np.mean(spans):.0%} of their objects span it, "
