@@ -52,12 +52,15 @@ def split_commas(value: Any) -> Any:
     return [] if value.strip().lower() == "none" else [t.strip() for t in value.split(",") if t.strip()]
 
 
-def comma_list(kind: Any) -> Any:
-    """``list[kind]`` that also accepts one comma-separated string (the command line's form)."""
+def comma_list(kind: Any, *, unique: bool = False) -> Any:
+    """``list[kind]`` that also accepts one comma-separated string (the command line's form); ``unique``: a value
+    given twice is kept once, in first-given order."""
     from typing import Annotated
 
-    from pydantic import BeforeValidator
+    from pydantic import AfterValidator, BeforeValidator
 
+    if unique:
+        return Annotated[list[kind], BeforeValidator(split_commas), AfterValidator(lambda v: list(dict.fromkeys(v)))]
     return Annotated[list[kind], BeforeValidator(split_commas)]
 
 

@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         """Mean IoU and mSA of box / point / automatic prompts against instance labels.
 
         box / point: one prompt per ground-truth object (its bounding box, or its most interior point).
-        auto: segment everything (grid of points), then match instances; mean IoU is each true object's best IoU.
+        auto: segment everything (the instance decoder, APG or a point grid: --method), then match instances; mean
+        IoU is each true object's best IoU.
         mSA is the mean segmentation accuracy over IoU thresholds 0.5…0.95. Without arguments it evaluates the
         bundled LiteMedSAM weights on the held-out DSB2018 nuclei tile. Images larger than the model input are
         embedded in tiles at native resolution (--no-tile: resized whole); images are read one at a time.

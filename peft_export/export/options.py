@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from peft_export.options import Options, comma_list, option
 
@@ -110,7 +110,7 @@ class CpuGateOptions(Options):
     family = "cpu_gate"
     panel = "CPU gate"
 
-    precisions: comma_list(Literal[CANDIDATES]) = option(
+    precisions: comma_list(Literal[CANDIDATES], unique=True) = option(
         ["bf16", "bf16-mixed"], "Comma-separated reduced precisions to gate: bf16, bf16-mixed (one side of the "
         "encoder in f32, the rest bf16), int8 (NNCF; needs the nncf extra).", min_length=1)
     iou: float = option(0.97, "Minimum box AND point mean mask IoU vs the fp32 chain.", ge=0, le=1)
@@ -121,8 +121,3 @@ class CpuGateOptions(Options):
     gate_objects: int = option(16, "Prompts per kind and gate image.", ge=1)
     calibration_images: int = option(8, "int8 calibration inputs (never gate images).", ge=1)
     rounds: int = option(5, "Interleaved latency rounds per candidate.", ge=1)
-
-    @field_validator("precisions")
-    @classmethod
-    def _once(cls, v):
-        return list(dict.fromkeys(v))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
-
 from peft_export.options import Options, comma_list, option
 
 PROMPT_TYPES = ("box", "point")
@@ -18,13 +16,8 @@ class EvaluateOptions(Options):
     family = "evaluate"
     panel = "Evaluation"
 
-    prompts: comma_list(Literal[ALL_PROMPT_TYPES]) = option(
+    prompts: comma_list(Literal[ALL_PROMPT_TYPES], unique=True) = option(
         ["box", "point"], "Comma-separated prompt types: box (each object's bounding box), point (its most interior "
         "point), auto (segment everything, then match objects).", min_length=1)
     device: Literal["auto", "cpu", "cuda"] = option(
         "auto", "Where a PyTorch model (a checkpoint or zoo name) runs: auto, cpu or cuda; exports use --backend.")
-
-    @field_validator("prompts")
-    @classmethod
-    def _once(cls, v):
-        return list(dict.fromkeys(v))
