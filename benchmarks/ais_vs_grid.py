@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
     image, labels = dsb2018()
     whole = Sample(image, labels, "dsb2018_whole")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_before": [round(v, 2) for v in os.getloadavg()],
-              "export": args.export, "repeats": args.repeats}
+              "export": args.export, "repeats": args.repeats,
+              "backend": seg.info.name, "compute": seg.info.compute}  # what --backend auto chose here
     cases = {"apg": AutoOptions.parse({"method": "apg"}),
              "apg_box": AutoOptions.parse({"method": "apg", "apg.refine_with_boxes": True}),
              "ais": AutoOptions.parse({"method": "instance"})}
