@@ -486,3 +486,17 @@ def test_cli_bad_input_one_line_each(run_cli, tiny_export, tmp_path, monkeypatch
     code, _, err = run_cli("package", exp, "-o", out, "--author", "A")
     assert code == 2 and "peft-export[bioimageio]" in err
     assert not Path(out).exists() and not list(tmp_path.glob(".x.zip.*"))
+
+
+def test_declared_post_processing_that_differs_from_the_exports_is_refused(inst_export, tmp_path, monkeypatch):
+    """The package's own check: the watershed settings its rdf declares must give the test output's instances on the
+    export's maps; settings that differ (here a stricter foreground threshold) are refused and nothing is written."""
+    from peft_export.errors import VerificationError
+
+    real = PackageModel.instance_settings
+    monkeypatch.setattr(PackageModel, "instance_settings",
+                        lambda self: {**real(self), "foreground_threshold": 0.9})
+    out = tmp_path / "inst.zip"
+    with pytest.raises(VerificationError, match="declared post-processing does not reproduce"):
+        build_package(inst_export.out_dir, out, PackageOptions(authors=["Test"], validate_package=False))
+    assert not out.exists() and not list(tmp_path.iterdir())
