@@ -266,11 +266,12 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
     be = open_model(lite_export_fp32.out_dir)
     native = evaluate(be, dsb2018_tiles("all"), ["box"])["box"]["mean_iou"]
     per: list = []
-    resized = evaluate(be, [Sample(dsb_mosaic()[0], labels, "mosaic")], ["box"], tiling=Tiling(mode="off"),
+    some = np.where(labels % 4 == 1, labels, 0)  # resized: every 4th nucleus (125 of 500) is enough to compare
+    resized = evaluate(be, [Sample(dsb_mosaic()[0], some, "mosaic")], ["box"], tiling=Tiling(mode="off"),
                        per_image=per)["box"]["mean_iou"]
-    assert per[0]["tiles"] == 1
+    assert per[0]["tiles"] == 1 and per[0]["objects"] == len(np.unique(some)) - 1 > 100
     print(f"box mean IoU: tiled {tiled:.4f} ({len(objs)} nuclei), native 256 px tiles {native:.4f}, whole mosaic "
-          f"resized {resized:.4f}")
+          f"resized {resized:.4f} (every 4th nucleus)")
     assert abs(tiled - native) <= 0.02
     assert tiled >= resized + 0.1
 
