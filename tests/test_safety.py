@@ -415,7 +415,13 @@ def _interrupt_when(args, ready, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command", ["predict", "embed"])
 def test_ctrl_c_exits_130_with_interrupted_and_leaves_complete_outputs_only(tiny_export, plate, tmp_path, command):
+    import tifffile
+
     root, boxes = plate
+    more = root / "zz_more"  # processed after the plate's own images: work left when the first outputs appear, so
+    more.mkdir()  # the Ctrl-C lands mid-run (with the plate alone a fast run could end before it: exit 0)
+    for k in range(24):
+        tifffile.imwrite(more / f"m{k:02d}.tif", _image((300, 280), 10 + k))
     out = tmp_path / "out"
     if command == "predict":
         args = ("predict", tiny_export.out_dir, root, "--boxes", boxes, "-o", out)
