@@ -402,9 +402,15 @@ def test_an_os_error_anywhere_is_one_line_with_the_path_and_free_space(run_cli, 
 
 # ---- Ctrl-C ------------------------------------------------------------------------------------------------------
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT at its default, so that Python turns it into KeyboardInterrupt. A pytest
+    started in the background (`cmd &` in a script, as CI may do) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(args, ready, timeout=300) -> subprocess.CompletedProcess:
     p = subprocess.Popen([sys.executable, "-m", "peft_export_cli.app", *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     t0 = time.time()
     while not ready() and p.poll() is None and time.time() - t0 < timeout:
         time.sleep(0.05)
@@ -418,8 +424,8 @@ def test_ctrl_c_exits_130_with_interrupted_and_leaves_complete_outputs_only(tiny
     import tifffile
 
     root, boxes = plate
-    more = root / "zz_more"  # processed after the plate's own images: work left when the first outputs appear, so
-    more.mkdir()  # the Ctrl-C lands mid-run (with the plate alone a fast run could end before it: exit 0)
+    more = root / "zz_more"  # more images: work left when the first outputs appear, so the Ctrl-C lands mid-run
+    more.mkdir()
     for k in range(24):
         tifffile.imwrite(more / f"m{k:02d}.tif", _image((300, 280), 10 + k))
     out = tmp_path / "out"
