@@ -190,17 +190,13 @@ def test_structures_are_traced_once(tiny_export, tmp_path):
     from peft_export import memo
 
     assert {"onnx_export.templates", "onnx_export.optimized", "parity.references"} <= set(memo.MEMOS)
-    kept = {name: m._data.copy() for name, m in memo.MEMOS.items()}
-    try:
-        memo.clear_all()
+    before = {name: len(m) for name, m in memo.MEMOS.items()}
+    with memo.forgotten():  # the other tests keep the session's traces (a LiteMedSAM trace is ~25 s)
         assert all(len(m) == 0 for m in memo.MEMOS.values())
         again = export_model(prepared, tmp_path / "fresh", ExportOptions(verify=False))
         assert again.manifest.extra["reused_trace"] == {"encoder": False, "decoder": False}
         assert again.manifest.files["encoder"]["sha256"] == result.manifest.files["encoder"]["sha256"]
-    finally:  # the other tests keep the session's traces (a LiteMedSAM trace is ~25 s)
-        for name, m in memo.MEMOS.items():
-            m._data.clear()
-            m._data.update(kept[name])
+    assert {name: len(m) for name, m in memo.MEMOS.items() if name in before} == before
 
 
 def test_memo_keeps_the_most_recently_used_entries_within_its_limit():

@@ -245,7 +245,7 @@ def mosaic_tiled(lite_export_fp32):
     objs = objects_from_labels(np.where(labels <= 2 * (int(labels.max()) // 4), labels, 0))
     pieces, out = seg.decode_pieces(boxes=objs.boxes, batch_size=32)  # every box once, in the tile that holds it
     assert plan.scaled_hw == plan.original_hw  # tiled at native resolution: pieces are in image pixels
-    return seg, plan, labels, objs, pieces, out.scores
+    return image, plan, labels, objs, pieces, out.scores
 
 
 def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, mosaic_tiled):
@@ -260,7 +260,7 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
     from peft_export.runtime.pieces import piece_iou
     from peft_export.runtime.tiling import Tiling
 
-    _seg, plan, labels, objs, pieces, _scores = mosaic_tiled
+    image, plan, labels, objs, pieces, _scores = mosaic_tiled
     assert plan.tiled and len(plan.grid) == 25
     found = ndimage.find_objects(labels)
     tiled = float(np.mean([piece_iou(p, labels, int(i), found[int(i) - 1]) for p, i in zip(pieces, objs.ids)]))
@@ -268,7 +268,7 @@ def test_tiled_mosaic_matches_native_tiles_and_beats_resizing(lite_export_fp32, 
     native = evaluate(be, dsb2018_tiles("all"), ["box"])["box"]["mean_iou"]
     per: list = []
     some = np.where(labels % 4 == 1, labels, 0)  # resized: every 4th nucleus (125 of 500) is enough to compare
-    resized = evaluate(be, [Sample(dsb_mosaic()[0], some, "mosaic")], ["box"], tiling=Tiling(mode="off"),
+    resized = evaluate(be, [Sample(image, some, "mosaic")], ["box"], tiling=Tiling(mode="off"),
                        per_image=per)["box"]["mean_iou"]
     assert per[0]["tiles"] == 1 and per[0]["objects"] == len(np.unique(some)) - 1 > 100
     print(f"box mean IoU: tiled {tiled:.4f} ({len(objs)} nuclei), native 256 px tiles {native:.4f}, whole mosaic "
@@ -283,7 +283,7 @@ def test_nuclei_cut_by_tile_borders_are_single_objects(mosaic_tiled):
     from peft_export.metrics import iou_matrix
     from peft_export.runtime.pieces import paint
 
-    _seg, plan, labels, objs, all_pieces, scores = mosaic_tiled
+    _image, plan, labels, objs, all_pieces, scores = mosaic_tiled
     # prompt k -> id k + 1, higher predicted IoU winning overlaps (Segmenter.predict_labels on these pieces)
     pred = paint(all_pieces, labels.shape, order=np.argsort(scores, kind="stable"))
     core_owner = np.zeros(labels.shape, int)
