@@ -193,6 +193,11 @@ def check_outputs(inputs: Inputs, out: Path, req, *, export: dict | None = None,
         labels, summary, ov = output_files(item, out, inputs.single, req.overlay)
         names = [labels, summary, *([ov] if ov is not None else [])]
         refuse_inputs(names, [item.path, *prompts], folders=protect)
+        if ov is not None:  # the overlay would replace this run's own labels or summary (same file after links)
+            for own, what in ((labels, "label image"), (summary, "summary")):
+                if os.path.realpath(ov) == os.path.realpath(own):
+                    raise UsageError(f"--overlay {ov} is the {what} this run writes ({own}): give the overlay "
+                                     "another name (a .png)")
         if req.prompts is not None and Path(req.prompts).is_dir():
             refuse_inputs(names, [Path(req.prompts) / item.rel.with_suffix(s) for s in (".json", ".csv")])
     if len(images) > 1:  # an output that is another input (e.g. -o into the image folder, names mirrored)
