@@ -386,6 +386,28 @@ def test_full_disk_during_embed_and_export_and_package(tiny_export, plate, tmp_p
     assert pkg.read_bytes() == b"the previous package" and not stray_files(tmp_path)
 
 
+def test_full_disk_during_merge_is_one_line_and_keeps_the_previous_output(tiny_export, tmp_path, run_cli,
+                                                                          monkeypatch):
+    """PyTorch's zip writer reports a full disk as a RuntimeError ('unexpected pos ...', measured on a 1.5 MiB
+    tmpfs): merge (and every checkpoint writer) still gives one line with the path, the previous file intact."""
+    import torch
+
+    out = tmp_path / "merged.pt"
+    out.write_bytes(b"the previous merge")
+
+    def full(obj, f, *a, **k):  # what torch.save does on a full disk: part of the file, then a RuntimeError
+        Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1486528 vs 1486416")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, _, err = run_cli("merge", str(tiny_export.checkpoint), "-o", str(out), "--force")
+    assert code == 1, err
+    (line,) = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: cannot write {out}: ") and " free on " in line, err
+    assert "internal error" not in err
+    assert out.read_bytes() == b"the previous merge" and not stray_files(tmp_path)
+
+
 def test_an_os_error_anywhere_is_one_line_with_the_path_and_free_space(run_cli, monkeypatch, tmp_path):
     """The last resort in main(): an OSError no writer wrapped is still one line, not 'internal error'."""
     from peft_export.runtime import sources

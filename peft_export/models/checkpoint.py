@@ -15,8 +15,10 @@ Everything is loaded with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,4 +213,27 @@ def save_checkpoint(path: str | os.PathLike, *, model_name: str, state_dict: dic
     }
     if extra:
         obj.update(extra)
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return save_torch(path, obj)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`. PyTorch's zip writer reports a failed write
+    (a full disk) as a RuntimeError ('unexpected pos ...'), which would end a command with 'internal error': it
+    becomes the OSError that atomic_write turns into one line naming the path and the free space."""
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "inline_container" not in text and "write" not in text.lower():
+                raise
+            try:
+                full = shutil.disk_usage(Path(tmp).parent).free < 2**20
+            except OSError:
+                full = False
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+            raise OSError(errno.EIO, f"the write failed ({first_line(exc)})", str(tmp)) from None
+
+    return atomic_write(path, write)

@@ -22,7 +22,7 @@ from peft_export.data.samples import sha256_file
 from peft_export.errors import VerificationError
 from peft_export.files import clean_stale, refuse_inputs
 from peft_export.imaging import PreprocessSpec, preprocess
-from peft_export.models.checkpoint import save_checkpoint, versions
+from peft_export.models.checkpoint import save_checkpoint, save_torch, versions
 from peft_export.models.prompt_decoder import PromptDecoder
 from peft_export.peft.base import NotMergeableError
 from peft_export.peft.core import is_mergeable, merge_peft, peft_state
@@ -118,7 +118,7 @@ def save_merged(path: str | Path, merged: Sam, *, model_name: str, report: Merge
     sd = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     sidecar = {"format": "peft-export-merged", "model": model_name, "source": source,
                "verification": report.to_dict(), "versions": versions()}
-    atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    save_torch(path, sd)
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return path
 
@@ -145,7 +145,7 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
     merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
     if decoder is not None:  # beside the plain state dict, which must stay loadable by segment_anything as it is
         src["instance_decoder"] = str(decoder_path(output))
-        atomic_write(decoder_path(output), lambda tmp: torch.save({"decoder_state": decoder}, tmp))
+        save_torch(decoder_path(output), {"decoder_state": decoder})
     else:
         decoder_path(output).unlink(missing_ok=True)  # (--force) a stale one would pair with the wrong weights
     save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)

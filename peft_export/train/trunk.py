@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_export.data.io import atomic_write
+from peft_export.models.checkpoint import save_torch
 
 log = logging.getLogger("peft_export")
 
@@ -186,7 +186,7 @@ class TrunkCache:
         if self.mode == "memory":
             self._mem[key] = cpu
         else:
-            atomic_write(self.folder / f"{key}.pt", lambda tmp: torch.save(cpu, tmp))
+            save_torch(self.folder / f"{key}.pt", cpu)
             self._disk.add(key)
         self.bytes += size
 
