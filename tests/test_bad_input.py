@@ -246,6 +246,27 @@ def _labelled(w: World) -> str:
     return str(w.tmp / "data")
 
 
+def _gate_outside(w: World) -> list:
+    """A CPU gate record whose int8 encoder (a real OpenVINO IR, sha256s matching) lies outside the export folder."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    import openvino as ov
+
+    elsewhere = w.p("elsewhere/enc.xml")
+    ov.save_model(ov.convert_model(str(w.export / "encoder.onnx")), str(elsewhere))
+
+    def edit(folder: Path, doc: dict) -> None:
+        record = {"format": "peft-export-cpu-gate", "format_version": 1,
+                  "encoder_sha256": doc["files"]["encoder"]["sha256"], "threshold": 0.95,
+                  "precisions": {"int8": {"passed": True, "latency_ratio": 0.5,
+                                          "file": str(elsewhere), "file_sha256": sha256_file(elsewhere),
+                                          "weights": str(elsewhere.with_suffix(".bin")),
+                                          "weights_sha256": sha256_file(elsewhere.with_suffix(".bin"))}}}
+        (folder / "cpu_gate.json").write_text(json.dumps(record))
+
+    return ["predict", w.export_copy(edit), w.image("a.tif"), "--boxes", w.boxes(), "-o", w.tmp / "l.tif",
+            "--backend", "openvino", "--inference-precision", "int8"]
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -373,6 +394,8 @@ CASES = [
     Case("manifest: a graph modified",
          lambda w: ["predict", w.export_copy(_modify), w.image("a.tif"), "--auto", "-o", w.tmp / "l.tif"],
          1, r"error: .*encoder\.onnx does not match its sha256 in the manifest"),
+    Case("cpu gate: an int8 encoder outside the export (absolute path)", _gate_outside,
+         1, r"error: .*export: the CPU gate's int8 encoder points outside its folder"),
     Case("export: a training checkpoint given to predict",
          lambda w: ["predict", w.checkpoint, w.image("a.tif"), "--auto", "-o", w.tmp / "l.tif"],
          1, r"error: .*best\.pt is a training checkpoint, not an export folder: export it first with "

@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from peft_export.data.samples import sha256_file
-from peft_export.errors import DataError, MissingDependencyError, UsageError, VerificationError, first_line
+from peft_export.errors import (
+    DataError,
+    MissingDependencyError,
+    PeftExportError,
+    UsageError,
+    VerificationError,
+    first_line,
+)
+from peft_export.files import member_path, required_sha256
 from peft_export.manifest import Manifest, read_json_document, read_manifest
 from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
 from peft_export.runtime.backends import OPENVINO_PRECISIONS as PRECISIONS
@@ -105,14 +113,20 @@ def read_gate_record(out_dir: str | os.PathLike, manifest: Manifest) -> dict | N
     return data
 
 
-def check_int8_files(out_dir: Path, entry: dict) -> None:
-    """The gate's int8 encoder (OpenVINO IR: .xml + .bin) must match the sha256s the gate recorded."""
+def check_int8_files(out_dir: Path, entry: dict) -> tuple[Path, Path]:
+    """The gate's int8 encoder (OpenVINO IR: .xml + .bin): both inside the export folder and matching the sha256s
+    the gate recorded (one line otherwise). Returns (xml, bin), the files to load."""
+    paths = []
     for key in ("file", "weights"):
-        p = Path(out_dir) / entry[key]
+        what = "the CPU gate's int8 encoder" + (" weights" if key == "weights" else "")
+        p = member_path(out_dir, entry.get(key), what)
+        want = required_sha256({"sha256": entry.get(f"{key}_sha256")}, str(Path(out_dir) / GATE_FILE), what)
         if not p.is_file():
             raise DataError(f"{p} (the CPU gate's int8 encoder) is missing: re-run peft-export cpu-gate")
-        if sha256_file(p) != entry[f"{key}_sha256"]:
+        if sha256_file(p) != want:
             raise VerificationError(f"{p} does not match its sha256 in {GATE_FILE}; re-run peft-export cpu-gate")
+        paths.append(p)
+    return paths[0], paths[1]
 
 
 def bf16_capable(core) -> bool:
@@ -208,7 +222,7 @@ class OpenVinoBackend:
         try:
             self._encoders, compute = self._compile_encoder(m)
             self.decoder = self._compile(m.path_of(self.out_dir, "decoder_lowres"), "f32")
-        except UsageError:
+        except PeftExportError:  # one line already (a bad export or gate record)
             raise
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line messages for broken graphs
             raise DataError(f"{self.out_dir}: OpenVINO cannot load the export: {first_line(exc)}") from None
@@ -239,9 +253,8 @@ class OpenVinoBackend:
         run = self.precision_run
         if run == "int8":
             entry = self.record["precisions"]["int8"]
-            xml = self.out_dir / entry["file"]
-            check_int8_files(self.out_dir, entry)
-            compiled = [self._compile(xml, "f32", batch1=True)]
+            xml, weights = check_int8_files(self.out_dir, entry)  # the verified .bin, not the one beside the .xml
+            compiled = [self._compile(self.core.read_model(str(xml), str(weights)), "f32", batch1=True)]
         elif run == "bf16-mixed":
             split = self.record["precisions"]["bf16-mixed"]["split"]
             head, tail = split_model(_folded(self.core.read_model(str(path)), self.baked), split["tensor"])
