@@ -66,10 +66,15 @@ def test_every_family_option_appears_once_in_help_with_its_default_and_help(name
     from peft_export_cli.app import app
 
     rendered = CliRunner().invoke(app, [*name.split(), "--help"], env={"COLUMNS": "1000"}).output
+    flat = re.sub(r"\s+", " ", rendered.replace("│", " "))  # as shown, wrapped lines joined
     for fam in fams.values():
         for f in fam.cli_fields():
             n = len(re.findall(rf"(?<![\w-]){re.escape(f.primary_flag)}(?![\w-])", rendered))
             assert n >= 1, f"{name}: {f.primary_flag} not in --help"
+            shown = f.shown_default()
+            if shown is not None:  # what the user sees: rich markup once ate "[default: ...]" (issue 20)
+                want = "[default: " + " ".join(shown.split()) + "]"
+                assert want in flat, f"{name} {f.primary_flag}: default not shown in --help"
 
 
 def test_flags_of_one_command_are_unique():
