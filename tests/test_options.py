@@ -188,6 +188,19 @@ def test_benchmark_options_are_the_training_options():
         TrainSettings.parse({"methods": "freeze_encoder"})
 
 
+def test_methods_without_a_placement_are_planned_once():
+    """frozen and full train no block selection: benchmark train and study measure them once, not once per
+    placement (the skip named freeze_encoder, a name the registry never had, so it never applied)."""
+    from peft_export.bench.options import StudySettings, TrainSettings
+    from peft_export.bench.study import plan_study
+    from peft_export.bench.train import plan_cases
+
+    values = {"methods": "frozen,full,lora", "placements": "all,late:1", "model": "vit_tiny"}
+    s = TrainSettings.parse(values)
+    for cases in (plan_cases(s.methods, s.placements, s), plan_study(StudySettings.parse(values))):
+        assert {(c.method, c.placement) for c in cases if c.skipped} == {("frozen", "late:1"), ("full", "late:1")}
+
+
 def test_the_command_line_starts_without_the_heavy_stack():
     """`peft-export --help` loads no PyTorch, ONNX, ONNX Runtime, OpenVINO, SciPy or napari (cli/app.py's rule)."""
     import subprocess

@@ -110,13 +110,15 @@ def plan_study(s: StudySettings) -> list[StudyCase]:
     """Every (method, placement) case; placements that do not fit the model are skipped with the reason."""
     for p in s.placements:
         resolve_placement(p, 10**4)  # the syntax now; the fit below
+    from peft_export.peft import METHODS  # lazy: pulls torch (as _block_count does)
+
     n_blocks = _block_count(s.model)
     cases = []
     for m in s.methods:
         for p in s.placements:
             case = StudyCase(m, p)
-            if m == "freeze_encoder" and p != s.placements[0]:
-                case.skipped = "freeze_encoder trains no encoder block: placement does not apply (run once)"
+            if m in METHODS and not METHODS[m].uses_placement and p != s.placements[0]:
+                case.skipped = f"{m} does not use a placement: run once (with {s.placements[0]})"
             else:
                 try:
                     case.blocks = resolve_placement(p, n_blocks, s.model)

@@ -129,8 +129,8 @@ def plan_cases(methods: list[str], placements: list[str], s: TrainSettings) -> l
     for m in methods:
         for p in placements:
             case = TrainCase(m, p)
-            if m in ("freeze_encoder",) and p != placements[0]:
-                case.skipped = "freeze_encoder trains no encoder block: placement does not apply (measured once)"
+            if not METHODS[m].uses_placement and p != placements[0]:
+                case.skipped = f"{m} does not use a placement: measured once (with {placements[0]})"
             cases.append(case)
     return cases
 
