@@ -267,6 +267,38 @@ def test_kill_9_during_merge_and_export_keeps_the_previous_export_or_the_new_one
     assert read_manifest(out).files == read_manifest(tiny_export.out_dir).files
 
 
+def test_kill_9_during_merge_never_pairs_new_weights_with_the_old_sidecar(tiny_export, tmp_path):
+    """``merge --force`` over a previous merge, killed where files are renamed into place: each sidecar beside its
+    own weights or beside none (not there yet: the merge is redone), never new weights with the sidecar of another
+    merge (loading reads the model name from it)."""
+    out = tmp_path / "merged.pt"
+    sidecar = tmp_path / "merged.pt.json"
+    args = ("merge", tiny_export.checkpoint, "-o", out, "--force")
+
+    def previous():
+        out.write_bytes(b"previous weights")
+        sidecar.write_text('{"previous": true}')
+
+    previous()
+    log = tmp_path / "points.log"
+    r = cli(*args, env=crash_env(None, log))
+    assert r.returncode == 0, r.stderr
+    points = crash_points(log)
+    renames = [n for n, name in enumerate(points, 1) if not name.startswith(("created", "written"))]
+    assert renames, points
+    for n in renames:
+        previous()
+        r = cli(*args, env=crash_env(n))
+        assert r.returncode == KILLED, (n, points[n - 1], r.stderr[-2000:])
+        weights = out.read_bytes() if out.exists() else None  # None: not there (yet), the merge is redone
+        if '"previous"' in sidecar.read_text():
+            assert weights in (b"previous weights", None), (n, points[n - 1])
+        else:
+            assert weights != b"previous weights", (n, points[n - 1])
+    clean_stale(tmp_path)
+    assert not stray_files(tmp_path)
+
+
 def test_kill_9_during_package_then_rerun_gives_the_clean_package(tiny_export, tmp_path):
     pytest.importorskip("bioimageio.spec", reason="needs the bioimageio extra: pip install -e '.[bioimageio]'")
     args = ("package", tiny_export.out_dir, "--author", "peft-export tests", "--no-validate", "-q")

@@ -20,7 +20,7 @@ from peft_export.data.dataset import sample_image
 from peft_export.data.io import atomic_write
 from peft_export.data.samples import sha256_file
 from peft_export.errors import VerificationError
-from peft_export.files import clean_stale, refuse_inputs
+from peft_export.files import clean_stale, refuse_inputs, together
 from peft_export.imaging import PreprocessSpec, preprocess
 from peft_export.models.checkpoint import save_checkpoint, save_torch, versions
 from peft_export.models.prompt_decoder import PromptDecoder
@@ -143,12 +143,13 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
                   f"wrote {output} as a peft-export checkpoint that keeps the adapter modules")
         return {"output": str(output), "merged": False, "reason": reason, "model": loaded.spec.name}, None
     merged, report = merge_and_verify(loaded.model, loaded.spec.preprocess, atol=atol, rtol=rtol)
-    if decoder is not None:  # beside the plain state dict, which must stay loadable by segment_anything as it is
-        src["instance_decoder"] = str(decoder_path(output))
-        save_torch(decoder_path(output), {"decoder_state": decoder})
-    else:
+    if decoder is None:
         decoder_path(output).unlink(missing_ok=True)  # (--force) a stale one would pair with the wrong weights
-    save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
+    with together():  # weights, decoder and sidecar land together: a crash never pairs them across two merges
+        if decoder is not None:  # beside the plain state dict, which must stay loadable by segment_anything as is
+            src["instance_decoder"] = str(decoder_path(output))
+            save_torch(decoder_path(output), {"decoder_state": decoder})
+        save_merged(output, merged, model_name=loaded.spec.name, report=report, source=src)
     how = state.config.describe() if state else "no PEFT method (weights copied)"
     return {"output": str(output), "sidecar": str(sidecar_path(output)), "merged": True, "model": loaded.spec.name,
             "how": how, "verification": report.to_dict(), "instance_decoder": src.get("instance_decoder")}, report
