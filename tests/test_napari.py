@@ -393,6 +393,9 @@ def test_cancelled_embedding_leaves_no_cache_entry(viewer, qtbot, tiny_export, t
 # ---- saving -----------------------------------------------------------------------------------------------
 
 def test_saved_files_are_read_back_by_predict_and_finetune(viewer, qtbot, tiny_export, run_cli, tmp_path, notes):
+    """Boxes alone are saved in both prompt formats; once an object mixes a box with points (or has points only),
+    the point file holds every object, and ``predict --points`` rebuilds each of them (not a negative point as an
+    object of its own)."""
     import tifffile
 
     from peft_export.data.dataset import load_samples
@@ -408,34 +411,57 @@ def test_saved_files_are_read_back_by_predict_and_finetune(viewer, qtbot, tiny_e
     for b in boxes:
         shapes.add_rectangles(rectangle(*b))
         settle(qtbot, w)
+    seg = Segmenter(tiny_export.out_dir)
+    seg.set_image(image)
+
+    def predicted(flag: str, folder, name: str) -> np.ndarray:
+        code, _o, err = run_cli("predict", str(tiny_export.out_dir), str(folder / "images"), flag,
+                                str(folder / flag.strip("-")), "-o", str(tmp_path / name), "--quiet")
+        assert code == 0, err
+        return tifffile.imread(tmp_path / name / "my_cells.tif")
+
+    only_boxes = tmp_path / "boxes_only"
+    written = w.save(only_boxes, scope="plane")
+    assert sorted(p.relative_to(only_boxes).as_posix() for p in written) == [
+        "boxes/my_cells.json", "images/my_cells.tif", "labels/my_cells.tif", "points/my_cells.json"]
+    assert np.array_equal(read_boxes(only_boxes / "boxes" / "my_cells.json"), np.array(boxes, np.float32))
+    want = seg.predict_labels(boxes=np.array(boxes))[0]
+    assert want.any() and np.array_equal(predicted("--boxes", only_boxes, "p1"), want)
+    assert np.array_equal(predicted("--points", only_boxes, "p2"), want)
+
+    # the first box refined by a negative point, and an object of two positive points
+    w.object_spin.setValue(1)
+    w.negative_radio.setChecked(True)
+    points.add([[20.0, 25.0]])  # (y, x)
+    settle(qtbot, w)
+    w.positive_radio.setChecked(True)
     w.new_object()
-    points.add([[60.0, 60.0], [70.0, 62.0]])  # one object, two positive points
+    points.add([[60.0, 60.0], [70.0, 62.0]])
     settle(qtbot, w)
     labels = viewer.layers["my cells objects"].data.copy()
-    assert list(shapes.features["object"]) == [1, 2] and list(points.features["object"]) == [3, 3]
+    assert list(shapes.features["object"]) == [1, 2] and list(points.features["object"]) == [1, 3, 3]
     assert set(np.unique(labels)) - {0} and set(np.unique(labels)) <= {0, 1, 2, 3}
 
     out = tmp_path / "ann"
     written = w.save(out, scope="plane")
     assert sorted(p.relative_to(out).as_posix() for p in written) == [
-        "boxes/my_cells.json", "images/my_cells.tif", "labels/my_cells.tif", "points/my_cells.csv"]
+        "images/my_cells.tif", "labels/my_cells.tif", "points/my_cells.json"]
     assert np.array_equal(tifffile.imread(out / "images" / "my_cells.tif"), image)
     assert np.array_equal(tifffile.imread(out / "labels" / "my_cells.tif"), labels)
-    assert np.array_equal(read_boxes(out / "boxes" / "my_cells.json"), np.array(boxes, np.float32))
-    (pts, labs), = read_points(out / "points" / "my_cells.csv")
-    assert np.array_equal(pts, [[60.0, 60.0], [62.0, 70.0]]) and list(labs) == [1, 1]
-
-    # predict on the saved folder with the saved prompt folders = the runtime on the prompts that were drawn
-    seg = Segmenter(tiny_export.out_dir)
-    seg.set_image(image)
-    for flag, folder, want in (
-            ("--boxes", "boxes", seg.predict_labels(boxes=np.array(boxes))[0]),
-            ("--points", "points", seg.predict_point_prompts([(np.array([[60.0, 60.0], [62.0, 70.0]]), [1, 1])])[0])):
-        code, _o, err = run_cli("predict", str(tiny_export.out_dir), str(out / "images"), flag, str(out / folder),
-                                "-o", str(tmp_path / f"pred_{folder}"), "--quiet")
-        assert code == 0, err
-        got = tifffile.imread(tmp_path / f"pred_{folder}" / "my_cells.tif")
-        assert want.any() and np.array_equal(got, want), folder
+    drawn = [(np.array([[25.0, 20.0]]), [0], boxes[0]), (np.zeros((0, 2)), [], boxes[1]),
+             (np.array([[60.0, 60.0], [62.0, 70.0]]), [1, 1], None)]
+    saved = read_points(out / "points" / "my_cells.json")
+    assert len(saved) == 3
+    for got, (pts, labs, box) in zip(saved, drawn):
+        assert np.array_equal(got.points, pts) and list(got.labels) == labs
+        assert (got.box is None) == (box is None) and (box is None or np.array_equal(got.box, box))
+    # predict --points on the saved folder = the runtime on the prompts that were drawn: three objects, the first
+    # one the box with its negative point (as the widget decoded it)
+    want = seg.predict_point_prompts(drawn)[0]
+    got = predicted("--points", out, "p3")
+    assert np.array_equal(got, want) and set(np.unique(got)) == {0, 1, 2, 3}
+    first = seg.predict(points=drawn[0][0][None], labels=np.array([[0.0]]), boxes=np.array([boxes[0]]))
+    assert np.array_equal(first.masks[0] & (got == 1), got == 1) and (got == 1).any()
     # finetune --data reads the pair
     (sample,) = load_samples(out, "train")
     assert sample.name == "my_cells" and np.array_equal(sample.labels > 0, labels > 0)
@@ -470,6 +496,14 @@ def test_bad_images_and_prompts_give_one_notification(viewer, qtbot, tiny_export
     assert w.segment_prompts(force=True) is None
     (err,) = errors(notes)
     assert "prompt layer 'zs points' has 2 dimensions but image 'zs' has 3" in err, err
+
+    # a labels layer of another shape than the image: refused before any work starts (no worker, nothing changed)
+    viewer.add_labels(np.zeros((2, 50, 50), np.int32), name="zs objects")
+    notes.clear()
+    assert w.segment_everything("plane") is None
+    (err,) = errors(notes)
+    assert "labels layer 'zs objects' is (2, 50, 50) but image 'zs' is (2, 96, 128)" in err and not w.busy, err
+    viewer.layers.remove("zs objects")
 
     # a box outside the image
     viewer.layers.remove("zs points")

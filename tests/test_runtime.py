@@ -43,12 +43,19 @@ def test_points_formats(tmp_path):
     (tmp_path / "p2.json").write_text(json.dumps({"points": [[3, 4], [5, 6]], "labels": [1, 0]}))
     (tmp_path / "p3.json").write_text(json.dumps([{"points": [[3, 4], [9, 9]], "labels": [1, 0]}]))
     (tmp_path / "p.csv").write_text("x,y,label,object\n3,4,1,a\n9,9,0,a\n5,6,,b\n")
-    assert [len(p) for p, _ in read_points(tmp_path / "p.json")] == [1, 1]
-    assert [lab.tolist() for _, lab in read_points(tmp_path / "p2.json")] == [[1.0], [0.0]]
-    ((pts, lab),) = read_points(tmp_path / "p3.json")
-    assert pts.shape == (2, 2) and lab.tolist() == [1.0, 0.0]
+    assert [len(p.points) for p in read_points(tmp_path / "p.json")] == [1, 1]
+    assert [p.labels.tolist() for p in read_points(tmp_path / "p2.json")] == [[1.0], [0.0]]
+    ((pts, lab, box),) = read_points(tmp_path / "p3.json")
+    assert pts.shape == (2, 2) and lab.tolist() == [1.0, 0.0] and box is None
     groups = read_points(tmp_path / "p.csv")
-    assert [lab.tolist() for _, lab in groups] == [[1.0, 0.0], [1.0]]
+    assert [p.labels.tolist() for p in groups] == [[1.0, 0.0], [1.0]]
+    # a box with an object's points, and a box alone (as the napari plugin saves them)
+    (tmp_path / "p4.json").write_text(json.dumps([{"points": [[3, 4]], "labels": [0], "box": [1, 2, 30, 40]},
+                                                  {"box": [5, 6, 7, 8]}]))
+    refined, alone = read_points(tmp_path / "p4.json")
+    assert refined.points.tolist() == [[3, 4]] and refined.labels.tolist() == [0]
+    assert refined.box.tolist() == [1, 2, 30, 40]
+    assert alone.points.shape == (0, 2) and alone.labels.shape == (0,) and alone.box.tolist() == [5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -72,6 +79,11 @@ def test_bad_point_files(tmp_path):
     p.write_text(json.dumps({"points": [[1, 2]], "labels": [3]}))
     with pytest.raises(DataError, match="labels must be 1"):
         read_points(p)
+    for bad, match in (([{"labels": []}], "needs 'points'"), ([{"box": [1, 2, 3]}], "box must be 4 numbers"),
+                       ([{"points": [], "labels": []}], "pairs of numbers")):
+        p.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=match):
+            read_points(p)
     with pytest.raises(DataError, match="not found"):
         read_points(tmp_path / "missing.json")
 

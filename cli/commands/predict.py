@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
                                     "a folder for a folder or glob (outputs mirror the inputs, + a .json each)."),
         boxes: Path = typer.Option(None, "--boxes", help="Box prompts, JSON or CSV (x0,y0,x1,y1): one object each; "
                                    "a folder of <name>.json/.csv for many images."),
-        points: Path = typer.Option(None, "--points", help="Point prompts, JSON or CSV (x,y[,label][,object])."),
+        points: Path = typer.Option(None, "--points", help="Point prompts, JSON or CSV (x,y[,label][,object]); "
+                                    "JSON may give a box with an object's points."),
         auto_mode: bool = typer.Option(False, "--auto", help="Segment everything without prompts (see --method)."),
         embeddings: Path = typer.Option(None, "--embeddings", help="Embedding cache folder (`peft-export embed`): "
                                         "reused where present, filled where missing."),
@@ -60,7 +61,9 @@ def register(app: typer.Typer) -> None:
 
         [bold]peft-export predict export/ 'run1/*.tif' --auto -o labels/ --shard $SLURM_ARRAY_TASK_ID/8[/]
 
-        boxes.json: \\[\\[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt).
+        boxes.json: \\[\\[x0, y0, x1, y1], ...]; points.csv: x,y,label,object (rows with one object id form one prompt);
+        points.json: \\[{"points": \\[\\[x, y], ...], "labels": \\[1, 0, ...], "box": \\[x0, y0, x1, y1]}, ...] (box and
+        points together for one object, as the napari plugin saves them).
         Objects overlap-resolved by predicted IoU (higher wins); label ids follow the prompt order. A stack (z or t)
         gives a label stack (uint32 tif), one plane per plane (--auto --3d: objects linked across planes); a prompt
         file applies to every plane.

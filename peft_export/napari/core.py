@@ -9,8 +9,6 @@ layer) and any positive/negative points (the ``positive`` and ``object`` feature
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -206,30 +204,41 @@ def safe_name(name: str) -> str:
 
 
 def annotation_paths(folder: str | Path, name: str) -> dict[str, Path]:
-    """``images/`` + ``labels/`` (what ``finetune --data`` reads), ``boxes/`` + ``points/`` (what ``predict
-    --boxes DIR/boxes`` / ``--points DIR/points`` read for ``DIR/images``)."""
+    """``images/`` + ``labels/`` (what ``finetune --data`` reads), ``points/`` + ``boxes/`` (what ``predict
+    --points DIR/points`` / ``--boxes DIR/boxes`` read for ``DIR/images``)."""
     f = Path(folder)
     return {"image": f / "images" / f"{name}.tif", "labels": f / "labels" / f"{name}.tif",
-            "boxes": f / "boxes" / f"{name}.json", "points": f / "points" / f"{name}.csv"}
+            "boxes": f / "boxes" / f"{name}.json", "points": f / "points" / f"{name}.json"}
+
+
+def _saved(prompts: dict[int, ObjectPrompt]) -> list[ObjectPrompt]:
+    """The objects a prompt file keeps, in id order: those the widget decodes (a box or a positive point)."""
+    return [p for _, p in sorted(prompts.items()) if p.decodable]
 
 
 def boxes_json(prompts: dict[int, ObjectPrompt]) -> str | None:
-    """The CLI's box file (``[[x0, y0, x1, y1], ...]``, objects in id order), or None without boxes."""
-    boxes = [[float(v) for v in p.box] for _, p in sorted(prompts.items()) if p.box is not None]
-    return json.dumps(boxes) + "\n" if boxes else None
-
-
-def points_csv(prompts: dict[int, ObjectPrompt]) -> str | None:
-    """The CLI's point file (``x,y,label,object``: rows of one object form one prompt), or None without points."""
-    rows = [(float(x), float(y), int(v), oid) for oid, p in sorted(prompts.items())
-            for (x, y), v in zip(p.points, p.labels)]
-    if not rows:
+    """The CLI's box file (``[[x0, y0, x1, y1], ...]``, objects in id order), when every object is a box alone
+    (else None: ``points_json`` holds them)."""
+    saved = _saved(prompts)
+    if not saved or any(p.box is None or len(p.points) for p in saved):
         return None
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["x", "y", "label", "object"])
-    w.writerows(rows)
-    return buf.getvalue()
+    return json.dumps([[float(v) for v in p.box] for p in saved]) + "\n"
+
+
+def points_json(prompts: dict[int, ObjectPrompt]) -> str | None:
+    """The CLI's point file as a list of prompts, one per object in id order, each with its points and labels and
+    its box when it has one (``runtime.prompts_io.read_points``): every object, also boxes alone, so that
+    ``predict --points`` rebuilds all of them; None without objects."""
+    saved = _saved(prompts)
+    if not saved:
+        return None
+    items = []
+    for p in saved:
+        item: dict = {"points": [[float(x), float(y)] for x, y in p.points], "labels": [int(v) for v in p.labels]}
+        if p.box is not None:
+            item["box"] = [float(v) for v in p.box]
+        items.append(item)
+    return json.dumps(items) + "\n"
 
 
 def save_annotations(folder: str | Path, annotations: list[Annotation], *, overwrite: bool = False) -> list[Path]:
@@ -254,7 +263,7 @@ def save_annotations(folder: str | Path, annotations: list[Annotation], *, overw
         jobs.append((paths["image"], lambda p=paths["image"], im=image: atomic_write(
             p, lambda tmp: tifffile.imwrite(tmp, im))))
         jobs.append((paths["labels"], lambda p=paths["labels"], lab=labels: write_labels(p, lab)))
-        for role, text in (("boxes", boxes_json(a.prompts)), ("points", points_csv(a.prompts))):
+        for role, text in (("boxes", boxes_json(a.prompts)), ("points", points_json(a.prompts))):
             if text is not None:
                 jobs.append((paths[role], lambda p=paths[role], t=text: atomic_write(p, lambda tmp: tmp.write_text(t))))
             elif paths[role].exists():

@@ -679,6 +679,7 @@ class SegmenterWidget(QWidget):
             raise UsageError(f"scope must be plane or stack, got {scope!r}")
         options = self.auto_options()
         strategy, _why = seg.strategy(options)  # chosen once, from the model's BackendInfo (a bad choice: one line)
+        self._labels_layer(image, create=False)  # a labels layer of another shape: one line now, not after the work
         if scope == "stack" and image.ndim == 3:
             data, names = self._data(image), [self._plane_name(image, (k,)) for k in range(planes)]
 

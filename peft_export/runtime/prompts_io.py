@@ -6,7 +6,8 @@ Boxes, one object each (pixel coordinates of the image, x0 y0 x1 y1):
 
 Points, one object per point unless grouped:
 - JSON: ``[[x, y], ...]`` (all positive), ``{"points": [[x, y], ...], "labels": [1, 0, ...]}``, or a list of
-  prompts ``[{"points": [[x, y], ...], "labels": [...]}, ...]`` (several points for one object)
+  prompts ``[{"points": [[x, y], ...], "labels": [...], "box": [x0, y0, x1, y1]}, ...]`` (several points for one
+  object; ``box`` is optional and, with it, ``points`` too: a box refined by points, as napari saves them)
 - CSV with a header: ``x,y`` and optional ``label`` (1 object / 0 background) and ``object`` (rows with the same
   object id form one prompt)
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,10 +73,30 @@ def read_boxes(path: str | Path) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def read_points(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A list of prompts, each (points (N, 2), labels (N,))."""
+class PointPrompt(NamedTuple):
+    """One object's prompt: points (N, 2) x, y with labels (N,) 1/0, and optionally a box x0, y0, x1, y1 (then N may
+    be 0)."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+
+
+def _box(value, p: Path) -> np.ndarray:
+    try:
+        box = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        box = np.zeros(0)
+    if box.shape != (4,) or not np.isfinite(box).all():
+        raise DataError(f"{p}: a prompt's box must be 4 numbers x0, y0, x1, y1")
+    return box.astype(np.float32)
+
+
+def read_points(path: str | Path) -> list[PointPrompt]:
+    """A list of prompts, each (points (N, 2), labels (N,), box (4,) or None)."""
     data, p = _load(path)
     prompts: list[tuple[list, list]] = []
+    boxes: list = []
     if isinstance(data, list) and data and isinstance(data[0], dict) and "x" in data[0]:  # CSV rows
         groups: dict[str, tuple[list, list]] = {}
         for i, row in enumerate(data):
@@ -92,25 +114,28 @@ def read_points(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
     elif isinstance(data, list) and data and isinstance(data[0], dict):
         for d in data:
             pts = d.get("points")
-            if pts is None:
-                raise DataError(f"{p}: each prompt object needs 'points'")
+            if pts is None and d.get("box") is None:
+                raise DataError(f"{p}: each prompt object needs 'points' (or a 'box')")
+            pts = [] if pts is None else pts
             prompts.append((pts, d.get("labels", [1] * len(pts))))
+            boxes.append(None if d.get("box") is None else _box(d["box"], p))
     elif isinstance(data, list):
         prompts = [([pt], [1]) for pt in data]
     else:
         raise DataError(f"{p}: unrecognised points format (see peft-export predict --help)")
     if not prompts:
         raise DataError(f"{p} holds no points")
+    boxes = boxes or [None] * len(prompts)
     out = []
-    for pts, labels in prompts:
+    for (pts, labels), box in zip(prompts, boxes):
         try:
-            a = np.asarray(pts, np.float64)
+            a = np.asarray(pts, np.float64) if len(pts) else np.zeros((0, 2))  # no points: a box alone
             lab = np.asarray(labels, np.float64)
         except (TypeError, ValueError):
             raise DataError(f"{p}: points must be [x, y] pairs of numbers") from None
-        if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] == 0 or not np.isfinite(a).all():
+        if a.ndim != 2 or a.shape[1] != 2 or (a.shape[0] == 0 and box is None) or not np.isfinite(a).all():
             raise DataError(f"{p}: points must be [x, y] pairs of numbers")
         if lab.shape != (a.shape[0],) or not np.isin(lab, (0, 1)).all():
             raise DataError(f"{p}: labels must be 1 (object) or 0 (background), one per point")
-        out.append((a.astype(np.float32), lab.astype(np.float32)))
+        out.append(PointPrompt(a.astype(np.float32), lab.astype(np.float32), box))
     return out

@@ -301,18 +301,23 @@ class Segmenter:
         return self.plan.to_original(paint(pieces, self.plan.scaled_hw, order=order)), out.scores
 
     def predict_point_prompts(self, prompts, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts of different point counts [(points (N, 2), labels (N,)), ...] -> (label image, scores): decoded
-        in groups of equal point count (uniform batches, no extra padding)."""
+        """Prompts of different point counts [(points (N, 2), labels (N,)[, box (4,) or None]), ...] -> (label image,
+        scores): decoded in groups of equal point count, with or without a box (uniform batches, no extra padding).
+        Label id k + 1 is prompt k, as :meth:`predict_labels`."""
         self._require_plan()
         pieces: list = [None] * len(prompts)
         scores = np.zeros(len(prompts), np.float32)
-        by_len: dict[int, list[int]] = {}
-        for i, (pts, _) in enumerate(prompts):
-            by_len.setdefault(len(pts), []).append(i)
-        for idx in by_len.values():
-            pts = np.stack([np.asarray(prompts[i][0], np.float32) for i in idx])
-            labs = np.stack([np.asarray(prompts[i][1], np.float32) for i in idx])
-            got, out = self._decode(pts, labs, None, None, None, batch_size, None)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (pts, _, *box) in enumerate(prompts):
+            groups.setdefault((len(pts), bool(box) and box[0] is not None), []).append(i)
+        for (n, boxed), idx in groups.items():
+            pts = labs = boxes = None
+            if n:
+                pts = np.stack([np.asarray(prompts[i][0], np.float32) for i in idx])
+                labs = np.stack([np.asarray(prompts[i][1], np.float32) for i in idx])
+            if boxed:
+                boxes = np.stack([np.asarray(prompts[i][2], np.float32) for i in idx])
+            got, out = self._decode(pts, labs, boxes, None, None, batch_size, None)
             for j, i in enumerate(idx):
                 pieces[i], scores[i] = got[j], out.scores[j]
         order = np.argsort(scores, kind="stable")
