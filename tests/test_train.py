@@ -297,25 +297,34 @@ sys.exit(code)
 """
 
 
+INTERRUPT_ARGS = [*TINY, "--iterations", "6", "--no-val-before", "--quiet"]
+
+
+def _finetune_process(how: str, *argv: str):
+    """``finetune`` in a process of its own, as a real Ctrl-C ends a real ``finetune`` process; the signal handlers
+    and signal stacks other tests left in this process cannot change what it sees."""
+    child = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, how, json.dumps(["finetune", *argv])],
+                           capture_output=True, text=True, timeout=600)
+    return child.returncode, child.stdout, child.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(synth, tmp_path_factory) -> Path:
+    """The reference both interruptions are compared with: the same run, not interrupted."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    code, _, err = _finetune_process("none", *INTERRUPT_ARGS, "--data", str(synth), "--out", str(ref))
+    assert code == 0, err
+    return ref
+
+
 @pytest.mark.parametrize("how,done", [
     ("sigint", 3),  # a real Ctrl-C (SIGINT) during step 3: the step finishes, then the checkpoint is written
     ("keyboard_interrupt", 2),  # KeyboardInterrupt inside step 3 (second Ctrl-C): the last completed step is kept
 ])
-def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, tmp_path, how, done):
-    args = [*TINY, "--data", str(synth), "--iterations", "6", "--no-val-before", "--quiet"]
-    # every run is a process of its own, as a real Ctrl-C ends a real `finetune` process, and the signal handlers
-    # and signal stacks other tests left in this process cannot change what it sees
-
-    def finetune(how: str, *argv: str):
-        child = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, how, json.dumps(["finetune", *argv])],
-                               capture_output=True, text=True, timeout=600)
-        return child.returncode, child.stdout, child.stderr
-
-    ref = tmp_path / "ref"
-    code, _, err = finetune("none", *args, "--out", str(ref))
-    assert code == 0, err
+def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, synth, uninterrupted_run, tmp_path, how,
+                                                                     done):
     run = tmp_path / "run"
-    code, out, err = finetune(how, *args, "--out", str(run))
+    code, out, err = _finetune_process(how, *INTERRUPT_ARGS, "--data", str(synth), "--out", str(run))
     assert code == 130 and "--resume" in err and f"interrupted at iteration {done}" in err, err
     calls, handler_back = json.loads(out.strip().splitlines()[-1])
     assert calls == 3  # no step started after the interruption
@@ -325,8 +334,9 @@ def test_interrupt_keeps_a_resumable_checkpoint_and_resume_is_exact(run_cli, syn
     ck = read_checkpoint(run / "latest.pt")
     assert ck.raw["training"]["interrupted"] and ck.raw["training"]["position"] == {"epoch": 0, "step": done,
                                                                                     "iteration": done}
-    code, _, err = finetune("none", "--out", str(run), "--resume", "--quiet")
+    code, _, err = _finetune_process("none", "--out", str(run), "--resume", "--quiet")
     assert code == 0, err
+    ref = uninterrupted_run
     a, b = _trainable_state(ref / "latest.pt"), _trainable_state(run / "latest.pt")
     assert set(a) == set(b)
     for n in a:
