@@ -8,6 +8,7 @@ the zero-shot model measured in the same run (improvement).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -186,6 +187,53 @@ def test_trunk_cache_is_exact_and_used(tmp_path, synth):
     assert set(g_hit) == set(g_plain) and any("image_encoder" in n for n in g_plain)
     for n in g_plain:
         torch.testing.assert_close(g_hit[n], g_plain[n], rtol=1e-4, atol=1e-6)
+
+
+def test_disk_trunk_cache_is_exact_kept_across_runs_and_verified_by_content(tmp_path, caplog):
+    """``--trunk-cache disk``: a hit equals the trunk computed afresh; a new cache on the same folder (a resumed run)
+    reuses the entries; an entry changed on disk (same size) or without its sha256 is not used but recomputed."""
+    from peft_export.models import build_sam
+    from peft_export.peft import PeftConfig, apply_peft
+    from peft_export.train.trunk import TrunkCache, encoder_steps, run_steps, trunk_boundary
+
+    torch.manual_seed(0)
+    model = build_sam("vit_tiny")
+    apply_peft(model, PeftConfig("lora", "late:1", {"rank": 4}), "vit_tiny")
+    steps = encoder_steps(model.image_encoder)
+    b = trunk_boundary(steps)
+    s = model.image_encoder.img_size
+    xs = [np.random.default_rng(i).random((1, 3, s, s), np.float32) for i in range(2)]
+    with torch.no_grad():
+        fresh = [run_steps(steps[:b], torch.from_numpy(x)) for x in xs]
+    folder = tmp_path / "trunk_cache"
+
+    def cache():
+        return TrunkCache(steps, b, mode="disk", budget_mb=100, folder=folder)
+
+    first = cache()
+    for x in xs:
+        first.trunk(x, "cpu")
+    assert first.misses == 2 and len(list(folder.glob("*.pt"))) == len(list(folder.glob("*.sha256"))) == 2
+    again = cache()  # a resumed run opens the same folder
+    assert again.entries == 2 and again.bytes == first.bytes
+    for x, want in zip(xs, fresh):
+        torch.testing.assert_close(again.trunk(x, "cpu"), want, rtol=0, atol=0)
+    assert again.hits == 2 and again.misses == 0
+    # one entry changed in place (its size kept), the other's sha256 removed
+    changed, other = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    data = bytearray(changed.read_bytes())
+    data[-200] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    other.with_suffix(".sha256").unlink()
+    third = cache()
+    assert third.entries == 1  # the entry without its sha256 is not counted
+    with caplog.at_level(logging.WARNING, logger="peft_export"):
+        got = [third.trunk(x, "cpu") for x in xs]
+    for g, want in zip(got, fresh):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+    assert third.misses == 2 and third.hits == 0
+    assert any("does not match its sha256: recomputing it" in r.getMessage() for r in caplog.records), caplog.text
+    assert len(list(folder.glob("*.sha256"))) == 2 and cache().entries == 2  # rewritten, verified again
 
 
 class _Messages:

@@ -14,7 +14,9 @@ cached trunk output is the same computation as the full forward pass (the tests 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_export.models.checkpoint import save_torch
+from peft_export.data.io import atomic_write
+from peft_export.data.samples import sha256_file
+from peft_export.errors import first_line
 
 log = logging.getLogger("peft_export")
 
@@ -148,8 +152,10 @@ class TrunkCache:
                 raise ValueError("disk cache needs a folder")
             self.folder.mkdir(parents=True, exist_ok=True)
         self._mem: dict[str, torch.Tensor] = {}
-        self._disk: set[str] = set(p.stem for p in self.folder.glob("*.pt")) if self.folder else set()
-        self.bytes = sum(p.stat().st_size for p in self.folder.glob("*.pt")) if self.folder else 0
+        # an entry is ``<key>.pt`` with its sha256 in ``<key>.sha256`` (written after it): without one, it is not used
+        self._disk: set[str] = {p.stem for p in self.folder.glob("*.pt") if self._digest_path(p.stem).is_file()} \
+            if self.folder else set()
+        self.bytes = sum((self.folder / f"{k}.pt").stat().st_size for k in self._disk) if self.folder else 0
         self.hits = 0
         self.misses = 0
         self.full_warned = False
@@ -166,12 +172,31 @@ class TrunkCache:
     def split_name(self) -> str:
         return self.steps[self.boundary].name if self.boundary < len(self.steps) else "(whole encoder)"
 
+    def _digest_path(self, key: str) -> Path:
+        return self.folder / f"{key}.sha256"
+
+    def _load_verified(self, key: str) -> torch.Tensor | None:
+        """A disk entry, read only when its file matches the sha256 written with it; otherwise it is dropped (a
+        warning) and recomputed: a changed or damaged entry never reaches training."""
+        path = self.folder / f"{key}.pt"
+        try:
+            if sha256_file(path) == self._digest_path(key).read_text().strip():
+                return torch.load(path, map_location="cpu", weights_only=True)
+            problem = "does not match its sha256"
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            problem = f"cannot be read ({first_line(exc)})"
+        log.warning("trunk cache entry %s %s: recomputing it", path, problem)
+        self._disk.discard(key)
+        self.bytes -= path.stat().st_size if path.is_file() else 0
+        for p in (self._digest_path(key), path):
+            p.unlink(missing_ok=True)
+        return None
+
     def _get(self, key: str, device) -> torch.Tensor | None:
         if self.mode == "memory":
             t = self._mem.get(key)
         else:
-            t = torch.load(self.folder / f"{key}.pt", map_location="cpu", weights_only=True) \
-                if key in self._disk else None
+            t = self._load_verified(key) if key in self._disk else None
         return None if t is None else t.to(device, non_blocking=True)
 
     def _put(self, key: str, value: torch.Tensor) -> None:
@@ -186,8 +211,13 @@ class TrunkCache:
         if self.mode == "memory":
             self._mem[key] = cpu
         else:
-            save_torch(self.folder / f"{key}.pt", cpu)
+            buf = io.BytesIO()
+            torch.save(cpu, buf)
+            data = buf.getvalue()
+            atomic_write(self.folder / f"{key}.pt", lambda tmp: tmp.write_bytes(data))
+            atomic_write(self._digest_path(key), lambda tmp: tmp.write_text(hashlib.sha256(data).hexdigest() + "\n"))
             self._disk.add(key)
+            size = len(data)  # the file, as a reopened cache counts it
         self.bytes += size
 
     def trunk(self, x: np.ndarray, device, tag: str = "fp32") -> torch.Tensor:
