@@ -20,99 +20,22 @@ from pathlib import Path
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QSettings, QTimer
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QGridLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QMessageBox,
-    QProgressBar,
-    QPushButton,
-    QRadioButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFileDialog, QMessageBox, QWidget
 from superqt.utils import ensure_main_thread
 
 from peft_export.errors import PeftExportError, UsageError, first_line
 from peft_export.napari import core
-from peft_export.runtime.auto import GridOptions
+from peft_export.napari.jobs import Cancelled, Progress, guarded, user_settings
+from peft_export.napari.layers import ImageLayers
+from peft_export.napari.panel import GRID_FIELDS, SCOPES, build_panel, start_dir
 from peft_export.runtime.backend import BackendInfo
-from peft_export.runtime.backends import BACKENDS as REGISTERED
 from peft_export.runtime.strategies import AutoOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", *REGISTERED)  # the runtime's registry (--backend)
-GRID_FIELDS = ("points_per_side", "pred_iou_thresh", "stability_thresh", "min_area")  # shown in the widget
-SCOPES = ("current plane", "whole stack")
-POSITIVE, NEGATIVE = "#33ff33", "#ff3333"
-BOX_COLOR = "#ffd000"
 
-
-class Cancelled(Exception):
-    """Raised inside a worker's progress callback when the user pressed Cancel."""
-
-
-def user_settings() -> QSettings:
-    """Where the widget remembers the last model, cache and save folders (an ini file in the user's config dir)."""
-    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, "peft-export", "napari")
-
-
-def guarded(what: str):
-    """Run a widget action; any error becomes one notification line (None is returned)."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            try:
-                return fn(self, *args, **kwargs)
-            except Exception as exc:
-                self.report(exc, what)
-                return None
-
-        return wrapper
-
-    return deco
-
-
-class _Progress:
-    """The callback a worker's library call gets: counts steps, shows them, stops the work on Cancel."""
-
-    def __init__(self, widget: SegmenterWidget, cancel: threading.Event):
-        self.widget, self.cancel = widget, cancel
-        self.worker = None  # napari asks running workers to quit when it closes (worker.quit())
-        self.what, self.done, self.total = "", 0, 0
-
-    def phase(self, what: str, total: int) -> None:
-        self.what, self.done, self.total = what, 0, int(total)
-        self.widget._show_progress(what, 0, self.total)
-
-    def check(self, n: int = 1) -> None:
-        if self.cancel.is_set() or (self.worker is not None and self.worker.abort_requested):
-            raise Cancelled
-
-    def __call__(self, n: int = 1) -> None:
-        self.check()
-        self.done += int(n)
-        self.widget._show_progress(self.what, self.done, self.total)
-
-    def tiles(self, k: int, n: int) -> None:
-        """``Segmenter.on_tiles``: k more of the image's n tiles embedded."""
-        if self.what != "embedding tiles" or self.total != n:
-            self.phase("embedding tiles", n)
-        self(k)
-
-
-class SegmenterWidget(QWidget):
+class SegmenterWidget(ImageLayers, QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
@@ -126,137 +49,13 @@ class SegmenterWidget(QWidget):
         self._pending_prompts = False
         self._hooked: set = set()  # unique_id of the prompt layers whose edits the widget follows
         self._settings = user_settings()
-        self._build()
+        build_panel(self)
         self._refresh_images()
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_images)
         events.removed.connect(self._refresh_images)
         self.viewer.dims.events.current_step.connect(self._show_plane_state)
         self._update_state()
-
-    # ---- layout ------------------------------------------------------------------------------------------
-
-    def _build(self) -> None:
-        root = QVBoxLayout(self)
-        s = self._settings
-
-        box = QGroupBox("Model")
-        grid = QGridLayout(box)
-        self.path_edit = QLineEdit(str(s.value("model_path", "") or ""))
-        self.path_edit.setPlaceholderText("export folder or bioimage.io package (.zip)")
-        folder_btn, package_btn = QPushButton("Folder…"), QPushButton("Package…")
-        self.open_btn = QPushButton("Open")
-        folder_btn.clicked.connect(self._pick_folder)
-        package_btn.clicked.connect(self._pick_package)
-        self.open_btn.clicked.connect(lambda: self.open_model())
-        self.backend_combo = QComboBox()
-        self.backend_combo.addItems(BACKENDS)
-        self.cache_edit = QLineEdit(str(s.value("cache", "") or ""))
-        self.cache_edit.setPlaceholderText("embedding cache folder (optional)")
-        cache_btn = QPushButton("…")
-        cache_btn.clicked.connect(self._pick_cache)
-        self.info_label = QLabel("no model open")
-        self.info_label.setWordWrap(True)
-        grid.addWidget(self.path_edit, 0, 0, 1, 3)
-        grid.addWidget(folder_btn, 1, 0)
-        grid.addWidget(package_btn, 1, 1)
-        grid.addWidget(self.open_btn, 1, 2)
-        grid.addWidget(QLabel("backend"), 2, 0)
-        grid.addWidget(self.backend_combo, 2, 1, 1, 2)
-        grid.addWidget(self.cache_edit, 3, 0, 1, 2)
-        grid.addWidget(cache_btn, 3, 2)
-        grid.addWidget(self.info_label, 4, 0, 1, 3)
-        root.addWidget(box)
-
-        box = QGroupBox("Image")
-        form = QGridLayout(box)
-        self.image_combo = QComboBox()
-        self.image_combo.currentTextChanged.connect(self._image_changed)
-        self.embed_btn = QPushButton("Embed")
-        self.embed_btn.clicked.connect(lambda: self.embed())
-        self.progress = QProgressBar()
-        self.progress.setFormat("%p%")
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.clicked.connect(self.cancel)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        form.addWidget(self.image_combo, 0, 0, 1, 2)
-        form.addWidget(self.embed_btn, 0, 2)
-        form.addWidget(self.progress, 1, 0, 1, 2)
-        form.addWidget(self.cancel_btn, 1, 2)
-        form.addWidget(self.status_label, 2, 0, 1, 3)
-        root.addWidget(box)
-
-        box = QGroupBox("Prompts (boxes, points)")
-        form = QGridLayout(box)
-        self.layers_btn = QPushButton("Prompt layers")
-        self.layers_btn.setToolTip("add a Shapes layer for boxes and a Points layer for points to the image")
-        self.layers_btn.clicked.connect(lambda: self.add_prompt_layers())
-        self.positive_radio, self.negative_radio = QRadioButton("positive"), QRadioButton("negative")
-        self.positive_radio.setChecked(True)
-        self.positive_radio.toggled.connect(self._sync_point_defaults)
-        self.object_spin = QSpinBox()
-        self.object_spin.setRange(1, 2**31 - 1)
-        self.object_spin.setToolTip("the object new points refine (a new box starts a new object)")
-        self.object_spin.valueChanged.connect(self._sync_point_defaults)
-        self.new_object_btn = QPushButton("New object")
-        self.new_object_btn.clicked.connect(lambda: self.new_object())
-        self.live_check = QCheckBox("segment as I draw")
-        self.live_check.setChecked(True)
-        self.prompt_btn = QPushButton("Segment prompts")
-        self.prompt_btn.clicked.connect(lambda: self.segment_prompts(force=True))
-        form.addWidget(self.layers_btn, 0, 0)
-        form.addWidget(self.positive_radio, 0, 1)
-        form.addWidget(self.negative_radio, 0, 2)
-        form.addWidget(QLabel("object"), 1, 0)
-        form.addWidget(self.object_spin, 1, 1)
-        form.addWidget(self.new_object_btn, 1, 2)
-        form.addWidget(self.live_check, 2, 0, 1, 2)
-        form.addWidget(self.prompt_btn, 2, 2)
-        root.addWidget(box)
-
-        box = QGroupBox("Segment everything")
-        form = QFormLayout(box)
-        d, fields = GridOptions(), GridOptions.model_fields
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems(SCOPES)
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(list(AutoOptions.model_fields["method"].annotation.__args__))
-        self.method_combo.setToolTip(AutoOptions.model_fields["method"].description)
-        self.pps_spin = QSpinBox()
-        self.pps_spin.setRange(1, 256)
-        self.pps_spin.setValue(d.points_per_side)
-        self.iou_spin, self.stab_spin = QDoubleSpinBox(), QDoubleSpinBox()
-        for spin, value in ((self.iou_spin, d.pred_iou_thresh), (self.stab_spin, d.stability_thresh)):
-            spin.setRange(0.0, 1.0)
-            spin.setSingleStep(0.05)
-            spin.setDecimals(2)
-            spin.setValue(value)
-        self.area_spin = QSpinBox()
-        self.area_spin.setRange(0, 10**9)
-        self.area_spin.setValue(d.min_area)
-        for name, spin in zip(GRID_FIELDS, (self.pps_spin, self.iou_spin, self.stab_spin, self.area_spin)):
-            spin.setToolTip(f"grid: {fields[name].description}")
-        self.auto_btn = QPushButton("Segment everything")
-        self.auto_btn.clicked.connect(lambda: self.segment_everything())
-        form.addRow("scope", self.scope_combo)
-        form.addRow("method", self.method_combo)
-        form.addRow("grid points per side", self.pps_spin)
-        form.addRow("grid min. predicted IoU", self.iou_spin)
-        form.addRow("grid min. stability", self.stab_spin)
-        form.addRow("min. area (px)", self.area_spin)
-        form.addRow(self.auto_btn)
-        root.addWidget(box)
-
-        box = QGroupBox("Save")
-        row = QHBoxLayout(box)
-        self.save_btn = QPushButton("Save annotations…")
-        self.save_btn.setToolTip("images/ + labels/ (finetune --data DIR), boxes/ + points/ "
-                                 "(predict --boxes DIR/boxes)")
-        self.save_btn.clicked.connect(lambda: self.save())
-        row.addWidget(self.save_btn)
-        root.addWidget(box)
-        root.addStretch(1)
 
     # ---- state and messages ------------------------------------------------------------------------------
 
@@ -301,30 +100,6 @@ class SegmenterWidget(QWidget):
         if not self.busy:
             self.status_label.setText(f"{layer.name}{where}: {state}")
 
-    # ---- pickers -----------------------------------------------------------------------------------------
-
-    def _start_dir(self, key: str) -> str:
-        last = Path(str(self._settings.value(key, "") or "")).expanduser()
-        if str(last) in ("", "."):
-            return str(Path.home())
-        return str(last if last.is_dir() and key == "save_folder" else last.parent)
-
-    def _pick_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Export folder", self._start_dir("model_path"))
-        if path:
-            self.open_model(path)
-
-    def _pick_package(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "bioimage.io package", self._start_dir("model_path"),
-                                              "bioimage.io packages (*.zip rdf.yaml bioimageio.yaml)")
-        if path:
-            self.open_model(path)
-
-    def _pick_cache(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Embedding cache folder", self._start_dir("cache"))
-        if path:
-            self.cache_edit.setText(path)
-
     # ---- the model ---------------------------------------------------------------------------------------
 
     @guarded("opening the model")
@@ -353,125 +128,6 @@ class SegmenterWidget(QWidget):
         if self.seg is None:
             raise UsageError("open an export folder or a bioimage.io package first")
         return self.seg
-
-    # ---- images, planes, layers --------------------------------------------------------------------------
-
-    def _refresh_images(self, *_args) -> None:
-        from napari.layers import Image
-
-        current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        active = self.viewer.layers.selection.active
-        pick = current if current in names else (active.name if active is not None and active.name in names else "")
-        if pick:
-            self.image_combo.setCurrentText(pick)
-        self.image_combo.blockSignals(False)
-        if self.image_combo.currentText() != current:
-            self._image_changed(self.image_combo.currentText())
-
-    def _image_changed(self, _name: str) -> None:
-        try:
-            layer = self._image_layer()
-        except PeftExportError:
-            return
-        for role in ("boxes", "points"):
-            found = self._find(layer, role)
-            if found is not None:
-                self._hook(found, role)
-        self._show_plane_state()
-
-    def _image_layer(self):
-        name = self.image_combo.currentText()
-        if not name or name not in self.viewer.layers:
-            raise UsageError("add an image layer first (File > Open, or File > Open Sample > peft-export)")
-        return self.viewer.layers[name]
-
-    @staticmethod
-    def _data(layer):
-        return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-
-    def _layout(self, layer) -> tuple[int, tuple[int, int]]:
-        return core.image_layout(tuple(self._data(layer).shape), bool(getattr(layer, "rgb", False)), layer.name)
-
-    def _plane(self, layer) -> tuple[int, ...]:
-        """() for a 2D image; (k,) for the plane of a stack the viewer shows."""
-        planes, _ = self._layout(layer)
-        if layer.ndim == 2:
-            return ()
-        k = int(np.round(layer.world_to_data(self.viewer.dims.point)[0]))
-        return (min(max(k, 0), planes - 1),)
-
-    def _pixels(self, layer, plane: tuple[int, ...]) -> np.ndarray:
-        data = self._data(layer)
-        return np.asarray(data[plane] if plane else data)
-
-    def _plane_name(self, layer, plane: tuple[int, ...]) -> str:
-        return layer.name if not plane else f"{layer.name}[z={plane[0]}]"
-
-    def _key(self, layer, plane: tuple[int, ...]) -> tuple:
-        """Which pixels an embedding is of. (napari hands plugins proxies of its objects, a new one per access:
-        layers are told apart by their ``unique_id``, not by ``id()``.)"""
-        return layer.unique_id, plane, id(layer.data)
-
-    def _find(self, image, role: str):
-        name = f"{image.name} {role}"
-        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (a LayerList)
-
-    def _labels_layer(self, image, *, create: bool):
-        planes, hw = self._layout(image)
-        shape = hw if image.ndim == 2 else (planes, *hw)
-        layer = self._find(image, "objects")
-        if layer is not None:
-            if tuple(layer.data.shape) != tuple(shape):
-                raise UsageError(f"labels layer {layer.name!r} is {tuple(layer.data.shape)} but image {image.name!r} "
-                                 f"is {tuple(shape)}: rename or delete it")
-            return layer
-        if not create:
-            return None
-        return self.viewer.add_labels(np.zeros(shape, np.int32), name=f"{image.name} objects", scale=image.scale,
-                                      translate=image.translate, opacity=0.5)
-
-    @guarded("adding prompt layers")
-    def add_prompt_layers(self):
-        """The image's Shapes (boxes) and Points layers (made once), the Shapes layer ready for drawing boxes."""
-        from napari.utils.colormaps.categorical_colormap import CategoricalColormap
-
-        image = self._image_layer()
-        _, hw = self._layout(image)
-        nd = image.ndim
-        self._labels_layer(image, create=True)
-        shapes = self._find(image, "boxes")
-        if shapes is None:
-            shapes = self.viewer.add_shapes(
-                ndim=nd, name=f"{image.name} boxes", scale=image.scale, translate=image.translate,
-                features={"object": np.zeros(0, np.int64)}, edge_color=BOX_COLOR, face_color="transparent",
-                edge_width=max(1.0, max(hw) / 256))
-            shapes.feature_defaults["object"] = 0
-        points = self._find(image, "points")
-        if points is None:
-            points = self.viewer.add_points(
-                np.zeros((0, nd)), ndim=nd, name=f"{image.name} points", scale=image.scale,
-                translate=image.translate, features={"positive": np.zeros(0, bool), "object": np.zeros(0, np.int64)},
-                face_color="positive", border_color="white", size=max(4.0, max(hw) / 48),
-                face_color_cycle=CategoricalColormap(colormap={True: POSITIVE, False: NEGATIVE}))
-        self._hook(shapes, "boxes")
-        self._hook(points, "points")
-        self._sync_point_defaults()
-        self.viewer.layers.selection.active = shapes
-        shapes.mode = "add_rectangle"
-        return shapes, points
-
-    def _hook(self, layer, role: str) -> None:
-        if layer.unique_id in self._hooked:
-            return
-        self._hooked.add(layer.unique_id)
-        layer.events.data.connect(functools.partial(self._on_prompt_data, role))
-        if role == "points":
-            layer.bind_key("n", lambda _layer: self.new_object(), overwrite=True)
-            self._sync_point_defaults()
 
     # ---- prompts -----------------------------------------------------------------------------------------
 
@@ -585,7 +241,7 @@ class SegmenterWidget(QWidget):
         if invalidates:  # the segmenter's image changes: no embedding is known to be current until it succeeded
             self._embedded = None
         self._cancel.clear()
-        progress = _Progress(self, self._cancel)
+        progress = Progress(self, self._cancel)
 
         def run():
             t0 = time.perf_counter()
@@ -763,7 +419,8 @@ class SegmenterWidget(QWidget):
             name = stem if not plane else f"{stem}_z{plane[0]:03d}"
             annotations.append(core.Annotation(name, self._pixels(image, plane), lab.copy(), prompts))
         if folder is None:
-            folder = QFileDialog.getExistingDirectory(self, "Save annotations to", self._start_dir("save_folder"))
+            folder = QFileDialog.getExistingDirectory(self, "Save annotations to",
+                                                      start_dir(self._settings, "save_folder"))
             if not folder:
                 return None
         if overwrite is None:
