@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from peft_export.data.io import atomic_write
-from peft_export.data.samples import sha256_file
 from peft_export.errors import first_line
 
 log = logging.getLogger("peft_export")
@@ -180,8 +179,9 @@ class TrunkCache:
         warning) and recomputed: a changed or damaged entry never reaches training."""
         path = self.folder / f"{key}.pt"
         try:
-            if sha256_file(path) == self._digest_path(key).read_text().strip():
-                return torch.load(path, map_location="cpu", weights_only=True)
+            data = path.read_bytes()  # read once: hashed, then loaded from memory
+            if hashlib.sha256(data).hexdigest() == self._digest_path(key).read_text().strip():
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             problem = "does not match its sha256"
         except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
             problem = f"cannot be read ({first_line(exc)})"
