@@ -307,16 +307,17 @@ class Segmenter:
         self._require_plan()
         pieces: list = [None] * len(prompts)
         scores = np.zeros(len(prompts), np.float32)
+        box_of = [p[2] if len(p) > 2 else None for p in prompts]
         groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (pts, _, *box) in enumerate(prompts):
-            groups.setdefault((len(pts), bool(box) and box[0] is not None), []).append(i)
+        for i, p in enumerate(prompts):
+            groups.setdefault((len(p[0]), box_of[i] is not None), []).append(i)
         for (n, boxed), idx in groups.items():
             pts = labs = boxes = None
             if n:
                 pts = np.stack([np.asarray(prompts[i][0], np.float32) for i in idx])
                 labs = np.stack([np.asarray(prompts[i][1], np.float32) for i in idx])
             if boxed:
-                boxes = np.stack([np.asarray(prompts[i][2], np.float32) for i in idx])
+                boxes = np.stack([np.asarray(box_of[i], np.float32) for i in idx])
             got, out = self._decode(pts, labs, boxes, None, None, batch_size, None)
             for j, i in enumerate(idx):
                 pieces[i], scores[i] = got[j], out.scores[j]
