@@ -270,6 +270,31 @@ def test_decoder_only_training_freezes_sam(run_cli, synth, tmp_path):
     assert set(_metrics(run)[-1]) >= {"train_instance_loss"} and "train_mask_loss" not in _metrics(run)[-1]
 
 
+def test_prompt_decoder_trains_beside_the_instance_decoder_on_the_frozen_encoder(run_cli, synth, tmp_path):
+    """--instance-decoder-only --prompt-decoder: the image encoder (adapters included) stays as it was and stays
+    cached whole; the prompt encoder and mask decoder train with the interactive recipe (its losses are reported)
+    beside the instance decoder (APG's point prompts come from them)."""
+    from peft_export.models.checkpoint import read_checkpoint
+
+    base = tmp_path / "base"
+    code, _, err = run_cli("finetune", *TINY, "--data", str(synth), "--iterations", "2", "--out", str(base))
+    assert code == 0, err
+    run = tmp_path / "both"
+    code, out, err = run_cli("finetune", "--model", str(base / "best.pt"), "--data", str(synth), "--iterations", "4",
+                             "--lr", "1e-3", "--instance-decoder-only", "--prompt-decoder", "--no-val-before",
+                             "--out", str(run), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["trunk_cache"]["split_before"] == "(whole encoder)"
+    assert summary["trainable_parameters"]["image_encoder"] == 0 < summary["trainable_parameters"]["mask_decoder"]
+    a, b = read_checkpoint(base / "best.pt"), read_checkpoint(run / "best.pt")
+    assert b.peft == a.peft
+    changed = {k.split(".")[0] for k, v in a.state_dict.items() if not torch.equal(b.state_dict[k], v)}
+    assert "mask_decoder" in changed and changed <= {"mask_decoder", "prompt_encoder"}, changed
+    assert b.decoder_state is not None
+    assert {"train_instance_loss", "train_mask_loss", "train_iou_loss"} <= set(_metrics(run)[-1])
+
+
 def test_binary_mask_labels_are_split_into_objects_with_a_warning(run_cli, synth, tmp_path, caplog):
     """Instance targets need instance labels: a binary mask is split into connected components (with a warning,
     as for prompt training) and the decoder trains on those objects."""
@@ -292,6 +317,7 @@ def test_binary_mask_labels_are_split_into_objects_with_a_warning(run_cli, synth
 @pytest.mark.parametrize("args,message", [
     (["--instance-decoder-only", "--no-instance-decoder"], "cannot go with --no-instance-decoder"),
     (["--val-metric", "instance"], "needs an instance decoder"),
+    (["--prompt-decoder"], "--prompt-decoder goes with --instance-decoder-only"),
 ])
 def test_bad_instance_options_give_one_line(run_cli, synth, tmp_path, args, message):
     code, _, err = run_cli("finetune", *TINY, "--data", str(synth), "--iterations", "1", "--out",

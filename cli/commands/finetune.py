@@ -48,7 +48,7 @@ class _CliEvents:
         if inst:
             common.info(f"instance decoder ({inst['levels']} upsampling levels, {inst['features']} features): "
                         f"{params['instance_decoder']:,} parameters, "
-                        f"{'trained alone (SAM frozen)' if inst['only'] else 'trained jointly (loss added)'}")
+                        f"{_instance_mode(inst)}")
         common.info(f"{info['train_patches']} training patch(es), {info['val_images']} validation image(s); "
                     f"{info['steps_per_epoch']} step(s)/epoch, {info['epochs']} epoch(s); device {info['device']} "
                     f"{info['precision']}, {info['world_size']} process(es); "
@@ -172,3 +172,11 @@ def register(app: typer.Typer) -> None:
         line = (f"[green]done[/] ({summary['stopped']}) in {time.perf_counter() - t0:.0f} s, "
                 f"{summary['iterations']} iterations: best epoch {best.get('epoch', '-')} -> {out / 'best.pt'}")
         common.out.print(line, highlight=False)
+
+
+def _instance_mode(inst: dict) -> str:
+    if not inst["only"]:
+        return "trained jointly (loss added)"
+    if inst.get("prompt_decoder"):
+        return "trained with the prompt decoder (SAM's encoder frozen)"
+    return "trained alone (SAM frozen)"

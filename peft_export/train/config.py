@@ -13,7 +13,8 @@ Presets
 
 Instance decoder (micro-sam's AIS): ``instance_decoder`` trains it jointly, its loss added to the prompt losses;
 ``instance_decoder_only`` trains only it on the frozen model (then ``val_metric`` defaults to ``instance``, the
-automatic segmentation's mSA on the validation images).
+automatic segmentation's mSA on the validation images); ``prompt_decoder`` adds SAM's prompt encoder and mask
+decoder to it, trained with the interactive recipe on the frozen encoder's embeddings (APG's point prompts).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class _TrainFields(Options):
         False, "Train only the instance decoder on the frozen model (cheapest: with the trunk cache the encoder runs "
         "once per patch); e.g. on a finetuned run: --model RUN/best.pt. Validation metric: the automatic "
         "segmentation's mSA.", cli="--instance-decoder-only", panel=AIS)
+    prompt_decoder: bool = option(
+        False, "With --instance-decoder-only: also train SAM's prompt encoder and mask decoder with the interactive "
+        "recipe (box and point prompts) on the frozen encoder's embeddings. Cheap (the trunk cache keeps the "
+        "encoder out of the step) and what APG needs: it turns the instance decoder's seeds into point prompts.",
+        cli="--prompt-decoder/--no-prompt-decoder", panel=AIS)
     # data
     data: str = option("sample:dsb2018", "DIR with images/ + labels/ (optional train/ val/ sub-folders), or "
                        "sample:dsb2018.", short="-d", panel=DATA)
@@ -242,6 +248,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--val-metric {cfg.val_metric} needs {cfg.val_metric} in --val-prompts")
     if cfg.instance_decoder_only and not cfg.instance_decoder:
         raise UsageError("--instance-decoder-only trains the instance decoder: it cannot go with --no-instance-decoder")
+    if cfg.prompt_decoder and not cfg.instance_decoder_only:
+        raise UsageError("--prompt-decoder goes with --instance-decoder-only (without it the prompt decoder trains "
+                         "anyway, beside the PEFT method)")
     if cfg.val_metric == "instance" and not cfg.instance_decoder:
         raise UsageError("--val-metric instance needs an instance decoder (--instance-decoder)")
 

@@ -31,12 +31,15 @@ class StepModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, settings: RecipeSettings, instance_decoder: nn.Module | None = None,
-                 *, instance_only: bool = False):
+                 *, instance_only: bool = False, prompt_losses: bool | None = None):
         super().__init__()
         self.model = model
         self.settings = settings
         self.instance_decoder = instance_decoder  # registered: DDP averages its gradients too
-        self.instance_only = instance_only  # SAM frozen: no prompt losses, the embedding without autograd
+        self.instance_only = instance_only  # SAM's encoder frozen: the embedding without autograd
+        # the interactive recipe's losses: always with a trained encoder; with a frozen one only when the prompt
+        # decoder trains (--prompt-decoder)
+        self.prompt_losses = not instance_only if prompt_losses is None else prompt_losses
         self._aux = {"decoder": PromptDecoder(model), "cache": None}  # not registered: shares model params
 
     def set_cache(self, cache: TrunkCache | None) -> None:
@@ -56,7 +59,7 @@ class StepModule(nn.Module):
         total = emb.new_zeros((), dtype=torch.float32)
         terms: dict[str, float] = {}
         objects = 0
-        if not self.instance_only:
+        if self.prompt_losses:
             terms = {"mask_loss": 0.0, "iou_loss": 0.0}
             for i, (view, rng) in enumerate(zip(views, rngs)):
                 res = image_loss(self._aux["decoder"], emb[i: i + 1], view, kind, self.settings, rng)
@@ -70,7 +73,7 @@ class StepModule(nn.Module):
                 loss = self.view_instance_loss(emb[i: i + 1], view)
                 total = total + loss * weight
                 terms["instance_loss"] += float(loss.detach()) * weight
-                if self.instance_only:
+                if not self.prompt_losses:
                     objects += len(view.ids)
         return total, terms, objects
 

@@ -141,6 +141,10 @@ class Trainer:
         if self.cfg.instance_decoder:
             self.instance_decoder = setup_instance_decoder(self.model, self.spec, base_decoder,
                                                            only=self.cfg.instance_decoder_only)
+            if self.cfg.prompt_decoder:  # the prompt heads train on the frozen encoder's embeddings
+                for part in (self.model.prompt_encoder, self.model.mask_decoder):
+                    for p in part.parameters():
+                        p.requires_grad = True
             self.instance_decoder.to(self.device)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -153,8 +157,13 @@ class Trainer:
     def _run_peft_config(self):
         warn = lambda text: self.events.message("warning: " + text)  # noqa: E731
         if self.cfg.instance_decoder_only:
-            self.events.message("--instance-decoder-only: SAM (image encoder, prompt encoder, mask decoder) stays "
-                                "frozen and only the instance decoder trains; --peft/--blocks are not used")
+            if self.cfg.prompt_decoder:
+                self.events.message("--instance-decoder-only --prompt-decoder: SAM's image encoder stays frozen; the "
+                                    "instance decoder, prompt encoder and mask decoder train; --peft/--blocks are "
+                                    "not used")
+            else:
+                self.events.message("--instance-decoder-only: SAM (image encoder, prompt encoder, mask decoder) "
+                                    "stays frozen and only the instance decoder trains; --peft/--blocks are not used")
             return peft_config_from("frozen", None, {}, warn)
         return self.cfg.peft_config(warn=warn)
 
@@ -169,7 +178,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode=self.validator.mode, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)
         self.step_module = StepModule(self.model, self.settings, self.instance_decoder,
-                                      instance_only=cfg.instance_decoder_only)
+                                      instance_only=cfg.instance_decoder_only,
+                                      prompt_losses=not cfg.instance_decoder_only or cfg.prompt_decoder)
         self._setup_cache()
         self.validator.cache = self.cache
         self.validator.instance_decoder = self.instance_decoder
@@ -265,7 +275,8 @@ class Trainer:
     def _instance_info(self) -> dict | None:
         if self.instance_decoder is None:
             return None
-        return {"only": bool(self.cfg.instance_decoder_only), **self.instance_decoder.config.to_dict()}
+        return {"only": bool(self.cfg.instance_decoder_only), "prompt_decoder": bool(self.cfg.prompt_decoder),
+                **self.instance_decoder.config.to_dict()}
 
     def _epoch_figures(self) -> dict:
         figures = {"peak_memory_mb": round(peak_memory_mb(self.device), 1)}
