@@ -26,6 +26,7 @@ from peft_export.models.checkpoint import read_checkpoint, save_checkpoint
 from peft_export.models.devices import peak_memory_mb, resolve_device, resolve_precision, wants_cuda
 from peft_export.models.registry import MODELS, get_spec
 from peft_export.peft import apply_peft, count_parameters, peft_state
+from peft_export.peft.base import unfreeze
 from peft_export.peft.options import parse_options, peft_config_from
 from peft_export.train.config import TrainConfig
 from peft_export.train.data import TrainData, data_fingerprint
@@ -142,9 +143,8 @@ class Trainer:
             self.instance_decoder = setup_instance_decoder(self.model, self.spec, base_decoder,
                                                            only=self.cfg.instance_decoder_only)
             if self.cfg.prompt_decoder:  # the prompt heads train on the frozen encoder's embeddings
-                for part in (self.model.prompt_encoder, self.model.mask_decoder):
-                    for p in part.parameters():
-                        p.requires_grad = True
+                unfreeze(self.model.prompt_encoder.parameters())
+                unfreeze(self.model.mask_decoder.parameters())
             self.instance_decoder.to(self.device)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
