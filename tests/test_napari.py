@@ -3,7 +3,8 @@
 Headless, with napari's own fixtures (``make_napari_viewer``, pytest-qt's ``qtbot``). napari's canvas needs OpenGL,
 which Qt's ``offscreen`` platform does not give it (vispy: "QOpenGLWidget is not supported on this platform", then
 no GL context), so the tests draw on an X server: pytest-xvfb starts Xvfb for the session when it is installed
-(``apt-get install xvfb libxcb-cursor0``; nothing is shown on screen). Without any display they skip with that
+(``apt-get install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1``: Qt's xcb platform needs the three
+libraries; nothing is shown on screen). Without any display, or where Qt cannot start on it, they skip with the
 reason (``QT_QPA_PLATFORM=offscreen`` is set then, so nothing tries to open a window).
 
 References: a fresh :class:`Segmenter` (``predict``) for prompts, ``peft-export predict`` (in process) for segment
@@ -40,6 +41,7 @@ pytest.importorskip("pytestqt", reason="pytest-qt is not installed: pip install 
 from conftest import disk_image  # noqa: E402
 
 SETTLE_MS = 240_000  # embedding on a busy 2-core machine
+APT = "apt-get install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1"  # Xvfb and what Qt's xcb platform needs
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +49,7 @@ def _canvas_problem() -> str | None:
     """Why napari cannot draw here (None when it can): a viewer with an image layer, in a fresh process."""
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         return ("no display: napari's canvas needs OpenGL, which Qt's offscreen platform does not provide; install "
-                "Xvfb (apt-get install xvfb libxcb-cursor0) and pytest-xvfb, which starts it for the tests")
+                f"Xvfb ({APT}) and pytest-xvfb, which starts it for the tests")
     code = "import napari, numpy\nv = napari.Viewer(show=False)\nv.add_image(numpy.zeros((8, 8)))\nv.close()\n"
     try:
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -55,15 +57,18 @@ def _canvas_problem() -> str | None:
         return "napari did not start within 300 s"
     if run.returncode == 0:
         return None
-    tail = (run.stderr.strip().splitlines() or ["?"])[-1]
+    lines = run.stderr.strip().splitlines() or ["?"]
+    tail = next((ln for ln in lines if "Could not load" in ln), lines[-1])  # Qt's platform-plugin line, if any
     return (f"napari cannot start here ({tail}; DISPLAY={os.environ.get('DISPLAY')!r}): its canvas needs Qt on an "
-            "X server with OpenGL, e.g. Xvfb (apt-get install xvfb libxcb-cursor0; pytest-xvfb starts it)")
+            f"X server with OpenGL, e.g. Xvfb ({APT}; pytest-xvfb starts it)")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def canvas():
     """Skip (saying why) where napari cannot draw, before napari's own fixtures are set up (their teardown
-    expects a test that ran)."""
+    expects a test that ran). Session-scoped so that it runs before pytest-qt's session-scoped ``qapp``: a Qt
+    whose platform plugin cannot load (Xvfb present, a system library such as libxcb-icccm4 missing) aborts the
+    whole process when the QApplication is made, where the probe's fresh process only fails."""
     problem = _canvas_problem()
     if problem:
         pytest.skip(problem)
