@@ -272,3 +272,15 @@ def test_ctrl_c_after_many_openvino_models_still_stops_cleanly(tiny_export):
     done = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_MODELS, str(tiny_export.out_dir)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "stopped cleanly" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_candidate_not_run_is_recorded_as_skipped_not_failed():
+    """bf16-mixed is not searched when bf16 of the whole encoder passes: recorded (and shown by `cpu-gate`) as
+    skipped with its reason, never as passed."""
+    from types import SimpleNamespace
+
+    from peft_export.export.cpu_gate import gate_mixed
+
+    ctx = SimpleNamespace(threshold=0.97, encoder_model=lambda: pytest.fail("the split search must not run"))
+    r = gate_mixed(ctx, SimpleNamespace(value=0.98), rounds=1)
+    assert r["skipped"] and not r["passed"] and "not needed" in r["reason"]

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, justify="left" if col == "precision" else "right")
         for name, r in record["precisions"].items():
             ratio = f"x{r['latency_ratio']:.2f}" if "latency_ratio" in r else ""
-            result = "[green]pass[/]" if r.get("passed") else f"[red]fail[/] {r.get('reason', '')}"
+            result = ("[green]pass[/]" if r.get("passed") else
+                      f"[yellow]skipped[/] {r['reason']}" if r.get("skipped") else f"[red]fail[/] {r.get('reason', '')}")
             table.add_row(name, f"{r['box_mean_iou']:.4f}" if "box_mean_iou" in r else "",
                           f"{r['point_mean_iou']:.4f}" if "point_mean_iou" in r else "", ratio, result)
         common.out.print(table)

@@ -191,7 +191,7 @@ def gate_mixed(ctx: GateContext, bf16_figures, rounds: int) -> dict:
     Both are probed at the middle cut; the better one is binary-searched (the gate assumed monotone in the f32
     share) for the passing split with the smallest f32 share of the operations."""
     if bf16_figures is not None and bf16_figures.value >= ctx.threshold:
-        return {"passed": False, "reason": "not needed: bf16 of the whole encoder passes the gate"}
+        return {"passed": False, "skipped": True, "reason": "not needed: bf16 of the whole encoder passes the gate"}
     cuts = spaced(cut_points(ctx.encoder_model()))
     if not cuts:
         return {"passed": False, "reason": "no single-tensor cut point in this encoder"}
@@ -275,7 +275,8 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
     bf16_fig = None
     for name in options.precisions:
         if name.startswith("bf16") and not bf16_ok:
-            results[name] = {"passed": False, "reason": "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)"}
+            results[name] = {"passed": False, "skipped": True,
+                             "reason": "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)"}
             say(f"{name}: skipped, this CPU has no bf16 arithmetic")
             continue
         if name == "bf16":
