@@ -130,16 +130,20 @@ def test_gated_precisions_run_close_to_f32(tiny_export, tmp_path, rng):
     shutil.copytree(tiny_export.out_dir, out)
     record = run_cpu_gate(out, CpuGateOptions(precisions=("bf16", *_int8()), iou=0.5, gate_images=1, gate_objects=4,
                                               rounds=1, calibration_images=2))
-    f32 = OpenVinoBackend(out, "f32", cache="off")
+    cache = tmp_path / "ov-cache"  # f32 compiled into the cache first, then each reduced precision from it
+    f32 = OpenVinoBackend(out, "f32", cache=cache)
     x = rng.standard_normal((1, 3, f32.info.img_size, f32.info.img_size)).astype(np.float32)
     ref = f32.embed(x)
+    assert np.array_equal(ref, OpenVinoBackend(out, "f32", cache="off").embed(x))
     passed = [p for p, r in record["precisions"].items() if r.get("passed")]
     assert passed or (not record["cpu"]["bf16"] and not _int8())
     for precision in passed:
-        be = OpenVinoBackend(out, precision, cache="off")
-        assert be.info.compute == {"bf16": "bf16", "int8": "int8+f32"}[precision]
-        err = float(np.linalg.norm(be.embed(x) - ref) / np.linalg.norm(ref))
-        assert 0 < err <= {"bf16": 0.03, "int8": 0.15}[precision], (precision, err)  # > 0: it really ran reduced
+        for where in ("off", cache):  # OpenVINO's cache key ignores the inference precision: a bf16 compile
+            # loaded the f32 blob and computed NaN (OpenVINO 2026.4, AMX); one cache folder per precision
+            be = OpenVinoBackend(out, precision, cache=where)
+            assert be.info.compute == {"bf16": "bf16", "int8": "int8+f32"}[precision]
+            err = float(np.linalg.norm(be.embed(x) - ref) / np.linalg.norm(ref))
+            assert 0 < err <= {"bf16": 0.03, "int8": 0.15}[precision], (precision, where, err)  # > 0: ran reduced
     auto = OpenVinoBackend(out, "auto", cache="off")
     if passed:
         fastest = min(passed, key=lambda p: record["precisions"][p]["latency_ratio"])
@@ -284,3 +288,25 @@ def test_a_candidate_not_run_is_recorded_as_skipped_not_failed():
     ctx = SimpleNamespace(threshold=0.97, encoder_model=lambda: pytest.fail("the split search must not run"))
     r = gate_mixed(ctx, SimpleNamespace(value=0.98), rounds=1)
     assert r["skipped"] and not r["passed"] and "not needed" in r["reason"]
+
+
+def test_cache_keeps_each_inference_precision_apart(lite_export_fp32, tmp_path, rng):
+    """The real LiteMedSAM encoder compiled at f32 into a cache folder, then at bf16 from the same folder: the bf16
+    compile must not load the f32 blob (OpenVINO's cache key ignores the inference precision; it did, and computed
+    NaN while reporting bf16). Oracle: the same bf16 compile without a cache."""
+    from peft_export.runtime.openvino_backend import OpenVinoBackend, bf16_capable, shared_core
+
+    if not bf16_capable(shared_core()):
+        pytest.skip("this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): OpenVINO cannot compile bf16 here")
+    cache = tmp_path / "cache"
+    be = OpenVinoBackend(lite_export_fp32.out_dir, "f32", cache=cache)
+    x = rng.random((1, 3, be.info.img_size, be.info.img_size), dtype=np.float32)
+    encoder = be.manifest.path_of(be.out_dir, "encoder")
+    f32 = np.asarray(be._compile(encoder, "f32", batch1=True)(x)[0])
+    uncached = OpenVinoBackend(lite_export_fp32.out_dir, "f32", cache="off")
+    want = np.asarray(uncached._compile(encoder, "bf16", batch1=True)(x)[0])
+    got = np.asarray(be._compile(encoder, "bf16", batch1=True)(x)[0])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert 0 < np.linalg.norm(got - f32) / np.linalg.norm(f32) < 0.1  # it ran bf16, and close to f32
+    assert sorted(p.name for p in cache.iterdir()) == ["bf16", "f32"]

@@ -15,7 +15,8 @@ manifest's sha256s still say what runs). Precision is explicit, never silent:
 - The decoders (and the instance decoder) always run f32.
 - Compiled models are cached (OpenVINO's ``CACHE_DIR``), by default under the user cache
   (``$XDG_CACHE_HOME/peft-export/openvino/<encoder sha256>``), or beside the export, or in a given folder, or not
-  (``RuntimeOptions.openvino_cache``, ``--openvino-cache user|beside|off|DIR``).
+  (``RuntimeOptions.openvino_cache``, ``--openvino-cache user|beside|off|DIR``); one sub-folder per inference
+  precision (:func:`precision_cache`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def cache_dir_for(out_dir: Path, encoder_sha256: str, cache: str | os.PathLike |
     if cache == "beside":
         return Path(out_dir) / ".openvino_cache"
     return Path(cache)
+
+
+def precision_cache(cache_dir: Path, precision: str) -> Path:
+    """One cache folder per inference precision. OpenVINO's cache key ignores ``INFERENCE_PRECISION_HINT``: a bf16
+    compile of a graph cached at f32 loaded the f32 blob, reported bf16 and computed NaN (OpenVINO 2026.4.1, an
+    Intel Xeon with AMX: LiteMedSAM's embedding all NaN, automatic segmentation 1 object instead of 24)."""
+    sub = Path(cache_dir) / precision
+    sub.mkdir(parents=True, exist_ok=True)
+    return sub
 
 
 def read_gate_record(out_dir: str | os.PathLike, manifest: Manifest) -> dict | None:
@@ -215,8 +225,7 @@ class OpenVinoBackend:
         bf16_ok = bf16_capable(core)
         self.precision_run, why = choose_precision(precision, self.record, bf16_ok)
         self._config = {"PERFORMANCE_HINT": hint}
-        if cache_dir is not None:  # per compile, not on the shared Core: each export keeps its own cache
-            self._config["CACHE_DIR"] = str(cache_dir)
+        self._cache_dir = cache_dir  # per compile, not on the shared Core: each export keeps its own cache
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
@@ -244,6 +253,12 @@ class OpenVinoBackend:
         if batch1:
             ov_model = _static_batch(ov_model)
         config = {**self._config, "INFERENCE_PRECISION_HINT": precision}
+        if self._cache_dir is not None:
+            try:
+                config["CACHE_DIR"] = str(precision_cache(self._cache_dir, precision))
+            except OSError as exc:
+                log.warning("OpenVINO model cache %s is not writable (%s): compiling without a cache",
+                            self._cache_dir, first_line(exc))
         return core.compile_model(ov_model, "CPU", config)
 
     def _compile_encoder(self, m: Manifest):
