@@ -206,24 +206,26 @@ def _int8(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
 
 
 def _ais(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
-    out += [f"Export `{d.get('export')}`, {d.get('repeats')} repeat(s); the grid's best thresholds "
-            f"{d.get('grid_best_thresholds')} were chosen on the evaluation image itself (an upper bound for the "
-            "grid).", "",
+    best = d.get("grid_best_thresholds")
+    out += [f"Export `{d.get('export')}`, {d.get('repeats')} repeat(s), backend {d.get('backend', 'onnxruntime')} "
+            f"({d.get('compute', 'fp32')})" + (f"; the grid's best thresholds {best} were chosen on the evaluation "
+                                               "image itself (an upper bound for the grid)" if best else "") + ".", "",
             "| image | method | mSA | F1 @0.5 | precision | recall | objects (pred / true) | s / image |",
             "|---|---|--:|--:|--:|--:|--:|--:|"]
     labels, values = [], []
-    for image in ("heldout_tile", "whole_image"):
+    for image in ("heldout_tile", "whole_image", "mosaic_1024"):
         block = d.get(image) or {}
-        for method in ("ais", "grid_default", "grid_best"):
+        for method in ("apg", "apg_box", "ais", "grid_default", "grid_best"):
             r = block.get(method)
             if not r:
                 continue
             out.append(f"| {image.replace('_', ' ')} | {method.replace('_', ' ')} | {_fmt(r.get('msa'))} | "
                        f"{_fmt(r.get('f1'))} | {_fmt(r.get('precision'))} | {_fmt(r.get('recall'))} | "
-                       f"{r.get('objects_pred')} / {r.get('objects_true')} | {_fmt(r.get('seconds'), '{:.1f}')} |")
+                       f"{_fmt(r.get('objects_pred'), '{:.0f}')} / {_fmt(r.get('objects_true'), '{:.0f}')} | "
+                       f"{_fmt(r.get('seconds'), '{:.1f}')} |")
             labels.append(f"{image.replace('_', ' ')}: {method.replace('_', ' ')}")
             values.append(r.get("msa"))
-        if block:
+        if "msa_gain_vs_grid_default" in block:  # the former two-way run
             out.append(f"| {image.replace('_', ' ')} | AIS gain | +{_fmt(block.get('msa_gain_vs_grid_default'))} vs "
                        f"default grid, +{_fmt(block.get('msa_gain_vs_grid_best'))} vs best | | | | | "
                        f"{_fmt(block.get('speedup_vs_grid_default'), '{:.1f}')}× / "
@@ -233,9 +235,15 @@ def _ais(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
         out += ["", "**The grid's threshold sweep** (mSA on the held-out tile):", "",
                 "| pred IoU thresh | stability thresh | mSA |", "|--:|--:|--:|"]
         out += [f"| {r.get('pred_iou_thresh')} | {r.get('stability_thresh')} | {_fmt(r.get('msa'))} |" for r in sweep]
-    images[f"{stem}.png"] = _bars(labels, values, "mSA", f"AIS vs point grid on {d.get('cpu', 'the CPU')}")
+    tvo = d.get("torch_vs_onnx_heldout") or {}
+    if tvo:
+        out += ["", "**PyTorch vs this backend** on the held-out tile (object-matched IoU of the labels):", "",
+                "| method | matched IoU | objects (backend / PyTorch) |", "|---|--:|--:|"]
+        out += [f"| {m} | {_fmt(r.get('matched_iou'))} | {r.get('objects_onnx')} / {r.get('objects_torch')} |"
+                for m, r in tvo.items()]
+    images[f"{stem}.png"] = _bars(labels, values, "mSA", f"Automatic segmentation on {d.get('cpu', 'the CPU')}")
     out += ["", f"![mSA per method]({stem}.png)"]
-    return "Automatic segmentation: AIS vs the point grid"
+    return "Automatic segmentation: APG, AIS and the point grid"
 
 
 def _cpu_backends(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
@@ -309,7 +317,7 @@ def _kind(d: dict) -> str:
         return d["kind"]
     if "median_ms" in d and "ratio_to_fp32" in d:
         return "int8"
-    if "heldout_tile" in d and "grid_sweep" in d:
+    if "heldout_tile" in d and "whole_image" in d:
         return "ais"
     if isinstance(d.get("models"), dict) and all("cases" in m for m in d["models"].values()):
         return "cpu_backends"
