@@ -310,3 +310,52 @@ def test_cache_keeps_each_inference_precision_apart(lite_export_fp32, tmp_path, 
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert 0 < np.linalg.norm(got - f32) / np.linalg.norm(f32) < 0.1  # it ran bf16, and close to f32
     assert sorted(p.name for p in cache.iterdir()) == ["bf16", "f32"]
+
+
+def test_gate_holds_automatic_segmentation_to_the_threshold_too(inst_export, tmp_path):
+    """An export with an instance decoder: each candidate's record carries the instance labels' matched IoU vs the
+    fp32 chain (AIS), and the gate value is the smallest of box, point and instance; the reference labels match
+    themselves exactly and a perturbed embedding's do not (the figure can fail)."""
+    import shutil
+
+    from peft_export.export.cpu_gate import CpuFigures, CpuGateOptions, entry, run_cpu_gate
+    from peft_export.export.quantize import GateFigures
+
+    out = tmp_path / "export"
+    shutil.copytree(inst_export.out_dir, out)
+    record = run_cpu_gate(out, CpuGateOptions(precisions=("bf16", *_int8()), iou=0.5, gate_images=2, gate_objects=4,
+                                              rounds=1, calibration_images=2))
+    ran = [r for r in record["precisions"].values() if "box_mean_iou" in r]
+    if not ran:
+        pytest.skip("no candidate can run on this CPU (no bf16 arithmetic, NNCF not installed)")
+    assert "instance labels" in record["rule"]
+    for r in ran:
+        assert 0 <= r["instance_min_matched_iou"] <= r["instance_matched_iou"] <= 1
+        assert r["gate_value"] == min(r["box_mean_iou"], r["point_mean_iou"], r["instance_matched_iou"])
+    good = GateFigures(0.99, 0.95, 0.99, 0.95, 0.01, 8)
+    assert entry(CpuFigures(good), 0.97)["passed"]
+    assert not entry(CpuFigures(good, 0.9, 0.8), 0.97)["passed"]  # box and point pass, automatic does not
+
+
+def test_instance_reference_matches_itself_and_sees_a_change(inst_export):
+    from types import SimpleNamespace
+
+    from peft_export.data.dataset import dsb2018_tiles
+    from peft_export.export.calibration import CalImage
+    from peft_export.export.cpu_gate import InstanceReference
+    from peft_export.export.quantize import _Chain, _reference
+    from peft_export.manifest import read_manifest
+    from peft_export.runtime.onnx_backend import ort_session
+
+    m = read_manifest(inst_export.out_dir)
+    tile = dsb2018_tiles("val")[0]
+    sets = SimpleNamespace(gate=[CalImage(tile.image, tile.labels, "tile")])
+    chain = _Chain(ort_session(m.path_of(inst_export.out_dir, "encoder")),
+                   ort_session(m.path_of(inst_export.out_dir, "decoder_lowres")), tuple(m.mask_input_size))
+    ref = _reference(chain, sets, m.preprocess_spec, bool(m.baked_preprocessing), bool(m.multimask), 4)
+    inst = InstanceReference(ort_session(m.path_of(inst_export.out_dir, "instance_decoder")), ref,
+                             m.preprocess_spec.img_size)
+    assert inst.labels[0].max() > 0
+    assert inst.matched(ref.embeddings) == [1.0]
+    shifted = [np.roll(e, 3, axis=-1) for e in ref.embeddings]
+    assert inst.matched(shifted)[0] < 1.0

@@ -42,14 +42,18 @@ def register(app: typer.Typer) -> None:
         cpu = record["cpu"]
         table = Table(title=f"CPU gate: {record['model']} on {cpu['model']} ({cpu['kind']}), threshold "
                             f"{record['threshold']}")
-        for col in ("precision", "box IoU", "point IoU", "latency vs f32", "result"):
+        instance = any("instance_matched_iou" in r for r in record["precisions"].values())
+        cols = ("precision", "box IoU", "point IoU", *(("instance IoU",) if instance else ()), "latency vs f32",
+                "result")
+        for col in cols:
             table.add_column(col, justify="left" if col == "precision" else "right")
         for name, r in record["precisions"].items():
             ratio = f"x{r['latency_ratio']:.2f}" if "latency_ratio" in r else ""
-            result = ("[green]pass[/]" if r.get("passed") else
-                      f"[yellow]skipped[/] {r['reason']}" if r.get("skipped") else f"[red]fail[/] {r.get('reason', '')}")
-            table.add_row(name, f"{r['box_mean_iou']:.4f}" if "box_mean_iou" in r else "",
-                          f"{r['point_mean_iou']:.4f}" if "point_mean_iou" in r else "", ratio, result)
+            result = ("[green]pass[/]" if r.get("passed") else f"[yellow]skipped[/] {r['reason']}"
+                      if r.get("skipped") else f"[red]fail[/] {r.get('reason', '')}")
+            figures = [f"{r[k]:.4f}" if k in r else "" for k in ("box_mean_iou", "point_mean_iou",
+                                                                   *(("instance_matched_iou",) if instance else ()))]
+            table.add_row(name, *figures, ratio, result)
         common.out.print(table)
         common.out.print(f"-> {export / 'cpu_gate.json'}; run with [bold]--backend openvino[/] "
                          "(--inference-precision auto picks the fastest passed option)")

@@ -13,6 +13,9 @@ The gate (the int8 export gate's rule and machinery, :mod:`peft_export.export.qu
 (:mod:`peft_export.export.calibration`: the checkpoint's validation data, else the DSB2018 held-out tile and its
 flips/rotations), one box and one point prompt per labelled object, the candidate encoder + the fp32 decoder vs the
 fp32 encoder + the same decoder (ONNX Runtime); passes when box AND point mean mask IoU >= the threshold (0.97).
+For an export with an instance decoder, automatic segmentation is gated too, as the int8 export gate does: the
+instance labels (AIS: the candidate's embedding -> the fp32 instance decoder -> the seeded watershed) vs the fp32
+chain's, object-matched IoU averaged over the gate images, must reach the same threshold.
 
 Candidates:
 
@@ -46,9 +49,12 @@ from peft_export.errors import UsageError
 from peft_export.export.calibration import calibration_sets
 from peft_export.export.nncf_int8 import gate_int8
 from peft_export.export.options import CpuGateOptions
-from peft_export.export.quantize import _Chain, _reference, gate_figures
+from peft_export.export.quantize import GateFigures, _Chain, _reference, gate_figures
+from peft_export.imaging import upscale_masks
 from peft_export.manifest import Manifest, read_manifest
+from peft_export.metrics import matched_iou
 from peft_export.runtime.cpu import cpu_features
+from peft_export.runtime.instances import maps_to_instances
 from peft_export.runtime.onnx_backend import ort_session
 from peft_export.runtime.openvino_backend import (
     GATE_FILE,
@@ -66,13 +72,17 @@ log = logging.getLogger(__name__)
 # ---- chains ----------------------------------------------------------------------------------------------
 
 class EncoderChain:
-    """Any encoder callable + the fp32 decoder session: what the int8 gate's ``gate_figures`` takes."""
+    """Any encoder callable + the fp32 decoder session: what the int8 gate's ``gate_figures`` takes. The embeddings
+    it computed are kept (``seen``, in order) for the instance figures."""
 
     def __init__(self, encode: Callable[[np.ndarray], np.ndarray], decoder, mask_size: tuple[int, int]):
         self.encode, self.decoder, self.mask_size = encode, decoder, mask_size
+        self.seen: list[np.ndarray] = []
 
     def embed(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.encode(np.ascontiguousarray(x)), np.float32)
+        emb = np.asarray(self.encode(np.ascontiguousarray(x)), np.float32)
+        self.seen.append(emb)
+        return emb
 
     def decode(self, embedding, coords, labels, mask_input=None):
         return _Chain.decode(self, embedding, coords, labels, mask_input)
@@ -88,6 +98,48 @@ def compiled_encoder(compiled: list) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+class InstanceReference:
+    """The fp32 chain's instance labels (AIS at its defaults) on the gate images, and the candidate's to match."""
+
+    def __init__(self, session, ref, img_size: int):
+        self.session, self.feeds, self.img_size = session, ref.feeds, int(img_size)
+        self.labels = [self.labels_of(e, prepared) for e, (_, prepared) in zip(ref.embeddings, ref.feeds)]
+
+    def labels_of(self, embedding: np.ndarray, prepared) -> np.ndarray:
+        maps = self.session.run(["instance_maps"], {"image_embeddings": np.asarray(embedding, np.float32)})[0]
+        return maps_to_instances(upscale_masks(maps[0], self.img_size, prepared.resized_hw, prepared.original_hw))
+
+    def matched(self, embeddings: list[np.ndarray]) -> list[float]:
+        """Object-matched IoU of the labels from ``embeddings`` (one per gate image) vs the fp32 labels."""
+        return [matched_iou(self.labels_of(e, prepared), want)
+                for e, (_, prepared), want in zip(embeddings, self.feeds, self.labels)]
+
+
+@dataclass
+class CpuFigures:
+    """The int8 gate's box / point figures and, with an instance decoder, the instance labels' matched IoU (mean and
+    min over the gate images); the gate value is the smallest of the gated means."""
+
+    base: GateFigures
+    instance_mean: float | None = None
+    instance_min: float | None = None
+
+    def __getattr__(self, name):  # box_mean, point_mean, ... (only called for names not found on self)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def value(self) -> float:
+        return self.base.value if self.instance_mean is None else min(self.base.value, self.instance_mean)
+
+    def to_dict(self) -> dict:
+        d = self.base.to_dict()
+        if self.instance_mean is not None:
+            d.update(instance_matched_iou=self.instance_mean, instance_min_matched_iou=self.instance_min)
+        return {**d, "gate_value": self.value}
+
+
 @dataclass
 class GateContext:
     out_dir: Path
@@ -98,12 +150,18 @@ class GateContext:
     sets: Any  # CalibrationSets
     threshold: float
     say: Callable[[str], None]
+    instance: InstanceReference | None = None  # exports with an instance decoder
 
     def chain(self, compiled: list) -> EncoderChain:
         return EncoderChain(compiled_encoder(compiled), self.decoder, tuple(self.manifest.mask_input_size))
 
-    def figures(self, compiled: list):
-        return gate_figures(self.chain(compiled), self.ref)
+    def figures(self, compiled: list) -> CpuFigures:
+        chain = self.chain(compiled)
+        fig = gate_figures(chain, self.ref)
+        if self.instance is None:
+            return CpuFigures(fig)
+        ious = self.instance.matched(chain.seen)
+        return CpuFigures(fig, float(np.mean(ious)), float(np.min(ious)))
 
     def entry(self, figures, **extra) -> dict:
         """The gate record's entry for ``figures`` against this gate's threshold."""
@@ -266,7 +324,12 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
     ref = _reference(fp32, sets, m.preprocess_spec, bool(m.baked_preprocessing), bool(m.multimask),
                      options.gate_objects)
     core = shared_core()
-    ctx = GateContext(out_dir, m, core, dec, ref, sets, options.iou, say)
+    instance = None
+    if "instance_decoder" in m.files:
+        say("fp32 reference: instance labels (AIS)")
+        instance = InstanceReference(ort_session(m.path_of(out_dir, "instance_decoder")), ref,
+                                     m.preprocess_spec.img_size)
+    ctx = GateContext(out_dir, m, core, dec, ref, sets, options.iou, say, instance)
     bf16_ok = bf16_capable(core)
     f32 = [ctx.compile(ctx.encoder_model(), "f32")]
     x = ref.feeds[0][0]
@@ -283,7 +346,8 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
             compiled = [ctx.compile(ctx.encoder_model(), "bf16")]
             bf16_fig = ctx.figures(compiled)
             results[name] = {**entry(bf16_fig, options.iou), "_compiled": compiled}
-            say(f"bf16: gate {bf16_fig.value:.4f} (box {bf16_fig.box_mean:.4f}, point {bf16_fig.point_mean:.4f})")
+            inst = "" if bf16_fig.instance_mean is None else f", instance {bf16_fig.instance_mean:.4f}"
+            say(f"bf16: gate {bf16_fig.value:.4f} (box {bf16_fig.box_mean:.4f}, point {bf16_fig.point_mean:.4f}{inst})")
         elif name == "bf16-mixed":
             results[name] = gate_mixed(ctx, bf16_fig, options.rounds)
         elif name == "int8":
@@ -302,7 +366,8 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
         "format": GATE_FORMAT, "format_version": GATE_FORMAT_VERSION,
         "encoder_sha256": m.files["encoder"]["sha256"], "model": m.model, "threshold": options.iou,
         "rule": "box AND point mean mask IoU of the candidate encoder + fp32 decoder vs the fp32 encoder + the "
-                "same decoder (ONNX Runtime), one prompt per labelled object, on held-out gate images",
+                "same decoder (ONNX Runtime), one prompt per labelled object, on held-out gate images"
+                + (", AND the instance labels' object-matched IoU (AIS) vs the fp32 chain's" if instance else ""),
         "gate": {**sets.describe(), "objects_per_image": options.gate_objects},
         "cpu": {k: features[k] for k in ("model", "machine", "kind", "flags", "bf16")}, "openvino": ov.__version__,
         "f32_latency": lat["f32"], "precisions": results,
