@@ -83,6 +83,16 @@ def test_precision_choice_is_explicit():
         choose_precision("bf16", None, True)
     with pytest.raises(UsageError, match="no bf16 arithmetic"):
         choose_precision("bf16-mixed", passed, False)
+    # an export with an instance decoder: a record that did not gate automatic segmentation runs nothing reduced
+    old = {"threshold": 0.97, "precisions": {"bf16": {"passed": True, "latency_ratio": 0.4}}}
+    assert choose_precision("auto", old, True, instance=False)[0] == "bf16"
+    ran, why = choose_precision("auto", old, True, instance=True)
+    assert ran == "f32" and "re-run peft-export cpu-gate" in why
+    with pytest.raises(UsageError, match="re-run `peft-export cpu-gate EXPORT --precisions bf16`"):
+        choose_precision("bf16", old, True, instance=True)
+    new = {"threshold": 0.97, "precisions": {"bf16": {"passed": True, "latency_ratio": 0.4,
+                                                      "instance_matched_iou": 0.98}}}
+    assert choose_precision("auto", new, True, instance=True)[0] == "bf16"
 
 
 def test_gate_refuses_a_precision_that_fails_it(tiny_export, tmp_path):

@@ -147,25 +147,35 @@ def bf16_capable(core) -> bool:
         return False
 
 
-def choose_precision(requested: str, record, bf16_ok: bool) -> tuple[str, str]:
+def _gated_for_instances(entry: dict, instance: bool) -> bool:
+    """Whether a passed entry also gated automatic segmentation where the export has an instance decoder (records
+    written before the CPU gate checked the instance labels have no ``instance_matched_iou``)."""
+    return not instance or "instance_matched_iou" in entry
+
+
+def choose_precision(requested: str, record, bf16_ok: bool, instance: bool = False) -> tuple[str, str]:
     """(precision to run, why) from the request, the export's CPU gate record and the CPU.
 
-    Reduced precisions run only when the gate passed them for this encoder; ``auto`` takes the fastest passed
-    option this CPU can run (by the gate's measured latency), else f32. An explicit request that cannot be honoured
-    is an error (never a silent fallback)."""
+    Reduced precisions run only when the gate passed them for this encoder (``instance``: the export has an
+    instance decoder, so the gate must have checked its labels too); ``auto`` takes the fastest passed option this
+    CPU can run (by the gate's measured latency), else f32. An explicit request that cannot be honoured is an error
+    (never a silent fallback)."""
     if requested not in PRECISIONS:
         raise UsageError(f"unknown OpenVINO precision {requested!r}; choose from {', '.join(PRECISIONS)}")
     if requested == "f32":
         return "f32", "asked for"
     runnable = {}
     for name, entry in ((record or {}).get("precisions") or {}).items():
-        if name in REDUCED and entry.get("passed") and (bf16_ok or not name.startswith("bf16")):
+        if name in REDUCED and entry.get("passed") and (bf16_ok or not name.startswith("bf16")) and \
+                _gated_for_instances(entry, instance):
             runnable[name] = entry
     if requested == "auto":
         if not runnable:
+            passed = [e for e in ((record or {}).get("precisions") or {}).values() if e.get("passed")]
             why = ("no CPU gate record (peft-export cpu-gate)" if not record else
-                   "no reduced precision passed the CPU gate" if not any(
-                       e.get("passed") for e in (record.get("precisions") or {}).values()) else
+                   "no reduced precision passed the CPU gate" if not passed else
+                   "the CPU gate record predates its check of automatic segmentation: re-run peft-export cpu-gate"
+                   if not any(_gated_for_instances(e, instance) for e in passed) else
                    "this CPU has no bf16 arithmetic and only bf16 passed the gate")
             return "f32", why
         best = min(runnable, key=lambda n: runnable[n].get("latency_ratio", 1.0))
@@ -181,6 +191,9 @@ def choose_precision(requested: str, record, bf16_ok: bool) -> tuple[str, str]:
     if not entry.get("passed"):
         raise UsageError(f"{flag} failed this export's CPU gate (box {entry.get('box_mean_iou', 0):.4f}, point "
                          f"{entry.get('point_mean_iou', 0):.4f}, threshold {record.get('threshold')}): use f32 or auto")
+    if not _gated_for_instances(entry, instance):
+        raise UsageError(f"{flag} was gated before the CPU gate checked automatic segmentation (this export has an "
+                         f"instance decoder): re-run `peft-export cpu-gate EXPORT --precisions {requested}`")
     return requested, "asked for, passed the CPU gate"
 
 
@@ -223,7 +236,7 @@ class OpenVinoBackend:
                 cache_dir = None
         self.record = gate_record if gate_record is not None else read_gate_record(self.out_dir, m)
         bf16_ok = bf16_capable(core)
-        self.precision_run, why = choose_precision(precision, self.record, bf16_ok)
+        self.precision_run, why = choose_precision(precision, self.record, bf16_ok, INSTANCE_ROLE in m.files)
         self._config = {"PERFORMANCE_HINT": hint}
         self._cache_dir = cache_dir  # per compile, not on the shared Core: each export keeps its own cache
         if threads:
