@@ -363,8 +363,7 @@ def test_instance_reference_matches_itself_and_sees_a_change(inst_export):
     chain = _Chain(ort_session(m.path_of(inst_export.out_dir, "encoder")),
                    ort_session(m.path_of(inst_export.out_dir, "decoder_lowres")), tuple(m.mask_input_size))
     ref = _reference(chain, sets, m.preprocess_spec, bool(m.baked_preprocessing), bool(m.multimask), 4)
-    inst = InstanceReference(ort_session(m.path_of(inst_export.out_dir, "instance_decoder")), ref,
-                             m.preprocess_spec.img_size)
+    inst = InstanceReference(ort_session(m.path_of(inst_export.out_dir, "instance_decoder")), ref)
     assert inst.labels[0].max() > 0
     assert inst.matched(ref.embeddings) == [1.0]
     shifted = [np.roll(e, 3, axis=-1) for e in ref.embeddings]

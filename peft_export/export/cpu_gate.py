@@ -101,13 +101,14 @@ def compiled_encoder(compiled: list) -> Callable[[np.ndarray], np.ndarray]:
 class InstanceReference:
     """The fp32 chain's instance labels (AIS at its defaults) on the gate images, and the candidate's to match."""
 
-    def __init__(self, session, ref, img_size: int):
-        self.session, self.feeds, self.img_size = session, ref.feeds, int(img_size)
+    def __init__(self, session, ref):
+        self.session, self.feeds = session, ref.feeds
         self.labels = [self.labels_of(e, prepared) for e, (_, prepared) in zip(ref.embeddings, ref.feeds)]
 
     def labels_of(self, embedding: np.ndarray, prepared) -> np.ndarray:
+        """AIS labels at the gate image's size (``prepared``: its ModelInput geometry)."""
         maps = self.session.run(["instance_maps"], {"image_embeddings": np.asarray(embedding, np.float32)})[0]
-        return maps_to_instances(upscale_masks(maps[0], self.img_size, prepared.resized_hw, prepared.original_hw))
+        return maps_to_instances(upscale_masks(maps[0], prepared.img_size, prepared.resized_hw, prepared.original_hw))
 
     def matched(self, embeddings: list[np.ndarray]) -> list[float]:
         """Object-matched IoU of the labels from ``embeddings`` (one per gate image) vs the fp32 labels."""
@@ -327,8 +328,7 @@ def run_cpu_gate(out_dir: str | Path, options: CpuGateOptions | None = None, *,
     instance = None
     if "instance_decoder" in m.files:
         say("fp32 reference: instance labels (AIS)")
-        instance = InstanceReference(ort_session(m.path_of(out_dir, "instance_decoder")), ref,
-                                     m.preprocess_spec.img_size)
+        instance = InstanceReference(ort_session(m.path_of(out_dir, "instance_decoder")), ref)
     ctx = GateContext(out_dir, m, core, dec, ref, sets, options.iou, say, instance)
     bf16_ok = bf16_capable(core)
     f32 = [ctx.compile(ctx.encoder_model(), "f32")]
