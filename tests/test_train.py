@@ -100,6 +100,21 @@ def test_config_file_yaml_and_toml_agree_and_cli_wins(tmp_path):
         resolve_config({"augment": "flip,blur"})
 
 
+def test_prompt_decoder_stage_defaults_to_central_points_and_options_win():
+    """--prompt-decoder (APG's decoder stage) trains mostly central point prompts unless told otherwise; every other
+    run keeps the study's alternation of random points and boxes."""
+    from peft_export.train import resolve_config
+
+    base = {"model": "lite_medsam", "iterations": 2, "lr": 1e-3}
+    plain = resolve_config(base)
+    assert (plain.point_fraction, plain.point_sampling) == (0.5, "random")
+    stage = resolve_config({**base, "instance_decoder_only": True, "prompt_decoder": True})
+    assert (stage.point_fraction, stage.point_sampling) == (0.75, "central")
+    told = resolve_config({**base, "instance_decoder_only": True, "prompt_decoder": True, "point_fraction": 0.25,
+                           "point_sampling": "random"})
+    assert (told.point_fraction, told.point_sampling) == (0.25, "random")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # frozen trunk
 @pytest.mark.parametrize("model_name,method,placement,split", [
@@ -470,6 +485,8 @@ def test_bad_data_gives_one_clear_line(run_cli, tmp_path, kind, message):
     (["--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
     (["--val-metric", "point", "--val-prompts", "box"], "needs point in --val-prompts"),
     (["--threads", "-1"], "--threads: Input should be greater than or equal to 0 (got -1)"),
+    (["--point-fraction", "1.5"], "--point-fraction: Input should be less than or equal to 1 (got 1.5)"),
+    (["--point-sampling", "centre"], "--point-sampling"),
 ])
 def test_bad_options_give_one_clear_line(run_cli, synth, tmp_path, args, message):
     run = tmp_path / "run"
@@ -478,6 +495,47 @@ def test_bad_options_give_one_clear_line(run_cli, synth, tmp_path, args, message
         if "--iterations" not in args else run_cli("finetune", *base, "--data", str(synth), "--out", str(run), *args)
     assert code == 2 and message in err, err
     assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 0.8, 1.0])
+def test_prompt_kind_spreads_the_point_share_evenly(fraction):
+    """Over any 20 consecutive iterations the share of point steps is the asked one (within one step); 0.5 is the
+    study's alternation (even iterations points, odd boxes)."""
+    from peft_export.train.recipe import prompt_kind
+
+    kinds = [prompt_kind(i, fraction) for i in range(200)]
+    for start in range(0, 180, 7):
+        window = kinds[start: start + 20]
+        assert abs(window.count("point") - 20 * fraction) <= 1, (start, window)
+    if fraction == 0.5:
+        assert kinds[:6] == ["point", "box"] * 3
+
+
+def test_central_first_points_lie_in_the_inner_core():
+    """point_sampling central: every first point is at least half the object's largest border distance inside
+    (measured with scipy's distance transform on the object alone); random points reach the rim."""
+    from scipy import ndimage
+
+    from peft_export.train.recipe import _first_prompts
+
+    rng = np.random.default_rng(0)
+    _, labels = disk_image(rng)
+    ids = np.unique(labels[labels > 0])
+    target = labels[None] == ids[:, None, None]
+    boxes = np.zeros((len(ids), 4), np.float32)
+    depth = {}
+    for how in ("central", "random"):
+        got = []
+        for _ in range(20):
+            coords, lab = _first_prompts("point", boxes, target, rng, how)
+            assert coords.shape == (len(ids), 1, 2) and (lab == 1).all()
+            for n, (x, y) in enumerate(coords[:, 0].astype(int)):
+                d = ndimage.distance_transform_edt(np.pad(target[n], 1))[1:-1, 1:-1]
+                assert target[n, y, x]
+                got.append(d[y, x] / d.max())
+        depth[how] = np.array(got)
+    assert depth["central"].min() >= 0.5
+    assert depth["random"].min() < 0.5
 
 
 @pytest.mark.parametrize("patch_embed,note,cached", [(True, True, False), (False, False, True)],

@@ -14,7 +14,8 @@ Presets
 Instance decoder (micro-sam's AIS): ``instance_decoder`` trains it jointly, its loss added to the prompt losses;
 ``instance_decoder_only`` trains only it on the frozen model (then ``val_metric`` defaults to ``instance``, the
 automatic segmentation's mSA on the validation images); ``prompt_decoder`` adds SAM's prompt encoder and mask
-decoder to it, trained with the interactive recipe on the frozen encoder's embeddings (APG's point prompts).
+decoder to it, trained with the interactive recipe on the frozen encoder's embeddings (APG's point prompts: by
+default point prompts in three steps of four, in each object's inner core, where APG's seeds put them).
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class _TrainFields(Options):
                                            default_text="recipe: cpu 6, study 25")
     sub_iterations: int | None = option(None, "Iterative-correction rounds per step.", ge=1,
                                         default_text="recipe: cpu 2, study 8")
+    point_fraction: float = option(
+        0.5, "Share of the steps whose first prompt per object is a point (the others: its box), spread evenly. The "
+        "study alternates (0.5); APG turns seeds into point prompts, so --prompt-decoder trains mostly points (1: "
+        "points only, which let box answers drift in our runs).", ge=0, le=1, allow_inf_nan=False,
+        default_text="0.5; 0.75 with --prompt-decoder")
+    point_sampling: Literal["random", "central"] = option(
+        "random", "Where a first point prompt lies: random (any pixel of the object, the study) or central (its "
+        "inner core, at least half the largest distance from its border: where APG's seeds put their points).",
+        default_text="random; central with --prompt-decoder")
     mask_prob: float = option(0.5, "Probability of feeding the previous logits as mask input.", ge=0, le=1)
     multimask: Literal["auto", "on", "off"] = option(
         "auto", "3 masks for the first point prompt (the study); auto: on when the model's multimask outputs were "
@@ -226,6 +236,9 @@ def resolve_config(file_values: dict[str, Any] | None = None, cli_values: dict[s
     if values.get("instance_decoder_only"):
         values.setdefault("instance_decoder", True)
         values.setdefault("val_metric", "instance")
+    if values.get("prompt_decoder"):  # the decoder stage of APG: point prompts where its seeds put them
+        values.setdefault("point_fraction", 0.75)
+        values.setdefault("point_sampling", "central")
     if "iterations" in given and "epochs" not in given:
         values["epochs"] = None
     cfg = TrainConfig.parse(values)

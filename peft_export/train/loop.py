@@ -134,7 +134,7 @@ class TrainingLoop:
             try:
                 rngs = [rng_for(cfg.seed, STREAM_IMAGE, epoch, s.pos.step, j) for j in slots]
                 views = [self.data.view(order[s.pos.step * bsz + j], r) for j, r in zip(slots, rngs)]
-                result = self.step(views, prompt_kind(s.pos.iteration), rngs)
+                result = self.step(views, prompt_kind(s.pos.iteration, cfg.point_fraction), rngs)
             except KeyboardInterrupt:
                 if self.step.in_update:  # parameters may be half-updated: keep the last checkpoint as it is
                     raise TrainingInterrupted("interrupted during a parameter update; the last checkpoint "

@@ -1,7 +1,9 @@
 """The study's interactive training step (micro-sam's ``SamTrainer``), one image at a time.
 
-For one image with its embedding: sample up to ``objects_per_image`` objects; the first prompt is one random
-positive point per object (even iterations) or its box (odd iterations); then ``sub_iterations`` rounds of:
+For one image with its embedding: sample up to ``objects_per_image`` objects; the first prompt is one positive
+point per object or its box (:func:`prompt_kind`: the study alternates, even iterations points, odd iterations boxes;
+``point_fraction`` sets another share); the point is a random pixel of the object (the study) or of its inner core
+(``point_sampling="central"``: where APG's seeds put their points); then ``sub_iterations`` rounds of:
 decode -> loss -> pick the best mask per object by predicted IoU -> add one positive point sampled from its
 false-negative pixels and one negative point from its false-positive pixels (fallbacks as micro-sam: the
 correct foreground / a ring inside the dilated box / the background) -> with probability ``mask_prob`` feed the
@@ -39,11 +41,17 @@ class RecipeSettings:
     sub_iterations: int = 8
     mask_prob: float = 0.5
     multimask: bool = True
+    point_sampling: str = "random"  # random (the study) or central
 
 
-def prompt_kind(iteration: int) -> str:
-    """Even iterations: one point per object; odd iterations: one box per object (the study's alternation)."""
-    return "point" if iteration % 2 == 0 else "box"
+CORE = 0.5  # "central" first points: pixels at least this fraction of the object's largest border distance inside
+
+
+def prompt_kind(iteration: int, point_fraction: float = 0.5) -> str:
+    """The first prompt of ``iteration``: ``"point"`` (one per object) or ``"box"``, boxes spread evenly at a share
+    of ``1 - point_fraction``; 0.5 is the study's alternation (even iterations points, odd iterations boxes)."""
+    box = 1.0 - point_fraction
+    return "box" if int((iteration + 1) * box + 1e-9) > int(iteration * box + 1e-9) else "point"
 
 
 def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,15 +105,24 @@ class ImageLoss:
     objects: int
 
 
-def _first_prompts(kind: str, boxes: np.ndarray, target: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Each object's box (``kind == "box"``) or one random positive point: coords (P, n, 2), labels (P, n)."""
+def inner_core(target: np.ndarray) -> np.ndarray:
+    """The pixels of a (H, W) bool object whose distance to its border is at least ``CORE`` of the largest."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
+    return dist >= CORE * dist.max()
+
+
+def _first_prompts(kind: str, boxes: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                   sampling: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Each object's box (``kind == "box"``) or one positive point, a random pixel of the object (``sampling``
+    "random") or of its :func:`inner_core` ("central"): coords (P, n, 2), labels (P, n)."""
     p = len(boxes)
     if kind == "box":
         return box_prompts(boxes)
     coords = np.zeros((p, 1, 2), np.float32)
     for n in range(p):
-        coords[n, 0] = _sample_pixel(target[n], rng)
+        coords[n, 0] = _sample_pixel(inner_core(target[n]) if sampling == "central" else target[n], rng)
     return coords, np.ones((p, 1), np.float32)
 
 
@@ -135,7 +152,7 @@ def image_loss(decoder: PromptDecoder, embedding: torch.Tensor, view: View, kind
     target_np = view.labels[None] == ids[:, None, None]  # (P, rh, rw)
     target = torch.from_numpy(target_np).to(device=device, dtype=torch.float32)
     p = len(ids)
-    base_c, base_l = _first_prompts(kind, boxes, target_np, rng)
+    base_c, base_l = _first_prompts(kind, boxes, target_np, rng, settings.point_sampling)
     extra_c = np.zeros((p, 0, 2), np.float32)
     extra_l = np.zeros((p, 0), np.float32)
 

@@ -171,7 +171,8 @@ class Trainer:
         cfg = self.cfg
         # multimask: the study's 3-mask first point prompt only where those outputs are trained
         multimask = self.spec.multimask if cfg.multimask == "auto" else cfg.multimask == "on"
-        self.settings = RecipeSettings(cfg.objects_per_image, cfg.sub_iterations, cfg.mask_prob, multimask)
+        self.settings = RecipeSettings(cfg.objects_per_image, cfg.sub_iterations, cfg.mask_prob, multimask,
+                                       cfg.point_sampling)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.validator = Validator(self.model, self.spec, self.device, self.val_samples, prompts=cfg.val_prompts,
                                    metric=cfg.val_metric, dist=self.dist)
