@@ -132,11 +132,12 @@ def register(app: typer.Typer) -> None:
     ):
         """Finetune SAM with a PEFT method on chosen encoder blocks, with the study's interactive recipe.
 
-        Objects are sampled per image; point and box prompts alternate; each step runs iterative correction
-        rounds (points from false-negative/false-positive pixels, previous logits as mask input) with a Dice +
-        IoU-regression loss. Validation each epoch measures box/point mean IoU and mSA on held-out images
-        (the same code as [bold]peft-export evaluate[/]); best.pt and latest.pt are written atomically and can
-        be merged: [bold]peft-export merge RUN_DIR/best.pt -o merged.pt[/].
+        Objects are sampled per image; point and box prompts alternate (--point-fraction sets the share of
+        point steps); each step runs iterative correction rounds (points from false-negative/false-positive
+        pixels, previous logits as mask input) with a Dice + IoU-regression loss. Validation each epoch measures
+        box/point mean IoU and mSA on held-out images (the same code as [bold]peft-export evaluate[/]); best.pt
+        and latest.pt are written atomically and can be merged: [bold]peft-export merge RUN_DIR/best.pt -o
+        merged.pt[/].
 
         Late placements (--blocks late:N) freeze the encoder before the first adapted block; with repeating
         inputs its output is cached, so later epochs run only the late blocks. Ctrl-C saves a checkpoint;
