@@ -164,14 +164,15 @@ def choose_precision(requested: str, record, bf16_ok: bool, instance: bool = Fal
         raise UsageError(f"unknown OpenVINO precision {requested!r}; choose from {', '.join(PRECISIONS)}")
     if requested == "f32":
         return "f32", "asked for"
+    gated = (record or {}).get("precisions") or {}
     runnable = {}
-    for name, entry in ((record or {}).get("precisions") or {}).items():
+    for name, entry in gated.items():
         if name in REDUCED and entry.get("passed") and (bf16_ok or not name.startswith("bf16")) and \
                 _gated_for_instances(entry, instance):
             runnable[name] = entry
     if requested == "auto":
         if not runnable:
-            passed = [e for e in ((record or {}).get("precisions") or {}).values() if e.get("passed")]
+            passed = [e for e in gated.values() if e.get("passed")]
             why = ("no CPU gate record (peft-export cpu-gate)" if not record else
                    "no reduced precision passed the CPU gate" if not passed else
                    "the CPU gate record predates its check of automatic segmentation: re-run peft-export cpu-gate"
@@ -184,7 +185,7 @@ def choose_precision(requested: str, record, bf16_ok: bool, instance: bool = Fal
     if requested.startswith("bf16") and not bf16_ok:
         raise UsageError(f"{flag}: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX); use f32 (or int8 where it "
                          "passed the CPU gate)")
-    entry = ((record or {}).get("precisions") or {}).get(requested)
+    entry = gated.get(requested)
     if entry is None:
         raise UsageError(f"{flag} has not been gated for this export: run `peft-export cpu-gate EXPORT "
                          f"--precisions {requested}` first (mask IoU vs fp32 on held-out images)")
