@@ -26,8 +26,8 @@ from typing import Any
 from peft_export.data.io import atomic_write
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, VerificationError, first_line
-from peft_export.files import member_path, required_sha256
 from peft_export.imaging import PreprocessSpec
+from peft_export.paths import member_path, required_sha256
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "peft-export-onnx"
@@ -59,7 +59,7 @@ class Manifest:
         return PreprocessSpec.from_dict(self.preprocess)
 
     def path_of(self, out_dir: str | os.PathLike, role: str) -> Path:
-        """Where the ``role`` file is: always inside ``out_dir`` (:func:`peft_export.files.member_path`)."""
+        """Where the ``role`` file is: always inside ``out_dir`` (:func:`peft_export.paths.member_path`)."""
         if role not in self.files:
             raise DataError(f"{out_dir}: the manifest lists no {role!r} file")
         entry = self.files[role]

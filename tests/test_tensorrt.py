@@ -34,6 +34,7 @@ from peft_export.errors import DataError, MissingDependencyError, UsageError, Ve
 from peft_export.export import tensorrt as te
 from peft_export.manifest import Manifest, file_entry, read_manifest
 from peft_export.runtime import tensorrt_backend as rt
+from peft_export.runtime import tensorrt_env as trt_env
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_refuses_without_cuda_python_or_old_tensorrt(synthetic, sim, monkeypatch
     def missing():
         raise MissingDependencyError(f"cuda-python is not installed (sim): {INSTALL}")
 
-    monkeypatch.setattr(rt, "import_cudart", missing)
+    monkeypatch.setattr(trt_env, "import_cudart", missing)
     code, _, err = run_cli("build-engine", str(synthetic))
     assert code == 2 and "cuda-python is not installed" in err and _one_line(err), err
     assert listing(synthetic) == before
@@ -119,7 +120,7 @@ def test_real_cuda_bindings_without_gpu():
     if int(err) == 0 and count:
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(MissingDependencyError, match=r"no CUDA GPU available"):
-        rt.cuda_device(cudart)
+        trt_env.cuda_device(cudart)
     a = np.zeros(4, np.float32)
     h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
     stream = cudart.cudaStream_t()
@@ -129,7 +130,7 @@ def test_real_cuda_bindings_without_gpu():
                    cudart.cudaFree(0)):
         assert int(result[0]) != 0  # an error code, not a TypeError: the signatures fit
     with pytest.raises(Exception, match=r"CUDA call cudaMalloc failed: cuda"):
-        rt.cuda_call(cudart, cudart.cudaMalloc(16), "cudaMalloc")
+        trt_env.cuda_call(cudart, cudart.cudaMalloc(16), "cudaMalloc")
 
 
 def test_tensorrt_modules_do_not_import_torch():
@@ -239,12 +240,12 @@ def test_precision_resolution():
 
 
 def test_capabilities_by_feature_detection():
-    assert rt.tensorrt_capabilities(SimTRT(weak=True))["weak_typing"] is True
-    caps = rt.tensorrt_capabilities(SimTRT(version="11.0.0", weak=False))
+    assert trt_env.tensorrt_capabilities(SimTRT(weak=True))["weak_typing"] is True
+    caps = trt_env.tensorrt_capabilities(SimTRT(version="11.0.0", weak=False))
     assert caps["weak_typing"] is False and caps["strongly_typed_flag"] is True and caps["tf32_flag"] is True
     # a version string alone decides nothing
-    assert rt.tensorrt_capabilities(SimTRT(version="11.0.0", weak=True))["weak_typing"] is True
-    assert rt.tensorrt_capabilities(SimTRT(version="8.6.1", strongly_typed=False))["strongly_typed_flag"] is False
+    assert trt_env.tensorrt_capabilities(SimTRT(version="11.0.0", weak=True))["weak_typing"] is True
+    assert trt_env.tensorrt_capabilities(SimTRT(version="8.6.1", strongly_typed=False))["strongly_typed_flag"] is False
 
 
 # ---- trtexec lines from a real export -----------------------------------------------------------------------

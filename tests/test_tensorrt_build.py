@@ -21,6 +21,7 @@ from trt_sim import INSTALL, H, S, SimTRT, install_sim, listing, make_synthetic_
 from peft_export.errors import MissingDependencyError, UsageError
 from peft_export.export import tensorrt as te
 from peft_export.runtime import tensorrt_backend as rt
+from peft_export.runtime import tensorrt_env as trt_env
 
 
 @pytest.fixture
@@ -192,7 +193,7 @@ def _gpu_skip_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return f"TensorRT is not installed ({INSTALL}; needs an NVIDIA GPU)"
     try:
-        rt.environment()
+        trt_env.environment()
     except MissingDependencyError as exc:
         return str(exc)
     return None
@@ -246,7 +247,7 @@ def test_real_tensorrt_build_run_and_refuse(real_export, tmp_path, run_cli, case
         shutil.copytree(real_export, out)
     code, stdout, err = run_cli("build-engine", str(out), *(["--precision", "fp16"] if case == "fp16-flag" else []),
                                 "--max-points", "8", "--json")
-    if case == "fp16-flag" and not rt.tensorrt_capabilities(rt.import_tensorrt())["weak_typing"]:
+    if case == "fp16-flag" and not trt_env.tensorrt_capabilities(trt_env.import_tensorrt())["weak_typing"]:
         assert code == 2 and "strongly typed" in err, err  # TensorRT 11: refused, with what to do instead
         return
     if case == "int8-export" and code == 2:  # an export whose int8 TensorRT cannot build: refused, one line
@@ -255,7 +256,7 @@ def test_real_tensorrt_build_run_and_refuse(real_export, tmp_path, run_cli, case
     assert code == 0, err
     meta = json.loads(stdout)
     assert meta["parity"]["passed"] and meta["verified"]
-    assert meta["tensorrt_version"] == rt.import_tensorrt().__version__
+    assert meta["tensorrt_version"] == trt_env.import_tensorrt().__version__
     trt_b, ort_b = rt.TensorRTBackend(out), OnnxBackend(out)
     x = np.random.default_rng(0).normal(size=(1, 3, *(2 * [ort_b.info.img_size]))).astype(np.float32)
     emb_t, emb_o = trt_b.embed(x), ort_b.embed(x)

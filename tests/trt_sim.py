@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from peft_export.manifest import Manifest, file_entry, write_manifest
-from peft_export.runtime import tensorrt_backend as rt
+from peft_export.runtime import tensorrt_env as trt_env
 
 S, C, H = 32, 8, 8  # synthetic export: input size, embedding channels, embedding side (masks 4H)
 INSTALL = "pip install 'peft-export[tensorrt]'"
@@ -417,6 +417,6 @@ class SimCuda:
 def install_sim(monkeypatch) -> SimpleNamespace:
     """Replace TensorRT and cuda-python by the simulation; returns a namespace whose .trt/.cuda can be swapped."""
     ns = SimpleNamespace(trt=SimTRT(), cuda=SimCuda())
-    monkeypatch.setattr(rt, "import_tensorrt", lambda: ns.trt)
-    monkeypatch.setattr(rt, "import_cudart", lambda: ns.cuda)
+    monkeypatch.setattr(trt_env, "import_tensorrt", lambda: ns.trt)
+    monkeypatch.setattr(trt_env, "import_cudart", lambda: ns.cuda)
     return ns

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from peft_export.files import refuse_inputs
+from peft_export.paths import refuse_inputs
 from peft_export.runtime.backends import RuntimeOptions, explain_run
 from peft_export.runtime.cpu import describe_run
 from peft_export.runtime.segmenter import Segmenter

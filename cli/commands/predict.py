@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from peft_export.errors import UsageError
-from peft_export.files import refuse_inputs
+from peft_export.paths import refuse_inputs
 from peft_export.runtime.backends import RuntimeOptions, explain_run
 from peft_export.runtime.segmenter import Segmenter
 from peft_export.runtime.strategies import AutoOptions

@@ -29,9 +29,10 @@ from peft_export.export.calibration import calibration_sets
 from peft_export.export.options import ExportOptions
 from peft_export.export.parity import ParityReport, run_parity
 from peft_export.export.quantize import quantize_encoder
-from peft_export.files import atomic_dir, refuse_inputs
+from peft_export.files import atomic_dir
 from peft_export.manifest import Manifest, file_entry, write_manifest
 from peft_export.models.checkpoint import versions
+from peft_export.paths import refuse_inputs
 from peft_export.peft import is_mergeable, peft_state
 from peft_export.peft.merge import merge_and_verify
 

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from peft_export.errors import MissingDependencyError, UsageError, VerificationError
-from peft_export.files import clean_stale, crash_point, move_into_place, refuse_inputs, scratch_dir
+from peft_export.files import clean_stale, crash_point, move_into_place, scratch_dir
 from peft_export.manifest import MANIFEST_NAME, Manifest, read_manifest
 from peft_export.package import compose, content, spec_descr
 from peft_export.package.options import PackageOptions
 from peft_export.package.readme import render_readme
+from peft_export.paths import refuse_inputs
 from peft_export.runtime import watershed_op
 from peft_export.runtime.instances import InstanceOptions, maps_to_instances
 from peft_export.runtime.package import MANIFEST_ATTACHMENT, PackageModel

@@ -20,10 +20,11 @@ from peft_export.data.dataset import sample_image
 from peft_export.data.io import atomic_write
 from peft_export.data.samples import sha256_file
 from peft_export.errors import VerificationError
-from peft_export.files import clean_stale, refuse_inputs, together
+from peft_export.files import clean_stale, together
 from peft_export.imaging import PreprocessSpec, preprocess
 from peft_export.models.checkpoint import save_checkpoint, save_torch, versions
 from peft_export.models.prompt_decoder import PromptDecoder
+from peft_export.paths import refuse_inputs
 from peft_export.peft.base import NotMergeableError
 from peft_export.peft.core import is_mergeable, merge_peft, peft_state
 from peft_export.prompts import pad_points
@@ -157,7 +158,7 @@ def merge_to_file(loaded, output: str | Path, checkpoint: str | Path, *, atol: f
 
 def check_merge_output(output: str | Path, checkpoint: str | Path) -> None:
     """The merged weights, their sidecar and decoder file must not be (links to) the checkpoint read: refused even
-    with --force (:func:`peft_export.files.refuse_inputs`)."""
+    with --force (:func:`peft_export.paths.refuse_inputs`)."""
     refuse_inputs([output, sidecar_path(output), decoder_path(output)], [checkpoint, sidecar_path(checkpoint)])
 
 

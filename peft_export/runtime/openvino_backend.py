@@ -37,8 +37,8 @@ from peft_export.errors import (
     VerificationError,
     first_line,
 )
-from peft_export.files import member_path, required_sha256
 from peft_export.manifest import Manifest, read_json_document, read_manifest
+from peft_export.paths import member_path, required_sha256
 from peft_export.runtime.backend import mask_prompt_inputs, no_instance_decoder
 from peft_export.runtime.backends import OPENVINO_PRECISIONS as PRECISIONS
 from peft_export.runtime.cpu import cpu_features

@@ -10,7 +10,7 @@ complete output or a summary whose labels are missing (not done: redone by the n
 Before a run (:func:`check_outputs`):
 
 - an output that would overwrite an input (the image, a prompt file) or land inside the export folder or the
-  embedding cache is refused, whatever ``--force`` says (:func:`peft_export.files.refuse_inputs`);
+  embedding cache is refused, whatever ``--force`` says (:func:`peft_export.paths.refuse_inputs`);
 - two inputs whose outputs would have one name (``a.tif`` and ``a.png``: label images are named like their image
   with ``.tif``, so that they pair with it by name) are refused with one line (:func:`check_unique_outputs`);
 - a file in the way that this tool did not write (no summary of ours names it, or its size differs from the
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from peft_export.data.samples import sha256_file
 from peft_export.errors import PeftExportError, UsageError
-from peft_export.files import refuse_inputs
 from peft_export.manifest import MANIFEST_NAME
+from peft_export.paths import refuse_inputs
 from peft_export.runtime.package import RDF_NAMES, is_package
 from peft_export.runtime.sources import InputItem, Inputs, output_path, prompt_file, summary_path
 

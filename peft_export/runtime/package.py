@@ -27,8 +27,9 @@ import numpy as np
 
 from peft_export.data.samples import sha256_file
 from peft_export.errors import DataError, UsageError, first_line
-from peft_export.files import clean_stale, member_path, required_sha256, temp_path
+from peft_export.files import clean_stale, temp_path
 from peft_export.manifest import FORMAT, FORMAT_VERSION, Manifest, read_json_document, verify_manifest_files
+from peft_export.paths import member_path, required_sha256
 from peft_export.runtime.onnx_backend import OnnxBackend, manifest_info, ort_session
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")

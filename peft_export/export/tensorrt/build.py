@@ -19,15 +19,15 @@ from peft_export.export.tensorrt.options import EngineOptions
 from peft_export.export.tensorrt.plan import BuildPlan, EnginePlan, plan_engines
 from peft_export.export.tensorrt.verify import check_parity
 from peft_export.files import clean_stale, scratch_dir
-from peft_export.runtime import tensorrt_backend as _rt
+from peft_export.runtime import tensorrt_env as _env
 from peft_export.runtime.tensorrt_backend import (
     ALL_ENGINES,
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     ENGINE_META,
     EngineRunner,
-    make_logger,
 )
+from peft_export.runtime.tensorrt_env import make_logger
 
 # progress(step name, steps done, steps in all): called before each step of BuildPlan.steps, then ("done", n, n)
 Progress = Callable[[str, int, int], None]
@@ -53,7 +53,7 @@ def preflight(out_dir: str | os.PathLike, options: EngineOptions | None = None, 
     existing = existing_outputs(out_dir)
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; pass --force to rebuild the engines")
-    env = _rt.environment(opts.device)
+    env = _env.environment(opts.device)
     return Preflight(plan.with_capabilities(env["capabilities"]), env)
 
 

@@ -14,14 +14,14 @@ from peft_export.errors import DataError, MissingDependencyError, UsageError
 from peft_export.export.tensorrt.graph import INTEGER_INT8_OPS, GraphFacts, TensorSpec, qdq_refusal, read_onnx
 from peft_export.export.tensorrt.options import PRECISIONS, EngineOptions
 from peft_export.manifest import Manifest, read_manifest
-from peft_export.runtime import tensorrt_backend as _rt
+from peft_export.runtime import tensorrt_env as _env
 from peft_export.runtime.tensorrt_backend import (
     ALL_ENGINES,
     DECODER_INPUTS,
     ENGINES,
     OPTIONAL_ENGINES,
-    tensorrt_capabilities,
 )
+from peft_export.runtime.tensorrt_env import tensorrt_capabilities
 
 BATCHED_DECODER_INPUTS = set(DECODER_INPUTS) - {"image_embeddings"}
 POINT_INPUTS = {"point_coords", "point_labels"}
@@ -139,7 +139,7 @@ def _resolve_int8(exported: str, graphs: dict[str, GraphFacts]) -> Resolved:
 def installed_capabilities() -> dict[str, Any] | None:
     """This machine's TensorRT features when TensorRT is importable (no GPU needed), else None."""
     try:
-        return tensorrt_capabilities(_rt.import_tensorrt())
+        return tensorrt_capabilities(_env.import_tensorrt())
     except MissingDependencyError:
         return None
 
