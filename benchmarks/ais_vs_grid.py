@@ -9,7 +9,8 @@ instance_decoder.onnx). Every method runs on the same export with ONNX Runtime (
 - with --mosaic: the 1024x1024 mosaic of the image and its flips (500 nuclei; 3 of every copy's 4 tiles trained on).
 
 Methods: ``apg`` (micro-sam's APG at its defaults: seeds as point prompts, NMS 0.9, min size 25), ``apg_box``
-(APG with micro-sam's refine_with_box_prompts), ``ais`` (the instance decoder + seeded watershed at micro-sam's
+(APG with micro-sam's refine_with_box_prompts), ``apg_score`` (APG with the merge of micro-sam's SAM2 APG,
+``--apg-merge score``, max overlap 0.15), ``ais`` (the instance decoder + seeded watershed at micro-sam's
 defaults), ``grid`` (the point grid at `predict --auto`'s defaults; --grid-best also at its best thresholds on the
 held-out tile, chosen on the evaluation tile itself: an upper bound for the grid). The grid is skipped on the
 mosaic (minutes per image on a CPU).
@@ -156,6 +157,7 @@ def main(argv=None) -> dict:
               "backend": seg.info.name, "compute": seg.info.compute}  # what --backend auto chose here
     cases = {"apg": AutoOptions.parse({"method": "apg"}),
              "apg_box": AutoOptions.parse({"method": "apg", "apg.refine_with_boxes": True}),
+             "apg_score": AutoOptions.parse({"method": "apg", "apg.merge": "score"}),
              "ais": AutoOptions.parse({"method": "instance"})}
     if not args.no_grid:
         cases["grid_default"] = grid()

@@ -115,6 +115,49 @@ def test_nms_and_painting_are_micro_sams(seed):
     assert dropped >= 3, "the case should have duplicates for NMS to remove"
 
 
+def _square(shape, y0, x0, h, w, iou, stab=1.0):
+    from peft_export.runtime.apg import _crop
+
+    m = np.zeros(shape, bool)
+    m[y0:y0 + h, x0:x0 + w] = True
+    return _crop(m, 0, 0, iou, stab, 0)
+
+
+def test_score_merge_hand_made():
+    """The score merge (micro-sam's SAM2 merge_by_score) on hand-made masks: a low-scored mask spanning two
+    squares loses to them (NMS keeps it, IoU 0.33 with each, and largest-first painting lets it win); a half-covered
+    duplicate is dropped at max_overlap 0.15 and truncated at 0.6; a mask under min_size is dropped, and so is one
+    with too few free pixels (which then claims nothing); ids follow the score."""
+    from peft_export.runtime.apg import APGOptions, candidates_to_labels
+
+    shape = (30, 40)
+    a = _square(shape, 0, 0, 10, 10, 0.9)  # 100 px
+    c = _square(shape, 0, 20, 10, 10, 0.8)
+    b = _square(shape, 0, 0, 10, 30, 0.5)  # spans a, c and the gap between them
+    d = _square(shape, 0, 5, 10, 10, 0.7)  # half on a
+    e = _square(shape, 10, 0, 4, 4, 0.95)  # 16 px < min_size, on f: painted, it would push f out
+    f = _square(shape, 10, 0, 9, 3, 0.6)  # 27 px below a: free
+    g = _square(shape, 9, 35, 9, 3, 0.65)  # 27 px, 3 of them (row 9) on h: 0.11 claimed, but 24 free < 25
+    h = _square(shape, 0, 33, 10, 7, 0.85)  # 70 px
+    k = _square(shape, 12, 35, 9, 3, 0.55)  # where g would be: painted only because g was dropped
+    cands = [b, a, c, d, e, f, g, h, k]
+    want = np.zeros(shape, np.int32)
+    want[0:10, 0:10] = 1  # a (0.9)
+    want[0:10, 33:40] = 2  # h (0.85)
+    want[0:10, 20:30] = 3  # c (0.8); d (0.7): 50 of 100 px claimed -> dropped; g (0.65): 24 free -> dropped
+    want[10:19, 0:3] = 4  # f (0.6)
+    want[12:21, 35:38] = 5  # k (0.55); b (0.5): 200 of 300 claimed -> dropped
+    got = candidates_to_labels(cands, shape, APGOptions(merge="score", max_overlap=0.15, min_size=25))
+    np.testing.assert_array_equal(got, want)
+    want[0:10, 10:15] = 4  # max_overlap 0.6: d keeps its free half, painted 4th; f becomes 5
+    want[10:19, 0:3] = 5
+    want[12:21, 35:38] = 6
+    got = candidates_to_labels(cands, shape, APGOptions(merge="score", max_overlap=0.6, min_size=25))
+    np.testing.assert_array_equal(got, want)
+    nms = candidates_to_labels(cands, shape, APGOptions(min_size=25))  # micro-sam's APG for SAM
+    assert len(np.unique(nms[0:10, 0:30])) == 1 and nms[0, 0] > 0, "NMS + largest first: b swallows a and c"
+
+
 def test_bad_apg_options_give_one_line():
     from peft_export.errors import UsageError
     from peft_export.runtime.strategies import AutoOptions
@@ -122,6 +165,7 @@ def test_bad_apg_options_give_one_line():
     for key, value, flag in (("apg.foreground_threshold", 1.5, "--apg-foreground-threshold"),
                              ("apg.nms_threshold", -0.1, "--nms-threshold"), ("apg.min_size", -1, "--apg-min-size"),
                              ("apg.prompts_per_batch", 0, "--apg-prompts-per-batch"),
+                             ("apg.merge", "best", "--apg-merge"), ("apg.max_overlap", 1.5, "--apg-max-overlap"),
                              ("apg.mask_threshold", float("nan"), "--mask-threshold")):
         with pytest.raises(UsageError, match=flag) as err:
             AutoOptions.parse({key: value})
@@ -253,6 +297,35 @@ def test_predict_and_evaluate_auto_apg(run_cli, inst_export, dsb_val, tmp_path):
     assert code == 0, err
     auto = json.loads(stdout)["auto"]
     assert auto["method"] == "apg" and "APG" in auto["why"] and {"msa", "f1", "objects_pred"} <= set(auto)
+
+
+def test_predict_apg_score_merge_is_the_librarys(run_cli, inst_export, dsb_val, tmp_path):
+    """predict --auto --method apg --apg-merge score --apg-max-overlap 0.9 writes the labels the library's score
+    merge gives with those settings (ONNX Runtime both; random weights: each mask covers much of the tile, so only a
+    high max_overlap keeps several), and its JSON summary records them."""
+    import tifffile
+
+    from peft_export.runtime.segmenter import Segmenter
+
+    out = inst_export.out_dir
+    image = dsb_val[0].image
+    seg = Segmenter(out, backend="onnxruntime")
+    seg.set_image(image)
+    cfg = _median_config(seg, min_size=5, merge="score", max_overlap=0.9)
+    want, _ = _apg(seg, cfg)
+    assert want.max() >= 3, "the maps should give a few objects"
+    img = tmp_path / "tile.tif"
+    tifffile.imwrite(img, image)
+    args = ("--apg-foreground-threshold", str(cfg.foreground_threshold),
+            "--apg-center-distance-threshold", str(cfg.center_distance_threshold),
+            "--apg-boundary-distance-threshold", str(cfg.boundary_distance_threshold),
+            "--apg-min-size", "5", "--apg-merge", "score", "--apg-max-overlap", "0.9")
+    code, stdout, err = run_cli("predict", str(out), str(img), "--auto", "--method", "apg", "--backend", "onnxruntime",
+                                "-o", str(tmp_path / "a.tif"), "--json", *args)
+    assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), want)
+    apg = json.loads(stdout)["settings"]["apg"]  # the summary says which merge made the labels
+    assert (apg["merge"], apg["max_overlap"]) == ("score", 0.9)
 
 
 def test_bad_auto_input_gives_one_line_and_writes_nothing(run_cli, inst_export, tiny_export, dsb_val, tmp_path):

@@ -28,6 +28,7 @@ COMMANDS = {
         "--objects-per-image 4 --memory-steps 1 -o study/"),
     "bench_int8_cpu": "python benchmarks/int8_cpu.py demo_run/best.pt",
     "bench_ais_vs_grid": "python benchmarks/ais_vs_grid.py ais_onnx --repeats 1",
+    "bench_apg_merge_main_job": "python benchmarks/ais_vs_grid.py demo_run/onnx --no-grid --mosaic --repeats 1",
 }
 
 
@@ -215,7 +216,7 @@ def _ais(stem: str, d: dict, out: list[str], images: dict[str, bytes]) -> str:
     labels, values = [], []
     for image in ("heldout_tile", "whole_image", "mosaic_1024"):
         block = d.get(image) or {}
-        for method in ("apg", "apg_box", "ais", "grid_default", "grid_best"):
+        for method in ("apg", "apg_box", "apg_score", "ais", "grid_default", "grid_best"):
             r = block.get(method)
             if not r:
                 continue

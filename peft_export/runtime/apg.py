@@ -20,6 +20,11 @@ give one point prompt per object; SAM's prompt decoder turns each into a mask; d
 6. Painted largest first, each mask only onto unclaimed pixels; 4-connected components of the result become the
    objects; objects under ``min_size`` pixels are removed; ids 1..N (micro-sam's ``mask_data_to_segmentation``).
 
+``merge="score"`` replaces 5-6 with the merge of micro-sam's APG for SAM2 (``micro_sam.v2``'s ``merge_by_score``):
+best score first, each mask painted only onto unclaimed pixels, dropped when more than ``max_overlap`` of it is
+already claimed or fewer than ``min_size`` of its pixels stay free; no components step. A mask that spans two touching
+nuclei then loses to the two better-scored single-nucleus masks instead of being painted first for its size.
+
 Works with any backend whose ``info.instance_decoder`` is set (its ``decode`` and ``instance_maps``), through the
 :class:`peft_export.runtime.strategies.EmbeddedImage` protocol; :class:`APGStrategy` is strategy ``apg``, its
 settings :class:`APGOptions` (``AutoOptions.apg``).
@@ -28,6 +33,7 @@ settings :class:`APGOptions` (``AutoOptions.apg``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import ConfigDict
@@ -61,6 +67,13 @@ class APGOptions(Options):
                                   "dropped.", ge=0, le=1)
     intersection_over_min: bool = option(False, "NMS overlap as intersection over the smaller mask.",
                                          cli="--apg-intersection-over-min/--no-apg-intersection-over-min")
+    merge: Literal["nms", "score"] = option(
+        "nms", "How the masks become objects: nms (micro-sam's APG for SAM: NMS, then painted largest first) or "
+        "score (the merge of micro-sam's APG for SAM2: best score first onto unclaimed pixels, a mask dropped when "
+        "more than --apg-max-overlap of it is claimed; better on tiled images in our measurements).",
+        cli="--apg-merge")
+    max_overlap: float = option(0.15, "With --apg-merge score: drop a mask when more than this fraction of it is "
+                                "already claimed (micro-sam's SAM2 default).", ge=0, le=1, cli="--apg-max-overlap")
     multimask: bool = option(False, "Decode with SAM's three masks and keep the best.",
                              cli="--apg-multimask/--no-apg-multimask")
     refine_with_boxes: bool = option(False, "Decode each mask again from its bounding box, extended by 1% "
@@ -249,12 +262,35 @@ def paint_largest_first(cands: list[Candidate], shape: tuple[int, int]) -> np.nd
     return labels
 
 
-def finish_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """4-connected components of a label image as objects, those under ``min_size`` pixels removed, ids 1..N."""
+def merge_by_score(cands: list[Candidate], shape: tuple[int, int], max_overlap: float, min_size: int,
+                   area_scale: float = 1.0) -> np.ndarray:
+    """Candidates painted best score first (ties: in the given order), each only onto pixels no earlier one claimed;
+    one is dropped when more than ``max_overlap`` of its pixels are already claimed or when fewer than ``min_size``
+    stay free, which also drops every mask under ``min_size`` pixels (micro-sam's SAM2 ``merge_by_score``; sizes in
+    original pixels: ``area_scale`` per scaled pixel). Ids 1..N in painting order."""
+    labels = np.zeros(shape, np.int32)
+    n = 0
+    for i in np.argsort([-c.score for c in cands], kind="stable"):
+        c = cands[i]
+        y0, x0, y1, x1 = c.bbox
+        region = labels[y0:y1, x0:x1]
+        if np.count_nonzero(region[c.mask]) / c.area > max_overlap:
+            continue
+        fresh = c.mask & (region == 0)
+        if np.count_nonzero(fresh) * area_scale < min_size:
+            continue
+        n += 1
+        region[fresh] = n
+    return labels
+
+
+def finish_labels(labels: np.ndarray, min_size: int, components: bool = True) -> np.ndarray:
+    """4-connected components of a label image as objects (``components=False``: the labels as they are), those
+    under ``min_size`` pixels removed, ids 1..N."""
     from skimage.measure import label
     from skimage.segmentation import relabel_sequential
 
-    cc = label(labels, background=0, connectivity=1)
+    cc = label(labels, background=0, connectivity=1) if components else labels.copy()
     if min_size > 0:
         ids, counts = np.unique(cc, return_counts=True)
         cc[np.isin(cc, ids[(counts < min_size) & (ids != 0)])] = 0
@@ -263,14 +299,18 @@ def finish_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 def candidates_to_labels(cands: list[Candidate], shape: tuple[int, int], cfg: APGOptions,
                          area_scale: float = 1.0, to_original=None) -> np.ndarray:
-    """Size filter (area > min_size), NMS, painting, components, size filter: the label image. ``area_scale``:
-    original pixels per scaled pixel (a ``--scale``d image); ``to_original``: scaled labels -> original size."""
-    cands = [c for c in cands if c.area * area_scale > cfg.min_size]
-    cands = [cands[i] for i in nms(cands, cfg.nms_threshold, cfg.intersection_over_min)]
-    labels = paint_largest_first(cands, shape)
+    """Size filter (area > min_size), NMS, painting, components, size filter (``cfg.merge="score"``: the score
+    merge, size filter): the label image. ``area_scale``: original pixels per scaled pixel (a ``--scale``d image);
+    ``to_original``: scaled labels -> original size."""
+    if cfg.merge == "score":
+        labels = merge_by_score(cands, shape, cfg.max_overlap, cfg.min_size, area_scale)
+    else:
+        cands = [c for c in cands if c.area * area_scale > cfg.min_size]
+        cands = [cands[i] for i in nms(cands, cfg.nms_threshold, cfg.intersection_over_min)]
+        labels = paint_largest_first(cands, shape)
     if to_original is not None:
         labels = to_original(labels)
-    return finish_labels(labels, cfg.min_size)
+    return finish_labels(labels, cfg.min_size, components=cfg.merge == "nms")
 
 
 # ---- the strategy ------------------------------------------------------------------------------------------
