@@ -268,6 +268,14 @@ def test_strategy_choice(inst_export, tiny_export):
         assert "\n" not in str(err.value)
     with pytest.raises(UsageError, match="--method: unknown value 'amg'"):
         choose(with_dec, "amg")
+    # settings the chosen APG merge ignores are named in the line (not refused: configs carry every field)
+    for given, unused in (({"apg.max_overlap": 0.3}, "--apg-max-overlap unused with --apg-merge nms"),
+                          ({"apg.merge": "score", "apg.nms_threshold": 0.5, "apg.intersection_over_min": True},
+                           "--nms-threshold, --apg-intersection-over-min unused with --apg-merge score")):
+        _, why = choose_strategy(with_dec, AutoOptions.parse({"method": "apg", **given}))
+        assert why.endswith(f"(--method apg; {unused})"), why
+    for given in ({}, {"apg.merge": "score", "apg.max_overlap": 0.3}, {"apg.nms_threshold": 0.5}):
+        assert "unused" not in choose_strategy(with_dec, AutoOptions.parse({"method": "apg", **given}))[1]
 
 
 def test_predict_and_evaluate_auto_apg(run_cli, inst_export, dsb_val, tmp_path):

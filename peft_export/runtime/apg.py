@@ -83,6 +83,11 @@ class APGOptions(Options):
     mask_threshold: float = option(MASK_THRESHOLD, "Logits above this are the mask (micro-sam's mask_threshold; "
                                    "lower gives larger masks).", allow_inf_nan=False)
 
+    def unused(self) -> list[str]:
+        """The flags set away from their defaults that this ``merge`` ignores (the strategy's line names them)."""
+        names = ("max_overlap",) if self.merge == "nms" else ("nms_threshold", "intersection_over_min")
+        return [self.flag_of(n).split("/")[0] for n in names if getattr(self, n) != type(self).model_fields[n].default]
+
 
 # ---- seeds and point prompts (micro-sam's _derive_point_prompts / _get_centers) ---------------------------
 

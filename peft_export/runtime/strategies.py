@@ -119,5 +119,7 @@ def choose_strategy(info: BackendInfo, options: AutoOptions | None = None) -> tu
     declared = info.details.get("instance_postprocessing")
     if method == "instance" and declared:  # a package's declared post-processing; the flags given override it
         opts = opts.replace(instance=InstanceOptions.from_dict({**declared, **opts.instance.given()}))
+    if method == "apg" and (unused := opts.apg.unused()):
+        why += f"; {', '.join(unused)} unused with --apg-merge {opts.apg.merge}"
     strategy = _strategy_class(method)(opts)
     return strategy, f"automatic segmentation: {strategy.description} ({why})"
